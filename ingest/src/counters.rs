@@ -1,0 +1,46 @@
+//! Ingest counters. Plain atomics, so that this crate needs no metrics library; the
+//! streaming job exports them to Prometheus.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::reject::RejectReason;
+
+#[derive(Debug, Default)]
+pub struct IngestCounters {
+    received: AtomicU64,
+    decoded: AtomicU64,
+    rejected: [AtomicU64; RejectReason::ALL.len()],
+    batches: AtomicU64,
+}
+
+impl IngestCounters {
+    pub fn record_received(&self) {
+        self.received.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn record_decoded(&self) {
+        self.decoded.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn record_rejected(&self, reason: RejectReason) {
+        self.rejected[reason.index()].fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn record_batch(&self) {
+        self.batches.fetch_add(1, Ordering::Relaxed);
+    }
+    /// Messages read from the source, good or bad.
+    pub fn received(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
+    }
+    /// Records that passed decoding and validation.
+    pub fn decoded(&self) -> u64 {
+        self.decoded.load(Ordering::Relaxed)
+    }
+    pub fn rejected(&self, reason: RejectReason) -> u64 {
+        self.rejected[reason.index()].load(Ordering::Relaxed)
+    }
+    pub fn rejected_total(&self) -> u64 {
+        RejectReason::ALL.iter().map(|r| self.rejected(*r)).sum()
+    }
+    pub fn batches(&self) -> u64 {
+        self.batches.load(Ordering::Relaxed)
+    }
+}

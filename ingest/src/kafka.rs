@@ -1,0 +1,362 @@
+//! The Kafka (and Azure Event Hubs) source.
+//!
+//! At-least-once by construction: `enable.auto.commit=false`, and a batch's offsets are
+//! committed only after its dead letters are delivered and the next stage has accepted it.
+//! A crash in between re-delivers the batch; the streaming job counts exact duplicates
+//! once, so re-delivery does not double count.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::Message;
+use rdkafka::producer::FutureProducer;
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use serde::{Deserialize, Serialize};
+
+use crate::batcher::{BatchConfig, BatchSink, MicroBatcher, hand_on};
+use crate::counters::IngestCounters;
+use crate::dead_letter::{DeadLetterQueue, Origin};
+use crate::error::IngestError;
+use crate::validate::ValidationConfig;
+
+/// `[kafka]` in the config file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    /// `bootstrap.servers`; ignored when an Event Hubs connection string is given.
+    pub brokers: String,
+    /// Telemetry topics to consume.
+    pub topics: Vec<String>,
+    pub group_id: String,
+    /// Refused records go here, with headers naming the reason.
+    pub dead_letter_topic: String,
+    /// An Azure Event Hubs connection string: bootstrap server, SASL and (from
+    /// `EntityPath`) the topic are derived from it.
+    pub event_hubs_connection_string: Option<String>,
+    /// Any librdkafka property, applied last (so it overrides what voltcast derives).
+    pub properties: BTreeMap<String, String>,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        Self {
+            brokers: "localhost:9092".into(),
+            topics: vec!["battery-telemetry".into()],
+            group_id: "voltcast".into(),
+            dead_letter_topic: "battery-telemetry-dlq".into(),
+            event_hubs_connection_string: None,
+            properties: BTreeMap::new(),
+        }
+    }
+}
+
+impl KafkaConfig {
+    /// Connection properties shared by the consumer and the producers.
+    pub fn connection(&self) -> Result<ClientConfig, IngestError> {
+        let mut cfg = ClientConfig::new();
+        match &self.event_hubs_connection_string {
+            Some(cs) => {
+                for (k, v) in EventHubsConnection::parse(cs)?.librdkafka_properties() {
+                    cfg.set(k, v);
+                }
+            }
+            None => {
+                cfg.set("bootstrap.servers", &self.brokers);
+            }
+        }
+        for (k, v) in &self.properties {
+            cfg.set(k, v);
+        }
+        Ok(cfg)
+    }
+
+    /// The topics to consume: the configured ones, or the Event Hub named by `EntityPath`.
+    pub fn effective_topics(&self) -> Result<Vec<String>, IngestError> {
+        let from_hub = match &self.event_hubs_connection_string {
+            Some(cs) => EventHubsConnection::parse(cs)?.entity_path,
+            None => None,
+        };
+        let topics = match from_hub {
+            Some(hub) => vec![hub],
+            None => self.topics.clone(),
+        };
+        if topics.is_empty() || topics.iter().any(|t| t.trim().is_empty()) {
+            return Err(IngestError::Config(
+                "kafka.topics: name at least one topic".into(),
+            ));
+        }
+        Ok(topics)
+    }
+
+    pub fn consumer_config(&self) -> Result<ClientConfig, IngestError> {
+        let mut cfg = self.connection()?;
+        // Derived defaults first, then user overrides win (re-applied below).
+        cfg.set("group.id", &self.group_id)
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("enable.partition.eof", "false");
+        for (k, v) in &self.properties {
+            cfg.set(k, v);
+        }
+        // Our commit protocol depends on this one: refuse to let it be overridden.
+        cfg.set("enable.auto.commit", "false");
+        Ok(cfg)
+    }
+
+    pub fn producer_config(&self) -> Result<ClientConfig, IngestError> {
+        let mut cfg = self.connection()?;
+        cfg.set("acks", "all").set("enable.idempotence", "true");
+        Ok(cfg)
+    }
+
+    pub fn dead_letter_producer(&self) -> Result<FutureProducer, IngestError> {
+        self.producer_config()?
+            .create()
+            .map_err(IngestError::kafka("creating the dead-letter producer"))
+    }
+}
+
+/// The parts of an Azure Event Hubs connection string that the Kafka endpoint needs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventHubsConnection {
+    /// `NAMESPACE.servicebus.windows.net`
+    pub host: String,
+    pub entity_path: Option<String>,
+    raw: String,
+}
+
+impl EventHubsConnection {
+    pub fn parse(s: &str) -> Result<Self, IngestError> {
+        let bad = |m: &str| IngestError::EventHubs(m.to_string());
+        let mut parts = HashMap::new();
+        for part in s.trim().split(';').filter(|p| !p.trim().is_empty()) {
+            let (k, v) = part
+                .split_once('=')
+                .ok_or_else(|| bad(&format!("segment {:?} is not Key=Value", redact(part))))?;
+            parts.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+        }
+        let endpoint = parts
+            .get("endpoint")
+            .ok_or_else(|| bad("Endpoint is missing"))?;
+        let host = endpoint
+            .strip_prefix("sb://")
+            .ok_or_else(|| bad("Endpoint must start with sb://"))?
+            .trim_end_matches('/');
+        if host.is_empty() || host.contains('/') {
+            return Err(bad(
+                "Endpoint must be sb://NAMESPACE.servicebus.windows.net/",
+            ));
+        }
+        let has_key =
+            parts.contains_key("sharedaccesskeyname") && parts.contains_key("sharedaccesskey");
+        if !has_key && !parts.contains_key("sharedaccesssignature") {
+            return Err(bad(
+                "SharedAccessKeyName and SharedAccessKey (or SharedAccessSignature) are missing",
+            ));
+        }
+        let entity_path = parts.get("entitypath").filter(|p| !p.is_empty()).cloned();
+        Ok(Self {
+            host: host.to_string(),
+            entity_path,
+            raw: s.trim().to_string(),
+        })
+    }
+
+    /// What librdkafka needs to talk to the Event Hubs Kafka endpoint.
+    pub fn librdkafka_properties(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("bootstrap.servers", format!("{}:9093", self.host)),
+            ("security.protocol", "SASL_SSL".into()),
+            ("sasl.mechanism", "PLAIN".into()),
+            ("sasl.username", "$ConnectionString".into()),
+            ("sasl.password", self.raw.clone()),
+        ]
+    }
+}
+
+fn redact(segment: &str) -> String {
+    segment.chars().take(12).collect::<String>() + "..."
+}
+
+/// Consumes telemetry topics into micro-batches.
+pub struct KafkaSource {
+    consumer: StreamConsumer,
+    batcher: MicroBatcher,
+    dlq: DeadLetterQueue,
+    topic_names: HashMap<String, Arc<str>>,
+}
+
+impl KafkaSource {
+    /// Subscribes to the configured topics; dead letters go to the configured topic.
+    pub fn new(
+        kafka: &KafkaConfig,
+        batch: BatchConfig,
+        rules: ValidationConfig,
+        counters: Arc<IngestCounters>,
+    ) -> Result<Self, IngestError> {
+        let dlq = DeadLetterQueue::kafka(
+            kafka.dead_letter_producer()?,
+            kafka.dead_letter_topic.clone(),
+        );
+        Self::with_dead_letters(kafka, batch, rules, counters, dlq)
+    }
+
+    pub fn with_dead_letters(
+        kafka: &KafkaConfig,
+        batch: BatchConfig,
+        rules: ValidationConfig,
+        counters: Arc<IngestCounters>,
+        dlq: DeadLetterQueue,
+    ) -> Result<Self, IngestError> {
+        let consumer: StreamConsumer = kafka
+            .consumer_config()?
+            .create()
+            .map_err(IngestError::kafka("creating the consumer"))?;
+        let topics = kafka.effective_topics()?;
+        let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+        consumer
+            .subscribe(&names)
+            .map_err(IngestError::kafka(format!("subscribing to {topics:?}")))?;
+        Ok(Self {
+            consumer,
+            batcher: MicroBatcher::new(batch, rules, counters),
+            dlq,
+            topic_names: HashMap::new(),
+        })
+    }
+
+    /// Runs until `shutdown` completes or a stage fails. On shutdown the open batch is
+    /// handed on and committed first.
+    pub async fn run<S: BatchSink>(
+        mut self,
+        sink: &mut S,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), IngestError> {
+        tokio::pin!(shutdown);
+        let idle_wait = Duration::from_millis(200);
+        loop {
+            let wait = self.batcher.time_left().unwrap_or(idle_wait);
+            tokio::select! {
+                biased;
+                _ = &mut shutdown => break,
+                received = tokio::time::timeout(wait, self.consumer.recv()) => match received {
+                    Ok(Ok(msg)) => {
+                        let source = self
+                            .topic_names
+                            .entry(msg.topic().to_string())
+                            .or_insert_with(|| Arc::from(msg.topic()))
+                            .clone();
+                        let origin = Origin { source, partition: msg.partition(), offset: msg.offset() };
+                        let now = crate::now_millis();
+                        self.batcher.push_json(msg.payload().unwrap_or_default(), &origin, now, &mut self.dlq)?;
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "kafka consumer error; retrying");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    Err(_elapsed) => {}
+                },
+            }
+            if self.batcher.is_full() || self.batcher.is_due() {
+                self.flush(sink).await?;
+            }
+        }
+        self.flush(sink).await
+    }
+
+    async fn flush<S: BatchSink>(&mut self, sink: &mut S) -> Result<(), IngestError> {
+        let Some(batch) = self.batcher.take() else {
+            return Ok(());
+        };
+        let mut offsets = TopicPartitionList::new();
+        for p in &batch.positions {
+            offsets
+                .add_partition_offset(&p.source, p.partition, Offset::Offset(p.next_offset))
+                .map_err(IngestError::kafka("building the offset list"))?;
+        }
+        hand_on(batch, &mut self.dlq, sink).await?;
+        self.consumer
+            .commit(&offsets, CommitMode::Sync)
+            .map_err(IngestError::kafka("committing offsets"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CS: &str = "Endpoint=sb://fleet-ns.servicebus.windows.net/;SharedAccessKeyName=RootManageSharedAccessKey;SharedAccessKey=abc+def/ghi=;EntityPath=battery-telemetry";
+
+    #[test]
+    fn event_hubs_connection_string_becomes_librdkafka_properties() {
+        let conn = EventHubsConnection::parse(CS).unwrap();
+        assert_eq!(conn.host, "fleet-ns.servicebus.windows.net");
+        assert_eq!(conn.entity_path.as_deref(), Some("battery-telemetry"));
+        let props: HashMap<_, _> = conn.librdkafka_properties().into_iter().collect();
+        assert_eq!(
+            props["bootstrap.servers"],
+            "fleet-ns.servicebus.windows.net:9093"
+        );
+        assert_eq!(props["security.protocol"], "SASL_SSL");
+        assert_eq!(props["sasl.mechanism"], "PLAIN");
+        assert_eq!(props["sasl.username"], "$ConnectionString");
+        assert_eq!(props["sasl.password"], CS);
+
+        let cfg = KafkaConfig {
+            event_hubs_connection_string: Some(CS.into()),
+            topics: vec![],
+            ..Default::default()
+        };
+        assert_eq!(
+            cfg.effective_topics().unwrap(),
+            vec!["battery-telemetry".to_string()]
+        );
+        let consumer = cfg.consumer_config().unwrap();
+        assert_eq!(
+            consumer.get("bootstrap.servers"),
+            Some("fleet-ns.servicebus.windows.net:9093")
+        );
+        assert_eq!(consumer.get("enable.auto.commit"), Some("false"));
+        // SASL_SSL needs librdkafka built with SSL: creating a client proves it is.
+        let _: rdkafka::producer::BaseProducer = cfg.producer_config().unwrap().create().unwrap();
+    }
+
+    #[test]
+    fn bad_connection_strings_are_refused_with_a_reason() {
+        for (cs, expect) in [
+            ("", "Endpoint is missing"),
+            (
+                "Endpoint=http://x/;SharedAccessKeyName=a;SharedAccessKey=b",
+                "sb://",
+            ),
+            ("Endpoint=sb://x.servicebus.windows.net/", "SharedAccessKey"),
+            (
+                "Endpoint=sb://x.servicebus.windows.net/;garbage",
+                "Key=Value",
+            ),
+            (
+                "Endpoint=sb:///;SharedAccessKeyName=a;SharedAccessKey=b",
+                "NAMESPACE",
+            ),
+        ] {
+            let err = EventHubsConnection::parse(cs).unwrap_err().to_string();
+            assert!(err.contains(expect), "{cs:?} gave {err:?}");
+            assert!(!err.contains("SharedAccessKey=b"), "secret leaked: {err}");
+        }
+    }
+
+    #[test]
+    fn user_properties_override_but_not_auto_commit() {
+        let mut cfg = KafkaConfig::default();
+        cfg.properties
+            .insert("auto.offset.reset".into(), "latest".into());
+        cfg.properties
+            .insert("enable.auto.commit".into(), "true".into());
+        let c = cfg.consumer_config().unwrap();
+        assert_eq!(c.get("auto.offset.reset"), Some("latest"));
+        assert_eq!(c.get("enable.auto.commit"), Some("false"));
+    }
+}

@@ -1,0 +1,179 @@
+//! The Kafka source against librdkafka's mock cluster: a real Kafka-protocol broker
+//! running in this process.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::CollectingSink;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::mocking::MockCluster;
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use voltcast_ingest::dead_letter::{HEADER_OFFSET, HEADER_PARTITION, HEADER_REASON, HEADER_SOURCE};
+use voltcast_ingest::simulate::{FleetSimulator, SimulatorConfig, WireFormat, publish_kafka};
+use voltcast_ingest::{
+    BatchConfig, IngestCounters, KafkaConfig, KafkaSource, RejectReason, ValidationConfig,
+};
+
+const TOPIC: &str = "battery-telemetry";
+const DLQ: &str = "battery-telemetry-dlq";
+
+fn header<'a>(m: &'a rdkafka::message::BorrowedMessage<'_>, key: &str) -> &'a str {
+    let h = m.headers().expect("dead letters carry headers");
+    let v = h
+        .iter()
+        .find(|h| h.key == key)
+        .and_then(|h| h.value)
+        .expect(key);
+    std::str::from_utf8(v).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_record_arrives_once_and_every_defect_is_dead_lettered() {
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic(TOPIC, 3, 1).unwrap();
+    cluster.create_topic(DLQ, 1, 1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+
+    let sim_config = SimulatorConfig {
+        batteries: 1000,
+        days: 60,
+        malformed_rate: 0.003,
+        ..Default::default()
+    };
+
+    // What must arrive: computed from an identical (same seed) simulation.
+    let mut expected_sim = FleetSimulator::new(sim_config.clone(), WireFormat::Json).unwrap();
+    let mut want_per_battery: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    let mut want_dead: HashMap<Vec<u8>, RejectReason> = HashMap::new();
+    let mut total = 0u64;
+    while let Some(day) = expected_sim.next_day() {
+        for m in day.messages {
+            total += 1;
+            match (m.record, m.defect) {
+                (Some(r), _) => {
+                    let e = want_per_battery
+                        .entry(r.battery_id.to_string())
+                        .or_default();
+                    e.0 += 1;
+                    e.1 = e.1.wrapping_add(r.daily_cycles_used.to_bits());
+                }
+                (None, Some(reason)) => {
+                    want_dead.insert(m.payload, reason);
+                }
+                (None, None) => unreachable!(),
+            }
+        }
+    }
+    assert!(
+        want_dead.len() > 100,
+        "too few malformed messages to be a test: {}",
+        want_dead.len()
+    );
+
+    // The mock broker keeps only 5 MiB per partition (hard-coded in librdkafka), so the
+    // consumer runs while the simulator publishes, as in a real stream.
+    let kafka = KafkaConfig {
+        brokers: brokers.clone(),
+        ..Default::default()
+    };
+    let counters = Arc::new(IngestCounters::default());
+    let source = KafkaSource::new(
+        &kafka,
+        BatchConfig {
+            max_rows: 7_000,
+            max_wait_ms: 200,
+        },
+        ValidationConfig::default(),
+        counters.clone(),
+    )
+    .unwrap();
+    let seen = counters.clone();
+    let all_read = async move {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        while seen.received() < total && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let consumer = tokio::spawn(async move {
+        let mut sink = CollectingSink::default();
+        source.run(&mut sink, all_read).await.map(|_| sink)
+    });
+
+    let producer = kafka
+        .producer_config()
+        .unwrap()
+        .set("linger.ms", "5")
+        .create()
+        .unwrap();
+    let mut sim = FleetSimulator::new(sim_config, WireFormat::Json).unwrap();
+    let summary = publish_kafka(&mut sim, &producer, TOPIC, 10.0, None)
+        .await
+        .unwrap();
+    assert_eq!(summary.messages, total);
+    let sink = consumer.await.unwrap().unwrap();
+    assert_eq!(
+        counters.received(),
+        total,
+        "not every message was consumed in time"
+    );
+
+    // Every valid record exactly once: counts and cycle checksums per battery.
+    common::assert_same_tally(&sink.per_battery(), &want_per_battery);
+    assert!(
+        sink.batches.len() > 5,
+        "expected several micro-batches, got {}",
+        sink.batches.len()
+    );
+
+    // Every malformed one in the DLQ, with the right reason and its origin in headers.
+    let dlq_reader: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("group.id", "dlq-check")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    dlq_reader.subscribe(&[DLQ]).unwrap();
+    let mut got_dead = HashMap::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while got_dead.len() < want_dead.len() && std::time::Instant::now() < deadline {
+        if let Some(Ok(m)) = dlq_reader.poll(Duration::from_millis(200)) {
+            assert_eq!(header(&m, HEADER_SOURCE), TOPIC);
+            let partition: i32 = header(&m, HEADER_PARTITION).parse().unwrap();
+            let offset: i64 = header(&m, HEADER_OFFSET).parse().unwrap();
+            assert!((0..3).contains(&partition) && offset >= 0);
+            let reason = RejectReason::parse(header(&m, HEADER_REASON)).unwrap();
+            got_dead.insert(m.payload().unwrap().to_vec(), reason);
+        }
+    }
+    assert_eq!(got_dead, want_dead);
+    let by_reason = |m: &HashMap<Vec<u8>, RejectReason>| {
+        let mut c = BTreeMap::new();
+        m.values().for_each(|r| *c.entry(*r).or_insert(0u64) += 1);
+        c
+    };
+    for (reason, n) in by_reason(&want_dead) {
+        assert_eq!(counters.rejected(reason), n, "{reason}");
+    }
+
+    // Committed offsets equal the end offsets of every partition.
+    let probe: BaseConsumer = kafka.consumer_config().unwrap().create().unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..3 {
+        tpl.add_partition(TOPIC, p);
+    }
+    let committed = probe
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .unwrap();
+    for p in 0..3 {
+        let (_, high) = probe
+            .fetch_watermarks(TOPIC, p, Duration::from_secs(10))
+            .unwrap();
+        let c = committed.find_partition(TOPIC, p).unwrap().offset();
+        assert_eq!(c, Offset::Offset(high), "partition {p}");
+        assert!(high > 0);
+    }
+}

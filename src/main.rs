@@ -1,0 +1,128 @@
+//! `voltcast`: one binary for the whole pipeline. See `voltcast --help`.
+
+mod bench;
+mod simulate;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use voltcast_scoring::config::default_config_path;
+use voltcast_scoring::{SourceKind, VoltcastConfig};
+
+#[derive(Parser)]
+#[command(
+    name = "voltcast",
+    version,
+    about = "Streaming battery-telemetry forecasting: Kafka in, 30-day end-of-life alerts out."
+)]
+struct Cli {
+    /// Config file (TOML). Default: ./voltcast.toml if present. VOLTCAST_SECTION__KEY
+    /// variables override it.
+    #[arg(long, global = true, env = "VOLTCAST_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the pipeline on the configured source (Kafka by default).
+    Run {
+        /// Replay a JSONL/CSV file or folder instead of consuming Kafka.
+        #[arg(long)]
+        input: Option<PathBuf>,
+    },
+    /// Generate fleet telemetry into a file or a Kafka topic.
+    Simulate(simulate::SimulateArgs),
+    /// Inspect the configuration.
+    Config {
+        #[command(subcommand)]
+        action: ConfigAction,
+    },
+    /// Measure throughput; prints its figures.
+    Bench {
+        #[command(subcommand)]
+        what: bench::BenchTarget,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigAction {
+    /// Print the effective configuration (secrets masked), or the first problem in it.
+    Check,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    match real_main(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("voltcast: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("VOLTCAST_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rdkafka=warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn load_config(cli_path: Option<PathBuf>) -> anyhow::Result<VoltcastConfig> {
+    let path = cli_path.or_else(default_config_path);
+    Ok(VoltcastConfig::load(path.as_deref())?)
+}
+
+fn real_main(cli: Cli) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    match cli.command {
+        Command::Run { input } => {
+            let mut config = load_config(cli.config)?;
+            if let Some(input) = input {
+                config.source = SourceKind::File;
+                config.file.path = input;
+                config.check()?;
+            }
+            runtime.block_on(run(config))
+        }
+        Command::Simulate(args) => runtime.block_on(simulate::run(args)),
+        Command::Config {
+            action: ConfigAction::Check,
+        } => {
+            let config = load_config(cli.config)?;
+            print!("{}", config.to_masked_toml());
+            eprintln!("voltcast: config ok");
+            Ok(())
+        }
+        Command::Bench { what } => bench::run(what),
+    }
+}
+
+async fn run(config: VoltcastConfig) -> anyhow::Result<()> {
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+        tracing::info!("interrupted: finishing the open batch");
+    };
+    let report = voltcast_scoring::pipeline::run(&config, shutdown).await?;
+    let t = &report.tally;
+    tracing::info!(
+        received = report.received,
+        rows = t.rows,
+        dead_letters = report.rejected,
+        batteries = t.batteries.len(),
+        batches = t.batches,
+        seconds = format!("{:.2}", report.seconds),
+        "run finished"
+    );
+    if config.source == SourceKind::File && report.rejected > 0 {
+        tracing::info!(path = %config.file.default_dead_letters().display(), "dead letters written");
+    }
+    Ok(())
+}
