@@ -296,12 +296,12 @@ impl CsvLayout {
         let mut width = 0;
         for (i, h) in header.into_iter().enumerate() {
             width = i + 1;
-            if let Some(col) = CsvColumn::from_header(h) {
-                if index[col as usize].replace(i).is_some() {
-                    return Err(CsvHeaderError {
-                        problem: format!("names column {} twice", col.name()),
-                    });
-                }
+            if let Some(col) = CsvColumn::from_header(h)
+                && index[col as usize].replace(i).is_some()
+            {
+                return Err(CsvHeaderError {
+                    problem: format!("names column {} twice", col.name()),
+                });
             }
         }
         let missing: Vec<_> = REQUIRED

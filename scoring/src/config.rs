@@ -230,14 +230,15 @@ fn env_key_path(name: &str) -> Option<Vec<String>> {
 
 fn parse_env_value(path: &[String], raw: &str) -> Value {
     let is_property = path.len() == 3 && path[1] == "properties";
-    if !is_property {
-        if let Ok(mut t) = toml::from_str::<toml::Table>(&format!("v = {raw}")) {
-            if let Some(v) = t.remove("v") {
-                return v;
-            }
-        }
+    let literal = || {
+        toml::from_str::<toml::Table>(&format!("v = {raw}"))
+            .ok()?
+            .remove("v")
+    };
+    match is_property {
+        false => literal().unwrap_or_else(|| Value::String(raw.to_string())),
+        true => Value::String(raw.to_string()),
     }
-    Value::String(raw.to_string())
 }
 
 fn set_path(tree: &mut Value, path: &[String], value: Value) -> Result<(), String> {
