@@ -12,6 +12,7 @@
 pub mod config;
 pub mod error;
 pub mod pipeline;
+pub mod windows;
 
 pub use config::{SourceKind, VoltcastConfig};
 pub use error::ScoringError;

@@ -1,0 +1,467 @@
+//! Streaming daily windows: the reference's cleansing, continuously and in event time.
+//!
+//! Per micro-batch:
+//! 1. each row is checked against the open day windows: a row for a day that has closed
+//!    is `late` (dead-lettered); a row whose (battery, event time) was already counted is
+//!    an exact duplicate (counted once, however many batches apart the copies arrive);
+//! 2. DataFusion aggregates the remaining rows per (battery, UTC day) into partials, which
+//!    merge into the open windows (12-hourly reports become one day);
+//! 3. the watermark advances (per source partition, see [`watermark`]) and every day
+//!    window whose end it has passed closes: the day is appended to its battery's
+//!    [`BatteryHistory`], missing days before it are interpolated, and the closed days
+//!    leave as one Arrow batch with 7- and 30-day rolling means (DataFusion window
+//!    functions).
+
+pub mod aggregate;
+pub mod daily;
+pub mod history;
+pub mod watermark;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use datafusion::arrow::array::{
+    Array, AsArray, BooleanArray, Float64Array, Int32Array, RecordBatch, StringArray,
+};
+use datafusion::arrow::compute::filter_record_batch;
+use datafusion::arrow::datatypes::{Float64Type, Int32Type, Int64Type, TimestampMillisecondType};
+use datafusion::error::DataFusionError;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use voltcast_ingest::dead_letter::{DeadLetter, Origin};
+use voltcast_ingest::schema as s;
+use voltcast_ingest::time::{EpochMillis, MILLIS_PER_DAY};
+use voltcast_ingest::{MicroBatch, RejectReason};
+
+pub use aggregate::DailyAggregator;
+pub use daily::{ClosedDay, daily_schema};
+pub use history::BatteryHistory;
+pub use watermark::Watermarks;
+
+use aggregate::out;
+use history::{ClosedValues, ObservedDay};
+
+/// `[windows]` in the config file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WindowConfig {
+    /// How far behind the newest event time a report may arrive and still count.
+    pub allowed_lateness_hours: i64,
+    /// A source partition with no data for this long stops holding the watermark back.
+    pub idle_partition_seconds: i64,
+    /// Closed days kept per battery.
+    pub retention_days: usize,
+}
+
+impl Default for WindowConfig {
+    fn default() -> Self {
+        Self {
+            allowed_lateness_hours: 36,
+            idle_partition_seconds: 60,
+            retention_days: 730,
+        }
+    }
+}
+
+/// One electrical reading's running statistics within a day.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct ReadingStats {
+    pub min: f64,
+    pub max: f64,
+    pub sum: f64,
+    pub n: u32,
+}
+
+impl ReadingStats {
+    fn merge(&mut self, min: f64, max: f64, sum: f64, n: u32) {
+        if n == 0 {
+            return;
+        }
+        if self.n == 0 {
+            (self.min, self.max) = (min, max);
+        } else {
+            self.min = self.min.min(min);
+            self.max = self.max.max(max);
+        }
+        self.sum += sum;
+        self.n += n;
+    }
+
+    pub fn mean(&self) -> Option<f64> {
+        (self.n > 0).then(|| self.sum / self.n as f64)
+    }
+}
+
+/// An open day window: what a battery reported on one UTC day so far.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DayPartial {
+    pub trips: i64,
+    pub minutes: f64,
+    pub cycles: f64,
+    pub age_min: Option<i32>,
+    pub lifetime_max: f64,
+    pub rated: f64,
+    pub reports: u32,
+    pub vehicle: Option<String>,
+    pub readings: [ReadingStats; 3],
+    /// Event times already counted: the dedupe key within the day.
+    pub seen: Vec<EpochMillis>,
+}
+
+/// Counts kept by the window stage.
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WindowStats {
+    pub rows_in: u64,
+    pub duplicates: u64,
+    pub late: u64,
+    pub days_closed: u64,
+    pub days_imputed: u64,
+}
+
+/// What one micro-batch produced.
+#[derive(Debug, Default)]
+pub struct WindowOutput {
+    /// Days closed by this batch (schema [`daily_schema`]), if any.
+    pub closed: Option<RecordBatch>,
+    /// Rows for days that had already closed.
+    pub late: Vec<DeadLetter>,
+}
+
+#[derive(Debug, Error)]
+pub enum WindowError {
+    #[error("DataFusion: {0}")]
+    DataFusion(#[from] DataFusionError),
+    #[error("micro-batch lacks column {0}")]
+    Column(&'static str),
+}
+
+/// Battery ids interned to dense indexes, with their histories.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct Fleet {
+    index: HashMap<String, u32>,
+    pub ids: Vec<Arc<str>>,
+    pub vehicles: Vec<Option<Arc<str>>>,
+    pub rated: Vec<f64>,
+    pub histories: Vec<BatteryHistory>,
+}
+
+impl Fleet {
+    fn intern(&mut self, id: &str) -> u32 {
+        if let Some(i) = self.index.get(id) {
+            return *i;
+        }
+        let i = self.ids.len() as u32;
+        self.index.insert(id.to_string(), i);
+        self.ids.push(Arc::from(id));
+        self.vehicles.push(None);
+        self.rated.push(0.0);
+        self.histories.push(BatteryHistory::default());
+        i
+    }
+
+    pub fn get(&self, id: &str) -> Option<u32> {
+        self.index.get(id).copied()
+    }
+
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+}
+
+/// The window stage's whole state (what a checkpoint saves).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WindowState {
+    pub fleet: Fleet,
+    /// Open windows by day, then battery index.
+    pub open: BTreeMap<i32, HashMap<u32, DayPartial>>,
+    /// Days before this one have closed.
+    pub closed_before: Option<i32>,
+    pub watermarks: Watermarks,
+    pub stats: WindowStats,
+}
+
+pub struct DailyWindows {
+    config: WindowConfig,
+    aggregator: DailyAggregator,
+    state: WindowState,
+}
+
+fn day_of(t: EpochMillis) -> i32 {
+    t.div_euclid(MILLIS_PER_DAY) as i32
+}
+
+impl DailyWindows {
+    pub fn new(config: WindowConfig) -> Self {
+        let watermarks = Watermarks::new(
+            config.allowed_lateness_hours * 3_600_000,
+            config.idle_partition_seconds * 1000,
+        );
+        let state = WindowState {
+            fleet: Fleet::default(),
+            open: BTreeMap::new(),
+            closed_before: None,
+            watermarks,
+            stats: WindowStats::default(),
+        };
+        Self {
+            config,
+            aggregator: DailyAggregator::default(),
+            state,
+        }
+    }
+
+    /// Resumes from a checkpointed state.
+    pub fn from_state(config: WindowConfig, state: WindowState) -> Self {
+        Self {
+            config,
+            aggregator: DailyAggregator::default(),
+            state,
+        }
+    }
+
+    pub fn state(&self) -> &WindowState {
+        &self.state
+    }
+
+    pub fn stats(&self) -> &WindowStats {
+        &self.state.stats
+    }
+
+    /// Takes in one micro-batch at wall time `now`.
+    pub async fn apply(
+        &mut self,
+        batch: &MicroBatch,
+        now: EpochMillis,
+    ) -> Result<WindowOutput, WindowError> {
+        let (keep, late) = self.screen(&batch.rows)?;
+        let fresh = filter_record_batch(&batch.rows, &keep).map_err(DataFusionError::from)?;
+        for partial in self.aggregator.partials(fresh).await? {
+            self.merge(&partial)?;
+        }
+        self.state.watermarks.observe(&batch.positions, now);
+        let closed = match self.state.watermarks.advance(now) {
+            // A day closes when the watermark passes its end.
+            Some(w) => self.close_before(day_of(w + 1)).await?,
+            None => None,
+        };
+        Ok(WindowOutput { closed, late })
+    }
+
+    /// Closes every open window (end of a finite input: a file replay or a test).
+    pub async fn close_all(&mut self) -> Result<Option<RecordBatch>, WindowError> {
+        match self.state.open.keys().next_back() {
+            Some(last) => self.close_before(last + 1).await,
+            None => Ok(None),
+        }
+    }
+
+    /// Splits a batch's rows into fresh ones (mask) and late ones (dead letters), and
+    /// registers fresh rows' event times in their windows so copies are recognised.
+    fn screen(
+        &mut self,
+        rows: &RecordBatch,
+    ) -> Result<(BooleanArray, Vec<DeadLetter>), WindowError> {
+        let ids = column(rows, s::BATTERY_ID)?.as_string::<i32>();
+        let times = column(rows, s::EVENT_TIME)?.as_primitive::<TimestampMillisecondType>();
+        let st = &mut self.state;
+        st.stats.rows_in += rows.num_rows() as u64;
+        let mut keep = Vec::with_capacity(rows.num_rows());
+        let mut late = Vec::new();
+        for i in 0..rows.num_rows() {
+            let t = times.value(i);
+            let day = day_of(t);
+            if st.closed_before.is_some_and(|c| day < c) {
+                st.stats.late += 1;
+                late.push(late_letter(rows, i, st.closed_before.unwrap_or_default()));
+                keep.push(false);
+                continue;
+            }
+            let b = st.fleet.intern(ids.value(i));
+            let window = st.open.entry(day).or_default().entry(b).or_default();
+            if window.seen.contains(&t) {
+                st.stats.duplicates += 1;
+                keep.push(false);
+            } else {
+                window.seen.push(t);
+                keep.push(true);
+            }
+        }
+        Ok((BooleanArray::from(keep), late))
+    }
+
+    fn merge(&mut self, p: &RecordBatch) -> Result<(), WindowError> {
+        let ids = column(p, s::BATTERY_ID)?.as_string::<i32>();
+        let days = column(p, out::DAY)?.as_primitive::<Int64Type>();
+        let trips = column(p, out::TRIPS)?.as_primitive::<Int64Type>();
+        let minutes = column(p, out::MINUTES)?.as_primitive::<Float64Type>();
+        let cycles = column(p, out::CYCLES)?.as_primitive::<Float64Type>();
+        let age = column(p, out::AGE)?.as_primitive::<Int32Type>();
+        let lifetime = column(p, out::LIFETIME)?.as_primitive::<Float64Type>();
+        let rated = column(p, out::RATED)?.as_primitive::<Float64Type>();
+        let reports = column(p, out::REPORTS)?.as_primitive::<Int64Type>();
+        let vehicle = column(p, out::VEHICLE)?.as_string::<i32>();
+        let readings = out::READINGS.map(|r| {
+            let get = |suffix: &str| p.column_by_name(&format!("{r}_{suffix}")).cloned();
+            (get("min"), get("max"), get("sum"), get("n"))
+        });
+        let st = &mut self.state;
+        for i in 0..p.num_rows() {
+            let b = st.fleet.intern(ids.value(i));
+            let w = st
+                .open
+                .entry(days.value(i) as i32)
+                .or_default()
+                .entry(b)
+                .or_default();
+            w.trips += trips.value(i);
+            w.minutes += minutes.value(i);
+            w.cycles += cycles.value(i);
+            w.age_min = Some(w.age_min.map_or(age.value(i), |a| a.min(age.value(i))));
+            w.lifetime_max = w.lifetime_max.max(lifetime.value(i));
+            w.rated = w.rated.max(rated.value(i));
+            w.reports += reports.value(i) as u32;
+            if vehicle.is_valid(i) {
+                w.vehicle = Some(vehicle.value(i).to_string());
+            }
+            for (k, (min, max, sum, n)) in readings.iter().enumerate() {
+                let (Some(min), Some(max), Some(sum), Some(n)) = (min, max, sum, n) else {
+                    continue;
+                };
+                let n = n.as_primitive::<Int64Type>().value(i) as u32;
+                if n > 0 {
+                    let f = |a: &Arc<dyn Array>| a.as_primitive::<Float64Type>().value(i);
+                    w.readings[k].merge(f(min), f(max), f(sum), n);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Closes every open day before `day`, in day order.
+    async fn close_before(&mut self, day: i32) -> Result<Option<RecordBatch>, WindowError> {
+        let st = &mut self.state;
+        if st.closed_before.is_some_and(|c| c >= day) {
+            return Ok(None);
+        }
+        st.closed_before = Some(day);
+        let mut rows: Vec<ClosedDay> = Vec::new();
+        let mut values = Vec::new();
+        while let Some(entry) = st.open.first_entry() {
+            if *entry.key() >= day {
+                break;
+            }
+            let (d, windows) = entry.remove_entry();
+            let mut batteries: Vec<_> =
+                windows.into_iter().filter(|(_, w)| w.reports > 0).collect();
+            batteries.sort_by_key(|(b, _)| *b);
+            for (b, w) in batteries {
+                let bi = b as usize;
+                if let Some(v) = &w.vehicle {
+                    st.fleet.vehicles[bi] = Some(Arc::from(v.as_str()));
+                }
+                st.fleet.rated[bi] = w.rated;
+                let obs = ObservedDay {
+                    day: d,
+                    cycles: w.cycles,
+                    minutes: w.minutes,
+                    trips: w.trips,
+                    age: w.age_min.unwrap_or_default(),
+                    reported_lifetime: w.lifetime_max,
+                };
+                values.clear();
+                st.fleet.histories[bi].close_day(obs, self.config.retention_days, &mut values);
+                for v in &values {
+                    st.stats.days_closed += 1;
+                    st.stats.days_imputed += v.imputed as u64;
+                    rows.push(ClosedDay::new(b, v, w.rated, (!v.imputed).then_some(&w)));
+                }
+            }
+        }
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        let means = daily::rolling_means(&self.aggregator, &st.fleet, &rows).await?;
+        Ok(Some(daily::to_batch(&st.fleet, &rows, &means)))
+    }
+}
+
+fn column<'a>(
+    batch: &'a RecordBatch,
+    name: &'static str,
+) -> Result<&'a Arc<dyn Array>, WindowError> {
+    batch.column_by_name(name).ok_or(WindowError::Column(name))
+}
+
+/// A late row as a dead letter: its values re-rendered as the JSON wire format (the
+/// original bytes are not kept past decoding).
+fn late_letter(rows: &RecordBatch, i: usize, closed_before: i32) -> DeadLetter {
+    let str_at = |name: &str| {
+        rows.column_by_name(name)
+            .and_then(|c| c.as_any().downcast_ref::<StringArray>())
+            .and_then(|a| a.is_valid(i).then(|| a.value(i).to_string()))
+    };
+    let f64_at = |name: &str| {
+        rows.column_by_name(name)
+            .and_then(|c| c.as_any().downcast_ref::<Float64Array>())
+            .and_then(|a| a.is_valid(i).then(|| a.value(i)))
+    };
+    let i32_at = |name: &str| {
+        rows.column_by_name(name)
+            .and_then(|c| c.as_any().downcast_ref::<Int32Array>())
+            .map_or(0, |a| a.value(i) as i64)
+    };
+    let t = rows
+        .column_by_name(s::EVENT_TIME)
+        .map_or(0, |c| c.as_primitive::<TimestampMillisecondType>().value(i));
+    let record = voltcast_ingest::TelemetryRecord {
+        battery_id: str_at(s::BATTERY_ID).unwrap_or_default().into(),
+        vehicle_id: str_at(s::VEHICLE_ID).map(Into::into),
+        event_time: t,
+        battery_age_days: i32_at(s::BATTERY_AGE_DAYS),
+        number_of_trips: i32_at(s::NUMBER_OF_TRIPS),
+        daily_trip_duration: f64_at(s::DAILY_TRIP_DURATION).unwrap_or_default(),
+        daily_cycles_used: f64_at(s::DAILY_CYCLES_USED).unwrap_or_default(),
+        lifetime_cycles_used: f64_at(s::LIFETIME_CYCLES_USED).unwrap_or_default(),
+        battery_rated_cycles: f64_at(s::BATTERY_RATED_CYCLES).unwrap_or_default(),
+        resting_voltage: f64_at(s::RESTING_VOLTAGE),
+        state_of_charge: f64_at(s::STATE_OF_CHARGE),
+        temperature_c: f64_at(s::TEMPERATURE_C),
+    };
+    DeadLetter {
+        payload: record.to_json().into_bytes(),
+        reason: RejectReason::Late,
+        detail: format!(
+            "day {} closed: the watermark has passed {}",
+            voltcast_ingest::time::format_day(day_of(t) as i64),
+            voltcast_ingest::time::format_day(closed_before as i64)
+        ),
+        origin: Origin {
+            source: Arc::from("voltcast.windows"),
+            partition: -1,
+            offset: -1,
+        },
+    }
+}
+
+impl ClosedDay {
+    fn new(battery: u32, v: &ClosedValues, rated: f64, observed: Option<&DayPartial>) -> Self {
+        Self {
+            battery,
+            day: v.day,
+            age: v.age,
+            trips: v.trips,
+            minutes: v.minutes,
+            cycles: v.cycles,
+            lifetime: v.lifetime,
+            reported_lifetime: observed.map(|w| w.lifetime_max),
+            rated,
+            reports: observed.map_or(0, |w| w.reports),
+            imputed: v.imputed,
+            readings: observed.map_or([ReadingStats::default(); 3], |w| w.readings),
+        }
+    }
+}

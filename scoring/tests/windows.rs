@@ -1,0 +1,238 @@
+//! The window stage's cleansing rules, with hand-computed expectations.
+
+use std::sync::Arc;
+
+use datafusion::arrow::array::{Array, AsArray, RecordBatch};
+use datafusion::arrow::datatypes::{Date32Type, Float64Type, Int64Type};
+use voltcast_ingest::time::{MILLIS_PER_DAY, parse_timestamp};
+use voltcast_ingest::{
+    MicroBatch, RejectReason, SourcePosition, TelemetryBatchBuilder, TelemetryRecord,
+};
+use voltcast_scoring::windows::{DailyWindows, WindowConfig, daily};
+
+fn report(
+    battery: &str,
+    at: &str,
+    minutes: f64,
+    cycles: f64,
+    lifetime: f64,
+    trips: i64,
+) -> TelemetryRecord<'static> {
+    let t = parse_timestamp(at).unwrap();
+    TelemetryRecord {
+        battery_id: battery.to_string().into(),
+        vehicle_id: Some(format!("V-{battery}").into()),
+        event_time: t,
+        battery_age_days: (t / MILLIS_PER_DAY - 15_706),
+        number_of_trips: trips,
+        daily_trip_duration: minutes,
+        daily_cycles_used: cycles,
+        lifetime_cycles_used: lifetime,
+        battery_rated_cycles: 200.0,
+        resting_voltage: Some(3.7),
+        state_of_charge: None,
+        temperature_c: None,
+    }
+}
+
+fn batch(records: &[TelemetryRecord<'_>]) -> MicroBatch {
+    let mut b = TelemetryBatchBuilder::with_capacity(records.len());
+    records.iter().for_each(|r| b.append(r));
+    let max = records.iter().map(|r| r.event_time).max();
+    MicroBatch {
+        rows: b.finish(),
+        positions: vec![SourcePosition {
+            source: Arc::from("t"),
+            partition: 0,
+            next_offset: 1,
+            max_event_time: max,
+        }],
+        dead_letters: 0,
+    }
+}
+
+/// Rows of closed batches for one battery: (day as YYYY-MM-DD, minutes, cycles, trips,
+/// lifetime, imputed), rounded to 9 decimals.
+fn series(batches: &[RecordBatch], battery: &str) -> Vec<(String, f64, f64, i64, f64, bool)> {
+    let r9 = |v: f64| (v * 1e9).round() / 1e9;
+    let mut out = Vec::new();
+    for b in batches {
+        let ids = b
+            .column_by_name(daily::BATTERY_ID)
+            .unwrap()
+            .as_string::<i32>();
+        let day = b
+            .column_by_name(daily::DAY)
+            .unwrap()
+            .as_primitive::<Date32Type>();
+        let f = |n| {
+            b.column_by_name(n)
+                .unwrap()
+                .as_primitive::<Float64Type>()
+                .clone()
+        };
+        let (minutes, cycles, lifetime) = (f(daily::MINUTES), f(daily::CYCLES), f(daily::LIFETIME));
+        let trips = b
+            .column_by_name(daily::TRIPS)
+            .unwrap()
+            .as_primitive::<Int64Type>();
+        let imputed = b.column_by_name(daily::IMPUTED).unwrap().as_boolean();
+        for i in 0..b.num_rows() {
+            if ids.value(i) == battery {
+                out.push((
+                    voltcast_ingest::time::format_day(day.value(i) as i64),
+                    r9(minutes.value(i)),
+                    r9(cycles.value(i)),
+                    trips.value(i),
+                    r9(lifetime.value(i)),
+                    imputed.value(i),
+                ));
+            }
+        }
+    }
+    out
+}
+
+async fn run(
+    batches: Vec<MicroBatch>,
+) -> (
+    DailyWindows,
+    Vec<RecordBatch>,
+    Vec<voltcast_ingest::DeadLetter>,
+) {
+    let mut w = DailyWindows::new(WindowConfig::default());
+    let (mut closed, mut late) = (Vec::new(), Vec::new());
+    for b in &batches {
+        let out = w.apply(b, 0).await.unwrap();
+        closed.extend(out.closed);
+        late.extend(out.late);
+    }
+    closed.extend(w.close_all().await.unwrap());
+    (w, closed, late)
+}
+
+#[tokio::test]
+async fn twelve_hourly_reports_resample_to_daily_sums() {
+    let (_, closed, _) = run(vec![batch(&[
+        report("A", "2013-01-01T00:00:00Z", 30.0, 0.075, 0.075, 2),
+        report("A", "2013-01-01T12:00:00Z", 40.0, 0.1, 0.175, 3),
+        report("A", "2013-01-02T00:00:00Z", 10.0, 0.025, 0.2, 1),
+        report("A", "2013-01-02T12:00:00Z", 20.0, 0.05, 0.25, 1),
+    ])])
+    .await;
+    assert_eq!(
+        series(&closed, "A"),
+        vec![
+            ("2013-01-01".into(), 70.0, 0.175, 5, 0.175, false),
+            ("2013-01-02".into(), 30.0, 0.075, 2, 0.25, false),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn duplicates_count_once_within_and_across_batches() {
+    let a1 = report("A", "2013-01-01", 60.0, 0.15, 0.15, 4);
+    let a2 = report("A", "2013-01-02", 80.0, 0.2, 0.35, 5);
+    let (w, closed, late) = run(vec![
+        batch(&[a1.clone(), a1.clone(), a2.clone()]),
+        batch(&[a2.clone(), a1.clone()]),
+    ])
+    .await;
+    assert_eq!(
+        series(&closed, "A"),
+        vec![
+            ("2013-01-01".into(), 60.0, 0.15, 4, 0.15, false),
+            ("2013-01-02".into(), 80.0, 0.2, 5, 0.35, false)
+        ]
+    );
+    assert_eq!(w.stats().duplicates, 3);
+    assert!(late.is_empty());
+}
+
+#[tokio::test]
+async fn a_three_day_gap_interpolates_linearly() {
+    let (w, closed, _) = run(vec![batch(&[
+        report("A", "2013-01-01", 40.0, 0.1, 10.1, 2),
+        report("A", "2013-01-05", 120.0, 0.3, 10.8, 6),
+    ])])
+    .await;
+    assert_eq!(
+        series(&closed, "A"),
+        vec![
+            ("2013-01-01".into(), 40.0, 0.1, 2, 10.1, false),
+            ("2013-01-02".into(), 60.0, 0.15, 3, 10.25, true),
+            ("2013-01-03".into(), 80.0, 0.2, 4, 10.45, true),
+            ("2013-01-04".into(), 100.0, 0.25, 5, 10.7, true),
+            // Re-anchored to the car's own lifetime figure on the reported day.
+            ("2013-01-05".into(), 120.0, 0.3, 6, 10.8, false),
+        ]
+    );
+    assert_eq!(w.stats().days_imputed, 3);
+}
+
+#[tokio::test]
+async fn a_record_for_a_closed_day_is_dead_lettered_as_late() {
+    // Lateness 36 h: a report on Jan 4 12:00 moves the watermark to Jan 3 00:00, closing
+    // Jan 1 and Jan 2. Then a report for Jan 1 arrives.
+    let mut w = DailyWindows::new(WindowConfig::default());
+    let first = w
+        .apply(
+            &batch(&[
+                report("A", "2013-01-01", 40.0, 0.1, 0.1, 2),
+                report("A", "2013-01-04T12:00:00Z", 40.0, 0.1, 0.2, 2),
+            ]),
+            0,
+        )
+        .await
+        .unwrap();
+    let closed = series(&first.closed.into_iter().collect::<Vec<_>>(), "A");
+    assert_eq!(
+        closed.len(),
+        1,
+        "only Jan 1 had data among the closed days: {closed:?}"
+    );
+    let late_row = report("B", "2013-01-01T18:00:00Z", 10.0, 0.02, 0.02, 1);
+    let second = w.apply(&batch(&[late_row.clone()]), 0).await.unwrap();
+    assert_eq!(second.late.len(), 1);
+    let dl = &second.late[0];
+    assert_eq!(dl.reason, RejectReason::Late);
+    assert!(dl.detail.contains("2013-01-01"), "{}", dl.detail);
+    let payload: serde_json::Value = serde_json::from_slice(&dl.payload).unwrap();
+    assert_eq!(payload["battery_id"], "B");
+    assert_eq!(payload["daily_cycles_used"], 0.02);
+    assert_eq!(w.stats().late, 1);
+}
+
+#[tokio::test]
+async fn rolling_means_cover_the_trailing_week() {
+    let records: Vec<_> = (0..10)
+        .map(|d| {
+            let day = voltcast_ingest::time::format_day(15_706 + d);
+            report("A", &day, 10.0, (d + 1) as f64 * 0.01, 0.0, 1)
+        })
+        .collect();
+    let (_, closed, _) = run(vec![batch(&records)]).await;
+    // The watermark closes days 1-7 with the batch; close_all closes days 8-10.
+    assert_eq!(
+        closed.iter().map(|b| b.num_rows()).collect::<Vec<_>>(),
+        vec![7, 3]
+    );
+    let b = closed.last().unwrap();
+    let m7 = b
+        .column_by_name(daily::MEAN_7D)
+        .unwrap()
+        .as_primitive::<Float64Type>();
+    let m30 = b
+        .column_by_name(daily::MEAN_30D)
+        .unwrap()
+        .as_primitive::<Float64Type>();
+    // Day 10 (cycles 0.10): mean of 0.04..0.10 over 7 days, and of 0.01..0.10 over 10.
+    let last = b.num_rows() - 1;
+    assert!((m7.value(last) - 0.07).abs() < 1e-6, "{}", m7.value(last));
+    assert!(
+        (m30.value(last) - 0.055).abs() < 1e-6,
+        "{}",
+        m30.value(last)
+    );
+    assert!(!m7.is_null(0));
+}
