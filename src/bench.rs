@@ -13,6 +13,16 @@ use voltcast_scoring::ingest::{
 
 #[derive(Subcommand)]
 pub enum BenchTarget {
+    /// Micro-batch day-window aggregation (dedupe, DataFusion partials, closing,
+    /// interpolation, history) and memory per battery.
+    Windows {
+        #[arg(long, default_value_t = 100_000)]
+        batteries: usize,
+        #[arg(long, default_value_t = 730)]
+        days: u32,
+        #[arg(long, default_value_t = 50_000)]
+        batch_rows: usize,
+    },
     /// JSON (and CSV) -> validated Arrow batches on one core.
     Ingest {
         /// Messages to decode.
@@ -30,6 +40,11 @@ pub fn run(target: BenchTarget) -> anyhow::Result<()> {
             records,
             batch_rows,
         } => ingest(records, batch_rows),
+        BenchTarget::Windows {
+            batteries,
+            days,
+            batch_rows,
+        } => windows(batteries, days, batch_rows),
     }
 }
 
@@ -164,4 +179,71 @@ fn decode_pass(
         messages.len()
     );
     Ok(messages.len() as f64 / seconds)
+}
+
+fn resident_bytes() -> usize {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: usize = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
+    pages * 4096
+}
+
+/// Feeds a simulated fleet (with the reference's defects) through the window stage one
+/// simulated day at a time; only `DailyWindows::apply` is timed.
+fn windows(batteries: usize, days: u32, batch_rows: usize) -> anyhow::Result<()> {
+    use voltcast_scoring::ingest::{MicroBatch, SourcePosition, TelemetryBatchBuilder};
+    use voltcast_scoring::windows::{DailyWindows, WindowConfig};
+
+    let runtime = tokio::runtime::Builder::new_current_thread().build()?;
+    let config = SimulatorConfig {
+        batteries,
+        days,
+        malformed_rate: 0.0,
+        ..Default::default()
+    };
+    let mut sim = FleetSimulator::new(config, WireFormat::Json)?.without_payloads();
+    let mut windows = DailyWindows::new(WindowConfig::default());
+    let rss_before = resident_bytes();
+    let (mut rows, mut busy, mut closed_rows) = (0u64, std::time::Duration::ZERO, 0usize);
+    let source: Arc<str> = Arc::from("bench");
+    while let Some(day) = sim.next_day() {
+        let records: Vec<_> = day.messages.into_iter().filter_map(|m| m.record).collect();
+        for chunk in records.chunks(batch_rows) {
+            let mut b = TelemetryBatchBuilder::with_capacity(chunk.len());
+            chunk.iter().for_each(|r| b.append(r));
+            let batch = MicroBatch {
+                rows: b.finish(),
+                positions: vec![SourcePosition {
+                    source: source.clone(),
+                    partition: 0,
+                    next_offset: 0,
+                    max_event_time: chunk.iter().map(|r| r.event_time).max(),
+                }],
+                dead_letters: 0,
+            };
+            rows += chunk.len() as u64;
+            let started = Instant::now();
+            let out = runtime.block_on(windows.apply(&batch, 0))?;
+            busy += started.elapsed();
+            closed_rows += out.closed.map_or(0, |c| c.num_rows());
+        }
+    }
+    let state = windows.state();
+    let history_bytes: usize = state.fleet.histories.iter().map(|h| h.footprint()).sum();
+    let rss_growth = resident_bytes().saturating_sub(rss_before);
+    println!(
+        "bench windows: {batteries} batteries x {days} days, {rows} rows in micro-batches of {batch_rows}: {:.0} rows/s ({:.1} s in the window stage), {closed_rows} battery-days closed",
+        rows as f64 / busy.as_secs_f64(),
+        busy.as_secs_f64()
+    );
+    println!(
+        "bench windows memory: {:.0} bytes per battery of history ({} days retained), {:.0} bytes per battery resident growth (histories, open windows, id index)",
+        history_bytes as f64 / batteries as f64,
+        WindowConfig::default().retention_days,
+        rss_growth as f64 / batteries as f64
+    );
+    Ok(())
 }

@@ -121,6 +121,10 @@ async fn run(config: VoltcastConfig) -> anyhow::Result<()> {
         dead_letters = report.rejected,
         batteries = t.batteries.len(),
         batches = t.batches,
+        days_closed = report.windows.days_closed,
+        days_imputed = report.windows.days_imputed,
+        duplicates = report.windows.duplicates,
+        late = report.windows.late,
         seconds = format!("{:.2}", report.seconds),
         "run finished"
     );

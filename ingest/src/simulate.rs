@@ -178,6 +178,7 @@ pub struct FleetSimulator {
     first_day: i64,
     next: u32,
     noise: LogNormal<f64>,
+    render: bool,
 }
 
 impl FleetSimulator {
@@ -196,12 +197,19 @@ impl FleetSimulator {
             first_day: start.div_euclid(MILLIS_PER_DAY),
             next: 0,
             noise: LogNormal::new(-sigma * sigma / 2.0, sigma).expect("valid"),
+            render: true,
             config,
         })
     }
 
     pub fn config(&self) -> &SimulatorConfig {
         &self.config
+    }
+
+    /// Records only, no wire payloads (benchmarks that start from decoded rows).
+    pub fn without_payloads(mut self) -> Self {
+        self.render = false;
+        self
     }
 
     /// The next day's messages (in report order) and truth, or None after the last day.
@@ -282,7 +290,11 @@ impl FleetSimulator {
                     };
                     let msg = SimMessage {
                         key: b.id.clone(),
-                        payload: render(self.format, &record),
+                        payload: if self.render {
+                            render(self.format, &record)
+                        } else {
+                            Vec::new()
+                        },
                         defect: None,
                         record: Some(record),
                     };

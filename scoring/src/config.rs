@@ -18,6 +18,8 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use toml::Value;
 use voltcast_ingest::simulate::SimulatorConfig;
+
+use crate::windows::WindowConfig;
 use voltcast_ingest::{
     BatchConfig, EventHubsConnection, FileSourceConfig, KafkaConfig, ValidationConfig,
 };
@@ -39,6 +41,7 @@ pub struct VoltcastConfig {
     pub file: FileSourceConfig,
     pub batch: BatchConfig,
     pub validation: ValidationConfig,
+    pub windows: WindowConfig,
     pub simulator: SimulatorConfig,
 }
 
@@ -148,6 +151,25 @@ impl VoltcastConfig {
             if !ok {
                 return Err(ConfigError::new(key, "must be positive"));
             }
+        }
+        let w = &self.windows;
+        if w.allowed_lateness_hours < 0 {
+            return Err(ConfigError::new(
+                "windows.allowed_lateness_hours",
+                "must not be negative",
+            ));
+        }
+        if w.idle_partition_seconds <= 0 {
+            return Err(ConfigError::new(
+                "windows.idle_partition_seconds",
+                "must be positive",
+            ));
+        }
+        if w.retention_days < 30 {
+            return Err(ConfigError::new(
+                "windows.retention_days",
+                "must be at least 30 (the forecast horizon)",
+            ));
         }
         if let Some(cs) = &self.kafka.event_hubs_connection_string {
             EventHubsConnection::parse(cs).map_err(|e| {

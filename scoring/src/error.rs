@@ -6,4 +6,6 @@ pub enum ScoringError {
     Config(#[from] crate::config::ConfigError),
     #[error(transparent)]
     Ingest(#[from] voltcast_ingest::IngestError),
+    #[error("day windows: {0}")]
+    Windows(#[from] crate::windows::WindowError),
 }

@@ -6,12 +6,14 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
 
+use datafusion::arrow::array::RecordBatch;
 use voltcast_ingest::arrow::array::{Array, AsArray};
 use voltcast_ingest::dead_letter::DeadLetterQueue;
 use voltcast_ingest::{BatchSink, FileSource, IngestCounters, KafkaSource, MicroBatch, schema};
 
 use crate::config::{SourceKind, VoltcastConfig};
 use crate::error::ScoringError;
+use crate::windows::DailyWindows;
 
 /// Counts what reached the end of the pipeline.
 #[derive(Debug, Default)]
@@ -49,10 +51,67 @@ impl BatchSink for BatchTally {
     }
 }
 
+/// The window stage as a sink: late rows to the dead-letter queue, closed days to
+/// whoever listens on `closed` (the forecaster, the archive, a test).
+pub struct WindowStage {
+    pub windows: DailyWindows,
+    dead_letters: DeadLetterQueue,
+    closed: Option<tokio::sync::mpsc::UnboundedSender<RecordBatch>>,
+    pub tally: BatchTally,
+}
+
+impl WindowStage {
+    pub fn new(
+        windows: DailyWindows,
+        dead_letters: DeadLetterQueue,
+        closed: Option<tokio::sync::mpsc::UnboundedSender<RecordBatch>>,
+    ) -> Self {
+        Self {
+            windows,
+            dead_letters,
+            closed,
+            tally: BatchTally::default(),
+        }
+    }
+
+    /// End of a finite input: close every open window.
+    pub async fn finish(&mut self) -> Result<(), ScoringError> {
+        let closed = self.windows.close_all().await?;
+        self.emit(closed);
+        Ok(())
+    }
+
+    fn emit(&mut self, closed: Option<RecordBatch>) {
+        if let (Some(batch), Some(tx)) = (closed, &self.closed) {
+            // A listener that went away is not our failure: the days are in the history.
+            let _ = tx.send(batch);
+        }
+    }
+}
+
+impl BatchSink for WindowStage {
+    async fn accept(
+        &mut self,
+        batch: MicroBatch,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let out = self
+            .windows
+            .apply(&batch, voltcast_ingest::now_millis())
+            .await?;
+        for letter in out.late {
+            self.dead_letters.send(letter)?;
+        }
+        self.dead_letters.flush().await?;
+        self.emit(out.closed);
+        self.tally.accept(batch).await
+    }
+}
+
 /// What a run did, for the closing log line.
 #[derive(Debug)]
 pub struct RunReport {
     pub tally: BatchTally,
+    pub windows: crate::windows::WindowStats,
     pub received: u64,
     pub rejected: u64,
     pub seconds: f64,
@@ -64,32 +123,31 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<RunReport, ScoringError> {
     let counters = Arc::new(IngestCounters::default());
-    let mut tally = BatchTally::default();
     let started = Instant::now();
-    match config.source {
+    let windows = DailyWindows::new(config.windows.clone());
+    let (batch, rules) = (config.batch.clone(), config.validation.clone());
+    let stage = match config.source {
         SourceKind::Kafka => {
-            let source = KafkaSource::new(
-                &config.kafka,
-                config.batch.clone(),
-                config.validation.clone(),
-                counters.clone(),
-            )?;
-            source.run(&mut tally, shutdown).await?;
+            let producer = config.kafka.dead_letter_producer()?;
+            let late = DeadLetterQueue::kafka(producer, config.kafka.dead_letter_topic.clone());
+            let mut stage = WindowStage::new(windows, late, None);
+            let source = KafkaSource::new(&config.kafka, batch, rules, counters.clone())?;
+            source.run(&mut stage, shutdown).await?;
+            stage
         }
         SourceKind::File => {
-            let dlq = DeadLetterQueue::file(config.file.default_dead_letters());
-            let source = FileSource::new(
-                config.file.clone(),
-                config.batch.clone(),
-                config.validation.clone(),
-                counters.clone(),
-                dlq,
-            );
-            source.run(&mut tally).await?;
+            let dead_letters = config.file.default_dead_letters();
+            let mut stage = WindowStage::new(windows, DeadLetterQueue::file(&dead_letters), None);
+            let dlq = DeadLetterQueue::file(dead_letters);
+            let source = FileSource::new(config.file.clone(), batch, rules, counters.clone(), dlq);
+            source.run(&mut stage).await?;
+            stage.finish().await?;
+            stage
         }
-    }
+    };
     Ok(RunReport {
-        tally,
+        windows: stage.windows.stats().clone(),
+        tally: stage.tally,
         received: counters.received(),
         rejected: counters.rejected_total(),
         seconds: started.elapsed().as_secs_f64(),

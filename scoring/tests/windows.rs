@@ -192,7 +192,10 @@ async fn a_record_for_a_closed_day_is_dead_lettered_as_late() {
         "only Jan 1 had data among the closed days: {closed:?}"
     );
     let late_row = report("B", "2013-01-01T18:00:00Z", 10.0, 0.02, 0.02, 1);
-    let second = w.apply(&batch(&[late_row.clone()]), 0).await.unwrap();
+    let second = w
+        .apply(&batch(std::slice::from_ref(&late_row)), 0)
+        .await
+        .unwrap();
     assert_eq!(second.late.len(), 1);
     let dl = &second.late[0];
     assert_eq!(dl.reason, RejectReason::Late);
@@ -211,7 +214,7 @@ async fn rolling_means_cover_the_trailing_week() {
             report("A", &day, 10.0, (d + 1) as f64 * 0.01, 0.0, 1)
         })
         .collect();
-    let (_, closed, _) = run(vec![batch(&records)]).await;
+    let (w, closed, _) = run(vec![batch(&records)]).await;
     // The watermark closes days 1-7 with the batch; close_all closes days 8-10.
     assert_eq!(
         closed.iter().map(|b| b.num_rows()).collect::<Vec<_>>(),
@@ -235,4 +238,13 @@ async fn rolling_means_cover_the_trailing_week() {
         m30.value(last)
     );
     assert!(!m7.is_null(0));
+    // The stream's incremental means agree with DataFusion window functions.
+    let sql = w.last_close_means_sql().await.unwrap();
+    assert_eq!(sql.len(), b.num_rows());
+    for (i, (s7, s30)) in sql.iter().enumerate() {
+        assert!(
+            (s7 - m7.value(i)).abs() < 1e-12 && (s30 - m30.value(i)).abs() < 1e-12,
+            "row {i}"
+        );
+    }
 }

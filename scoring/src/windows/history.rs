@@ -38,7 +38,7 @@ pub struct ClosedValues {
     pub imputed: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct BatteryHistory {
     first_day: i32,
     cycles: VecDeque<f32>,
@@ -55,18 +55,6 @@ struct LastDay {
     trips: f64,
     age: i32,
     lifetime: f64,
-}
-
-impl Default for BatteryHistory {
-    fn default() -> Self {
-        Self {
-            first_day: 0,
-            cycles: VecDeque::new(),
-            minutes: VecDeque::new(),
-            trips: VecDeque::new(),
-            last: None,
-        }
-    }
 }
 
 impl BatteryHistory {

@@ -188,6 +188,8 @@ pub struct DailyWindows {
     config: WindowConfig,
     aggregator: DailyAggregator,
     state: WindowState,
+    /// The rows of the most recent close (for cross-checks and diagnostics).
+    last_closed: Vec<ClosedDay>,
 }
 
 fn day_of(t: EpochMillis) -> i32 {
@@ -211,6 +213,7 @@ impl DailyWindows {
             config,
             aggregator: DailyAggregator::default(),
             state,
+            last_closed: Vec::new(),
         }
     }
 
@@ -220,7 +223,17 @@ impl DailyWindows {
             config,
             aggregator: DailyAggregator::default(),
             state,
+            last_closed: Vec::new(),
         }
+    }
+
+    /// Trailing means of the most recent close, recomputed with DataFusion window
+    /// functions: the definition the streaming computation must agree with.
+    pub async fn last_close_means_sql(&self) -> Result<Vec<(f64, f64)>, WindowError> {
+        Ok(
+            daily::rolling_means_sql(&self.aggregator, &self.state.fleet, &self.last_closed)
+                .await?,
+        )
     }
 
     pub fn state(&self) -> &WindowState {
@@ -281,7 +294,14 @@ impl DailyWindows {
                 continue;
             }
             let b = st.fleet.intern(ids.value(i));
-            let window = st.open.entry(day).or_default().entry(b).or_default();
+            // Sized for the whole fleet up front: a day map grows to about one window per
+            // battery, and rehashing moves every (large) window several times.
+            let fleet_size = st.fleet.len();
+            let day_windows = st
+                .open
+                .entry(day)
+                .or_insert_with(|| HashMap::with_capacity(fleet_size));
+            let window = day_windows.entry(b).or_default();
             if window.seen.contains(&t) {
                 st.stats.duplicates += 1;
                 keep.push(false);
@@ -324,7 +344,7 @@ impl DailyWindows {
             w.lifetime_max = w.lifetime_max.max(lifetime.value(i));
             w.rated = w.rated.max(rated.value(i));
             w.reports += reports.value(i) as u32;
-            if vehicle.is_valid(i) {
+            if vehicle.is_valid(i) && w.vehicle.as_deref() != Some(vehicle.value(i)) {
                 w.vehicle = Some(vehicle.value(i).to_string());
             }
             for (k, (min, max, sum, n)) in readings.iter().enumerate() {
@@ -384,8 +404,13 @@ impl DailyWindows {
         if rows.is_empty() {
             return Ok(None);
         }
-        let means = daily::rolling_means(&self.aggregator, &st.fleet, &rows).await?;
-        Ok(Some(daily::to_batch(&st.fleet, &rows, &means)))
+        let means = daily::rolling_means(&st.fleet, &rows);
+        self.last_closed = rows;
+        Ok(Some(daily::to_batch(
+            &self.state.fleet,
+            &self.last_closed,
+            &means,
+        )))
     }
 }
 
