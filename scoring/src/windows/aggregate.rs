@@ -14,6 +14,8 @@ use voltcast_ingest::time::MILLIS_PER_DAY;
 
 /// Output column names.
 pub mod out {
+    /// The interned battery index the window stage adds before aggregating.
+    pub const BATTERY: &str = "battery_index";
     pub const DAY: &str = "day";
     pub const TRIPS: &str = "trips";
     pub const MINUTES: &str = "minutes";
@@ -22,7 +24,6 @@ pub mod out {
     pub const LIFETIME: &str = "lifetime";
     pub const RATED: &str = "rated";
     pub const REPORTS: &str = "reports";
-    pub const VEHICLE: &str = "vehicle";
     /// Electrical readings: for each, `<name>_min`, `_max`, `_sum`, `_n`.
     pub const READINGS: [&str; 3] = [
         voltcast_ingest::schema::RESTING_VOLTAGE,
@@ -49,7 +50,8 @@ impl Default for DailyAggregator {
 }
 
 impl DailyAggregator {
-    /// Groups deduplicated telemetry rows by battery and UTC day.
+    /// Groups deduplicated telemetry rows (with the window stage's `battery_index`
+    /// column) by battery and UTC day.
     pub async fn partials(&self, rows: RecordBatch) -> Result<Vec<RecordBatch>> {
         if rows.num_rows() == 0 {
             return Ok(Vec::new());
@@ -63,7 +65,6 @@ impl DailyAggregator {
             max(col(s::LIFETIME_CYCLES_USED)).alias(out::LIFETIME),
             max(col(s::BATTERY_RATED_CYCLES)).alias(out::RATED),
             count(lit(1)).alias(out::REPORTS),
-            max(col(s::VEHICLE_ID)).alias(out::VEHICLE),
         ];
         for r in out::READINGS {
             aggregates.push(min(col(r)).alias(format!("{r}_min")));
@@ -73,7 +74,7 @@ impl DailyAggregator {
         }
         self.ctx
             .read_batch(rows)?
-            .aggregate(vec![col(s::BATTERY_ID), day], aggregates)?
+            .aggregate(vec![col(out::BATTERY), day], aggregates)?
             .collect()
             .await
     }

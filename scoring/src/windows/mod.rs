@@ -17,14 +17,22 @@ pub mod daily;
 pub mod history;
 pub mod watermark;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
+/// Battery ids and indexes are not attacker-chosen keys that need SipHash's DoS
+/// resistance; foldhash is several times faster on the per-row path.
+pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::FixedState>;
+
+use datafusion::arrow::array::UInt32Array;
 use datafusion::arrow::array::{
     Array, AsArray, BooleanArray, Float64Array, Int32Array, RecordBatch, StringArray,
 };
 use datafusion::arrow::compute::filter_record_batch;
-use datafusion::arrow::datatypes::{Float64Type, Int32Type, Int64Type, TimestampMillisecondType};
+use datafusion::arrow::datatypes::{
+    DataType, Field, Float64Type, Int32Type, Int64Type, Schema, TimestampMillisecondType,
+    UInt32Type,
+};
 use datafusion::error::DataFusionError;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -102,7 +110,6 @@ pub struct DayPartial {
     pub lifetime_max: f64,
     pub rated: f64,
     pub reports: u32,
-    pub vehicle: Option<String>,
     pub readings: [ReadingStats; 3],
     /// Event times already counted: the dedupe key within the day.
     pub seen: Vec<EpochMillis>,
@@ -138,7 +145,7 @@ pub enum WindowError {
 /// Battery ids interned to dense indexes, with their histories.
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub struct Fleet {
-    index: HashMap<String, u32>,
+    index: FastMap<String, u32>,
     pub ids: Vec<Arc<str>>,
     pub vehicles: Vec<Option<Arc<str>>>,
     pub rated: Vec<f64>,
@@ -177,7 +184,7 @@ impl Fleet {
 pub struct WindowState {
     pub fleet: Fleet,
     /// Open windows by day, then battery index.
-    pub open: BTreeMap<i32, HashMap<u32, DayPartial>>,
+    pub open: BTreeMap<i32, FastMap<u32, DayPartial>>,
     /// Days before this one have closed.
     pub closed_before: Option<i32>,
     pub watermarks: Watermarks,
@@ -250,8 +257,9 @@ impl DailyWindows {
         batch: &MicroBatch,
         now: EpochMillis,
     ) -> Result<WindowOutput, WindowError> {
-        let (keep, late) = self.screen(&batch.rows)?;
-        let fresh = filter_record_batch(&batch.rows, &keep).map_err(DataFusionError::from)?;
+        let (keep, index, late) = self.screen(&batch.rows)?;
+        let fresh = filter_record_batch(&with_battery_index(&batch.rows, index)?, &keep)
+            .map_err(DataFusionError::from)?;
         for partial in self.aggregator.partials(fresh).await? {
             self.merge(&partial)?;
         }
@@ -272,17 +280,20 @@ impl DailyWindows {
         }
     }
 
-    /// Splits a batch's rows into fresh ones (mask) and late ones (dead letters), and
-    /// registers fresh rows' event times in their windows so copies are recognised.
+    /// Splits a batch's rows into fresh ones (mask) and late ones (dead letters),
+    /// registers fresh rows' event times in their windows so copies are recognised, and
+    /// interns each row's battery (the index column DataFusion groups by).
     fn screen(
         &mut self,
         rows: &RecordBatch,
-    ) -> Result<(BooleanArray, Vec<DeadLetter>), WindowError> {
+    ) -> Result<(BooleanArray, UInt32Array, Vec<DeadLetter>), WindowError> {
         let ids = column(rows, s::BATTERY_ID)?.as_string::<i32>();
+        let vehicles = column(rows, s::VEHICLE_ID)?.as_string::<i32>();
         let times = column(rows, s::EVENT_TIME)?.as_primitive::<TimestampMillisecondType>();
         let st = &mut self.state;
         st.stats.rows_in += rows.num_rows() as u64;
         let mut keep = Vec::with_capacity(rows.num_rows());
+        let mut index = Vec::with_capacity(rows.num_rows());
         let mut late = Vec::new();
         for i in 0..rows.num_rows() {
             let t = times.value(i);
@@ -291,16 +302,22 @@ impl DailyWindows {
                 st.stats.late += 1;
                 late.push(late_letter(rows, i, st.closed_before.unwrap_or_default()));
                 keep.push(false);
+                index.push(0);
                 continue;
             }
             let b = st.fleet.intern(ids.value(i));
+            index.push(b);
+            if vehicles.is_valid(i)
+                && st.fleet.vehicles[b as usize].as_deref() != Some(vehicles.value(i))
+            {
+                st.fleet.vehicles[b as usize] = Some(Arc::from(vehicles.value(i)));
+            }
             // Sized for the whole fleet up front: a day map grows to about one window per
             // battery, and rehashing moves every (large) window several times.
             let fleet_size = st.fleet.len();
-            let day_windows = st
-                .open
-                .entry(day)
-                .or_insert_with(|| HashMap::with_capacity(fleet_size));
+            let day_windows = st.open.entry(day).or_insert_with(|| {
+                FastMap::with_capacity_and_hasher(fleet_size, Default::default())
+            });
             let window = day_windows.entry(b).or_default();
             if window.seen.contains(&t) {
                 st.stats.duplicates += 1;
@@ -310,11 +327,11 @@ impl DailyWindows {
                 keep.push(true);
             }
         }
-        Ok((BooleanArray::from(keep), late))
+        Ok((BooleanArray::from(keep), UInt32Array::from(index), late))
     }
 
     fn merge(&mut self, p: &RecordBatch) -> Result<(), WindowError> {
-        let ids = column(p, s::BATTERY_ID)?.as_string::<i32>();
+        let batteries = column(p, out::BATTERY)?.as_primitive::<UInt32Type>();
         let days = column(p, out::DAY)?.as_primitive::<Int64Type>();
         let trips = column(p, out::TRIPS)?.as_primitive::<Int64Type>();
         let minutes = column(p, out::MINUTES)?.as_primitive::<Float64Type>();
@@ -323,20 +340,20 @@ impl DailyWindows {
         let lifetime = column(p, out::LIFETIME)?.as_primitive::<Float64Type>();
         let rated = column(p, out::RATED)?.as_primitive::<Float64Type>();
         let reports = column(p, out::REPORTS)?.as_primitive::<Int64Type>();
-        let vehicle = column(p, out::VEHICLE)?.as_string::<i32>();
         let readings = out::READINGS.map(|r| {
             let get = |suffix: &str| p.column_by_name(&format!("{r}_{suffix}")).cloned();
             (get("min"), get("max"), get("sum"), get("n"))
         });
         let st = &mut self.state;
         for i in 0..p.num_rows() {
-            let b = st.fleet.intern(ids.value(i));
-            let w = st
+            // screen() opened this window; the partial only fills it.
+            let Some(w) = st
                 .open
-                .entry(days.value(i) as i32)
-                .or_default()
-                .entry(b)
-                .or_default();
+                .get_mut(&(days.value(i) as i32))
+                .and_then(|d| d.get_mut(&batteries.value(i)))
+            else {
+                continue;
+            };
             w.trips += trips.value(i);
             w.minutes += minutes.value(i);
             w.cycles += cycles.value(i);
@@ -344,9 +361,6 @@ impl DailyWindows {
             w.lifetime_max = w.lifetime_max.max(lifetime.value(i));
             w.rated = w.rated.max(rated.value(i));
             w.reports += reports.value(i) as u32;
-            if vehicle.is_valid(i) && w.vehicle.as_deref() != Some(vehicle.value(i)) {
-                w.vehicle = Some(vehicle.value(i).to_string());
-            }
             for (k, (min, max, sum, n)) in readings.iter().enumerate() {
                 let (Some(min), Some(max), Some(sum), Some(n)) = (min, max, sum, n) else {
                     continue;
@@ -375,14 +389,8 @@ impl DailyWindows {
                 break;
             }
             let (d, windows) = entry.remove_entry();
-            let mut batteries: Vec<_> =
-                windows.into_iter().filter(|(_, w)| w.reports > 0).collect();
-            batteries.sort_by_key(|(b, _)| *b);
-            for (b, w) in batteries {
+            for (b, w) in windows.into_iter().filter(|(_, w)| w.reports > 0) {
                 let bi = b as usize;
-                if let Some(v) = &w.vehicle {
-                    st.fleet.vehicles[bi] = Some(Arc::from(v.as_str()));
-                }
                 st.fleet.rated[bi] = w.rated;
                 let obs = ObservedDay {
                     day: d,
@@ -412,6 +420,16 @@ impl DailyWindows {
             &means,
         )))
     }
+}
+
+/// The batch with the interned battery index as an extra column.
+fn with_battery_index(rows: &RecordBatch, index: UInt32Array) -> Result<RecordBatch, WindowError> {
+    let mut fields = rows.schema().fields().to_vec();
+    fields.push(Arc::new(Field::new(out::BATTERY, DataType::UInt32, false)));
+    let mut columns = rows.columns().to_vec();
+    columns.push(Arc::new(index));
+    RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
+        .map_err(|e| WindowError::DataFusion(e.into()))
 }
 
 fn column<'a>(
