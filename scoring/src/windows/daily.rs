@@ -12,7 +12,7 @@ use datafusion::arrow::datatypes::{DataType, Field, Float64Type, Int64Type, Sche
 use datafusion::error::Result;
 
 use super::aggregate::DailyAggregator;
-use super::{Fleet, ReadingStats};
+use super::{FastMap, Fleet, ReadingStats};
 
 pub const BATTERY_ID: &str = "battery_id";
 pub const VEHICLE_ID: &str = "vehicle_id";
@@ -87,11 +87,11 @@ pub fn daily_schema() -> SchemaRef {
 /// [`rolling_means_sql`] is the same computation as window functions, kept as the
 /// definition the stream is tested against and for batch scoring over whole series.
 pub(super) fn rolling_means(fleet: &Fleet, rows: &[ClosedDay]) -> Vec<(f64, f64)> {
-    let mut newest: HashMap<u32, usize> = HashMap::new();
+    let mut newest: FastMap<u32, usize> = FastMap::default();
     for r in rows {
         *newest.entry(r.battery).or_default() += 1;
     }
-    let mut seen: HashMap<u32, usize> = HashMap::new();
+    let mut seen: FastMap<u32, usize> = FastMap::default();
     rows.iter()
         .map(|r| {
             let h = &fleet.histories[r.battery as usize];
@@ -99,17 +99,7 @@ pub(super) fn rolling_means(fleet: &Fleet, rows: &[ClosedDay]) -> Vec<(f64, f64)
             *k += 1;
             // This row's position in the history: newest[b] - k entries from the end.
             let end = h.len() - (newest[&r.battery] - *k).min(h.len());
-            let mean = |n: usize| {
-                let start = end.saturating_sub(n);
-                let sum: f64 = h
-                    .cycles()
-                    .skip(start)
-                    .take(end - start)
-                    .map(|(_, c)| c as f64)
-                    .sum();
-                sum / (end - start).max(1) as f64
-            };
-            (mean(7), mean(30))
+            (h.mean_cycles(end, 7), h.mean_cycles(end, 30))
         })
         .collect()
 }

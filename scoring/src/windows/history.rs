@@ -148,6 +148,13 @@ impl BatteryHistory {
         self.last.map(|l| l.lifetime)
     }
 
+    /// Mean daily cycles over the `n` days ending at position `end` (exclusive).
+    pub fn mean_cycles(&self, end: usize, n: usize) -> f64 {
+        let start = end.saturating_sub(n);
+        let sum: f64 = self.cycles.range(start..end).map(|c| *c as f64).sum();
+        sum / (end - start).max(1) as f64
+    }
+
     /// Daily cycles, oldest first, with their day numbers.
     pub fn cycles(&self) -> impl ExactSizeIterator<Item = (i32, f32)> + '_ {
         self.cycles

@@ -112,7 +112,33 @@ pub struct DayPartial {
     pub reports: u32,
     pub readings: [ReadingStats; 3],
     /// Event times already counted: the dedupe key within the day.
-    pub seen: Vec<EpochMillis>,
+    pub seen: SeenTimes,
+}
+
+/// The event times of a window's reports. A day has one report, or two when the car
+/// reports 12-hourly: those live inline, so opening a window allocates nothing.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SeenTimes {
+    inline: [EpochMillis; 2],
+    len: u8,
+    spill: Vec<EpochMillis>,
+}
+
+impl SeenTimes {
+    /// Records `t`; false when it was already there.
+    pub fn insert(&mut self, t: EpochMillis) -> bool {
+        let n = (self.len as usize).min(2);
+        if self.inline[..n].contains(&t) || self.spill.contains(&t) {
+            return false;
+        }
+        if n < 2 {
+            self.inline[n] = t;
+            self.len += 1;
+        } else {
+            self.spill.push(t);
+        }
+        true
+    }
 }
 
 /// Counts kept by the window stage.
@@ -318,14 +344,9 @@ impl DailyWindows {
             let day_windows = st.open.entry(day).or_insert_with(|| {
                 FastMap::with_capacity_and_hasher(fleet_size, Default::default())
             });
-            let window = day_windows.entry(b).or_default();
-            if window.seen.contains(&t) {
-                st.stats.duplicates += 1;
-                keep.push(false);
-            } else {
-                window.seen.push(t);
-                keep.push(true);
-            }
+            let fresh = day_windows.entry(b).or_default().seen.insert(t);
+            st.stats.duplicates += u64::from(!fresh);
+            keep.push(fresh);
         }
         Ok((BooleanArray::from(keep), UInt32Array::from(index), late))
     }
