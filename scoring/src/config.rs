@@ -19,6 +19,7 @@ use thiserror::Error;
 use toml::Value;
 use voltcast_ingest::simulate::SimulatorConfig;
 
+use crate::archive::ArchiveConfig;
 use crate::windows::WindowConfig;
 use voltcast_ingest::{
     BatchConfig, EventHubsConnection, FileSourceConfig, KafkaConfig, ValidationConfig,
@@ -42,6 +43,7 @@ pub struct VoltcastConfig {
     pub batch: BatchConfig,
     pub validation: ValidationConfig,
     pub windows: WindowConfig,
+    pub archive: ArchiveConfig,
     pub simulator: SimulatorConfig,
 }
 

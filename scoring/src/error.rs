@@ -6,6 +6,8 @@ pub enum ScoringError {
     Config(#[from] crate::config::ConfigError),
     #[error(transparent)]
     Ingest(#[from] voltcast_ingest::IngestError),
+    #[error(transparent)]
+    Archive(#[from] crate::archive::ArchiveError),
     #[error("day windows: {0}")]
     Windows(#[from] crate::windows::WindowError),
 }

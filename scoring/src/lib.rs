@@ -9,6 +9,7 @@
 //! that knows the whole order. `ingest` is re-exported for the commands (`simulate`,
 //! `bench ingest`) that need only the first stage.
 
+pub mod archive;
 pub mod config;
 pub mod error;
 pub mod pipeline;

@@ -11,6 +11,7 @@ use voltcast_ingest::arrow::array::{Array, AsArray};
 use voltcast_ingest::dead_letter::DeadLetterQueue;
 use voltcast_ingest::{BatchSink, FileSource, IngestCounters, KafkaSource, MicroBatch, schema};
 
+use crate::archive::{ArchiveError, ParquetArchive};
 use crate::config::{SourceKind, VoltcastConfig};
 use crate::error::ScoringError;
 use crate::windows::DailyWindows;
@@ -57,6 +58,7 @@ pub struct WindowStage {
     pub windows: DailyWindows,
     dead_letters: DeadLetterQueue,
     closed: Option<tokio::sync::mpsc::UnboundedSender<RecordBatch>>,
+    archive: Option<ParquetArchive>,
     pub tally: BatchTally,
 }
 
@@ -70,22 +72,33 @@ impl WindowStage {
             windows,
             dead_letters,
             closed,
+            archive: None,
             tally: BatchTally::default(),
         }
+    }
+
+    /// Also archive raw rows and closed days as Parquet.
+    pub fn with_archive(mut self, archive: Option<ParquetArchive>) -> Self {
+        self.archive = archive;
+        self
     }
 
     /// End of a finite input: close every open window.
     pub async fn finish(&mut self) -> Result<(), ScoringError> {
         let closed = self.windows.close_all().await?;
-        self.emit(closed);
+        self.emit(closed)?;
         Ok(())
     }
 
-    fn emit(&mut self, closed: Option<RecordBatch>) {
+    fn emit(&mut self, closed: Option<RecordBatch>) -> Result<(), ArchiveError> {
+        if let (Some(batch), Some(archive)) = (&closed, &mut self.archive) {
+            archive.daily(batch)?;
+        }
         if let (Some(batch), Some(tx)) = (closed, &self.closed) {
             // A listener that went away is not our failure: the days are in the history.
             let _ = tx.send(batch);
         }
+        Ok(())
     }
 }
 
@@ -94,6 +107,9 @@ impl BatchSink for WindowStage {
         &mut self,
         batch: MicroBatch,
     ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        if let Some(archive) = &mut self.archive {
+            archive.raw(&batch.rows)?;
+        }
         let out = self
             .windows
             .apply(&batch, voltcast_ingest::now_millis())
@@ -102,7 +118,7 @@ impl BatchSink for WindowStage {
             self.dead_letters.send(letter)?;
         }
         self.dead_letters.flush().await?;
-        self.emit(out.closed);
+        self.emit(out.closed)?;
         self.tally.accept(batch).await
     }
 }
@@ -130,14 +146,16 @@ pub async fn run(
         SourceKind::Kafka => {
             let producer = config.kafka.dead_letter_producer()?;
             let late = DeadLetterQueue::kafka(producer, config.kafka.dead_letter_topic.clone());
-            let mut stage = WindowStage::new(windows, late, None);
+            let mut stage = WindowStage::new(windows, late, None)
+                .with_archive(ParquetArchive::new(&config.archive));
             let source = KafkaSource::new(&config.kafka, batch, rules, counters.clone())?;
             source.run(&mut stage, shutdown).await?;
             stage
         }
         SourceKind::File => {
             let dead_letters = config.file.default_dead_letters();
-            let mut stage = WindowStage::new(windows, DeadLetterQueue::file(&dead_letters), None);
+            let mut stage = WindowStage::new(windows, DeadLetterQueue::file(&dead_letters), None)
+                .with_archive(ParquetArchive::new(&config.archive));
             let dlq = DeadLetterQueue::file(dead_letters);
             let source = FileSource::new(config.file.clone(), batch, rules, counters.clone(), dlq);
             source.run(&mut stage).await?;
