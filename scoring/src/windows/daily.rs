@@ -195,14 +195,17 @@ pub(super) fn to_batch(fleet: &Fleet, rows: &[ClosedDay], means: &[(f64, f64)]) 
         )),
     ];
     for k in 0..3 {
+        // Every statistic is null on days without that reading; mean() says which.
         let stat = |f: &dyn Fn(&ReadingStats) -> f64| {
             Arc::new(Float64Array::from_iter(
                 rows.iter()
-                    .map(|r| (r.readings[k].n > 0).then(|| f(&r.readings[k]))),
+                    .map(|r| r.readings[k].mean().map(|_| f(&r.readings[k]))),
             )) as ArrayRef
         };
         columns.push(stat(&|s| s.min));
-        columns.push(stat(&|s| s.sum / s.n as f64));
+        columns.push(Arc::new(Float64Array::from_iter(
+            rows.iter().map(|r| r.readings[k].mean()),
+        )));
         columns.push(stat(&|s| s.max));
     }
     columns.push(Arc::new(Float64Array::from_iter_values(
