@@ -223,6 +223,7 @@ fn windows(batteries: usize, days: u32, batch_rows: usize) -> anyhow::Result<()>
                     max_event_time: chunk.iter().map(|r| r.event_time).max(),
                 }],
                 dead_letters: 0,
+                assigned: Vec::new(),
             };
             rows += chunk.len() as u64;
             let started = Instant::now();
@@ -244,6 +245,26 @@ fn windows(batteries: usize, days: u32, batch_rows: usize) -> anyhow::Result<()>
         history_bytes as f64 / batteries as f64,
         WindowConfig::default().retention_days,
         rss_growth as f64 / batteries as f64
+    );
+    checkpoint(state)
+}
+
+/// One checkpoint of the state the windows bench built: what a save costs at this size.
+fn checkpoint(state: &voltcast_scoring::windows::WindowState) -> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join(format!("voltcast-bench-{}", std::process::id()));
+    let store = voltcast_scoring::checkpoint::CheckpointStore::new(&dir);
+    let started = Instant::now();
+    let bytes = store.save(state, &[])?;
+    let saved = started.elapsed();
+    let started = Instant::now();
+    let loaded = store.load()?.map_or(0, |c| c.windows.fleet.len());
+    let load = started.elapsed();
+    std::fs::remove_dir_all(&dir)?;
+    println!(
+        "bench windows checkpoint: {bytes} bytes ({:.0} per battery), saved in {:.2} s, loaded {loaded} batteries in {:.2} s",
+        bytes as f64 / state.fleet.len().max(1) as f64,
+        saved.as_secs_f64(),
+        load.as_secs_f64()
     );
     Ok(())
 }

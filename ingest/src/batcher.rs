@@ -56,14 +56,27 @@ pub struct MicroBatch {
     pub rows: RecordBatch,
     pub positions: Vec<SourcePosition>,
     pub dead_letters: usize,
+    /// Every partition the source currently reads, including ones that delivered nothing
+    /// in this batch: until such a partition has shown its event times it must hold the
+    /// watermark back (on backlog catch-up it may simply not have been fetched yet).
+    pub assigned: Vec<PartitionId>,
 }
 
-/// The next stage. A source commits a batch's positions only after `accept` returns Ok.
+/// A source partition: topic (or file) and partition number.
+pub type PartitionId = (Arc<str>, i32);
+
+/// What a sink may fail with.
+pub type SinkError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The next stage. A source commits only what `accept` returns: the positions whose
+/// records the sink has made durable. A stateless sink returns the batch's own
+/// positions; a stateful one returns those covered by its last checkpoint (or nothing,
+/// between checkpoints), so a crash never loses records that were committed.
 pub trait BatchSink: Send {
     fn accept(
         &mut self,
         batch: MicroBatch,
-    ) -> impl Future<Output = Result<(), Box<dyn std::error::Error + Send + Sync>>> + Send;
+    ) -> impl Future<Output = Result<Vec<SourcePosition>, SinkError>> + Send;
 }
 
 pub struct MicroBatcher {
@@ -71,9 +84,11 @@ pub struct MicroBatcher {
     rules: ValidationConfig,
     counters: Arc<IngestCounters>,
     builder: TelemetryBatchBuilder,
-    positions: BTreeMap<(Arc<str>, i32), SourcePosition>,
+    positions: BTreeMap<PartitionId, SourcePosition>,
     dead_letters: usize,
     opened: Option<Instant>,
+    /// Where a checkpoint says each partition resumes: older messages are skipped.
+    resume: BTreeMap<PartitionId, i64>,
 }
 
 impl MicroBatcher {
@@ -91,7 +106,28 @@ impl MicroBatcher {
             positions: BTreeMap::new(),
             dead_letters: 0,
             opened: None,
+            resume: BTreeMap::new(),
         }
+    }
+
+    /// Skips messages a checkpoint already covers. Kafka re-delivers from the last
+    /// committed offset, which may be behind the checkpoint if the process died between
+    /// saving the checkpoint and committing.
+    pub fn resume_from(&mut self, positions: &[SourcePosition]) {
+        for p in positions {
+            self.resume
+                .insert((p.source.clone(), p.partition), p.next_offset);
+        }
+    }
+
+    /// True when the message at `origin` was already covered by the checkpoint resumed
+    /// from; the caller drops it.
+    fn covered(&self, origin: &Origin) -> bool {
+        !self.resume.is_empty()
+            && self
+                .resume
+                .get(&(origin.source.clone(), origin.partition))
+                .is_some_and(|next| origin.offset < *next)
     }
 
     pub fn counters(&self) -> &Arc<IngestCounters> {
@@ -106,6 +142,9 @@ impl MicroBatcher {
         now: EpochMillis,
         dlq: &mut DeadLetterQueue,
     ) -> Result<(), IngestError> {
+        if self.covered(origin) {
+            return Ok(());
+        }
         let outcome = decode_json(payload, &self.rules, now);
         self.settle(outcome, || payload.to_vec(), origin, dlq)
     }
@@ -119,6 +158,9 @@ impl MicroBatcher {
         now: EpochMillis,
         dlq: &mut DeadLetterQueue,
     ) -> Result<(), IngestError> {
+        if self.covered(origin) {
+            return Ok(());
+        }
         let outcome = layout.decode(row, &self.rules, now);
         self.settle(outcome, || CsvLayout::raw_line(row), origin, dlq)
     }
@@ -199,6 +241,12 @@ impl MicroBatcher {
 
     /// Closes the open batch (possibly with zero rows when every message was refused).
     pub fn take(&mut self) -> Option<MicroBatch> {
+        self.take_assigned(Vec::new())
+    }
+
+    /// Closes the open batch, naming every partition the source reads (see
+    /// [`MicroBatch::assigned`]).
+    pub fn take_assigned(&mut self, assigned: Vec<PartitionId>) -> Option<MicroBatch> {
         if self.positions.is_empty() {
             return None;
         }
@@ -208,17 +256,64 @@ impl MicroBatcher {
             rows: self.builder.finish(),
             positions: std::mem::take(&mut self.positions).into_values().collect(),
             dead_letters: std::mem::take(&mut self.dead_letters),
+            assigned,
         })
     }
 }
 
 /// Hands a batch on: dead letters first (so none is lost if the sink then fails), then
-/// the sink. The caller commits positions only after this returns Ok.
+/// the sink. Returns the positions the caller may commit.
 pub async fn hand_on<S: BatchSink>(
     batch: MicroBatch,
     dlq: &mut DeadLetterQueue,
     sink: &mut S,
-) -> Result<(), IngestError> {
+) -> Result<Vec<SourcePosition>, IngestError> {
     dlq.flush().await?;
     sink.accept(batch).await.map_err(IngestError::Sink)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_a_checkpoint_covers_are_skipped_on_resume() {
+        let counters = Arc::new(IngestCounters::default());
+        let mut b = MicroBatcher::new(
+            BatchConfig::default(),
+            ValidationConfig::default(),
+            counters.clone(),
+        );
+        let source: Arc<str> = Arc::from("t");
+        b.resume_from(&[SourcePosition {
+            source: source.clone(),
+            partition: 0,
+            next_offset: 5,
+            max_event_time: None,
+        }]);
+        let (mut dlq, _letters) = DeadLetterQueue::memory();
+        let json = br#"{"battery_id":"B1","event_time":"2024-01-01T00:00:00Z","battery_age_days":1,"number_of_trips":1,"daily_trip_duration":10,"daily_cycles_used":0.5,"lifetime_cycles_used":1,"battery_rated_cycles":1000}"#;
+        for (partition, offset) in [(0, 3), (0, 4), (0, 5), (1, 0)] {
+            let origin = Origin {
+                source: source.clone(),
+                partition,
+                offset,
+            };
+            b.push_json(json, &origin, crate::now_millis(), &mut dlq)
+                .unwrap();
+        }
+        let batch = b.take().unwrap();
+        assert_eq!(
+            batch.rows.num_rows(),
+            2,
+            "offsets 3 and 4 of partition 0 skipped"
+        );
+        assert_eq!(counters.received(), 2);
+        let next: Vec<_> = batch
+            .positions
+            .iter()
+            .map(|p| (p.partition, p.next_offset))
+            .collect();
+        assert_eq!(next, vec![(0, 6), (1, 1)]);
+    }
 }

@@ -212,7 +212,8 @@ impl FileSource {
 
     async fn flush<S: BatchSink>(&mut self, sink: &mut S) -> Result<(), IngestError> {
         match self.batcher.take() {
-            Some(batch) => hand_on(batch, &mut self.dlq, sink).await,
+            // A file has nothing to commit to: a replay starts from the top.
+            Some(batch) => hand_on(batch, &mut self.dlq, sink).await.map(drop),
             None => self.dlq.flush().await,
         }
     }

@@ -228,6 +228,30 @@ impl KafkaSource {
         })
     }
 
+    /// Skips what a checkpoint already covers (see [`MicroBatcher::resume_from`]).
+    pub fn resume_from(mut self, positions: &[crate::SourcePosition]) -> Self {
+        self.batcher.resume_from(positions);
+        self
+    }
+
+    /// The partitions this consumer reads now, as batch partition ids.
+    fn assigned(&mut self) -> Vec<crate::batcher::PartitionId> {
+        let Ok(list) = self.consumer.assignment() else {
+            return Vec::new();
+        };
+        list.elements()
+            .iter()
+            .map(|e| {
+                let topic = self
+                    .topic_names
+                    .entry(e.topic().to_string())
+                    .or_insert_with(|| Arc::from(e.topic()))
+                    .clone();
+                (topic, e.partition())
+            })
+            .collect()
+    }
+
     /// Runs until `shutdown` completes or a stage fails. On shutdown the open batch is
     /// handed on and committed first.
     pub async fn run<S: BatchSink>(
@@ -263,21 +287,31 @@ impl KafkaSource {
             if self.batcher.is_full() || self.batcher.is_due() {
                 self.flush(sink).await?;
             }
+            // recv() is always ready on a backlog: without this the loop would never
+            // yield, starving the runtime's other tasks (and ignoring cancellation).
+            tokio::task::consume_budget().await;
         }
         self.flush(sink).await
     }
 
     async fn flush<S: BatchSink>(&mut self, sink: &mut S) -> Result<(), IngestError> {
-        let Some(batch) = self.batcher.take() else {
+        if self.batcher.is_empty() {
+            return Ok(());
+        }
+        let assigned = self.assigned();
+        let Some(batch) = self.batcher.take_assigned(assigned) else {
             return Ok(());
         };
+        let durable = hand_on(batch, &mut self.dlq, sink).await?;
+        if durable.is_empty() {
+            return Ok(());
+        }
         let mut offsets = TopicPartitionList::new();
-        for p in &batch.positions {
+        for p in &durable {
             offsets
                 .add_partition_offset(&p.source, p.partition, Offset::Offset(p.next_offset))
                 .map_err(IngestError::kafka("building the offset list"))?;
         }
-        hand_on(batch, &mut self.dlq, sink).await?;
         self.consumer
             .commit(&offsets, CommitMode::Sync)
             .map_err(IngestError::kafka("committing offsets"))

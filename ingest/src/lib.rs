@@ -29,7 +29,9 @@ pub mod validate;
 
 pub use arrow;
 pub use batch::TelemetryBatchBuilder;
-pub use batcher::{BatchConfig, BatchSink, MicroBatch, MicroBatcher, SourcePosition};
+pub use batcher::{
+    BatchConfig, BatchSink, MicroBatch, MicroBatcher, PartitionId, SinkError, SourcePosition,
+};
 pub use counters::IngestCounters;
 pub use dead_letter::{DeadLetter, DeadLetterQueue, Origin};
 pub use error::IngestError;

@@ -20,6 +20,7 @@ use toml::Value;
 use voltcast_ingest::simulate::SimulatorConfig;
 
 use crate::archive::ArchiveConfig;
+use crate::checkpoint::CheckpointConfig;
 use crate::windows::WindowConfig;
 use voltcast_ingest::{
     BatchConfig, EventHubsConnection, FileSourceConfig, KafkaConfig, ValidationConfig,
@@ -44,6 +45,7 @@ pub struct VoltcastConfig {
     pub validation: ValidationConfig,
     pub windows: WindowConfig,
     pub archive: ArchiveConfig,
+    pub checkpoint: CheckpointConfig,
     pub simulator: SimulatorConfig,
 }
 

@@ -10,4 +10,6 @@ pub enum ScoringError {
     Archive(#[from] crate::archive::ArchiveError),
     #[error("day windows: {0}")]
     Windows(#[from] crate::windows::WindowError),
+    #[error(transparent)]
+    Checkpoint(#[from] crate::checkpoint::CheckpointError),
 }

@@ -1,17 +1,21 @@
 //! The run loop: source -> stages. Until the day windows exist, batches end in a
 //! [`BatchTally`] that accounts for every row, battery and dead letter.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use datafusion::arrow::array::RecordBatch;
 use voltcast_ingest::arrow::array::{Array, AsArray};
 use voltcast_ingest::dead_letter::DeadLetterQueue;
-use voltcast_ingest::{BatchSink, FileSource, IngestCounters, KafkaSource, MicroBatch, schema};
+use voltcast_ingest::{
+    BatchSink, FileSource, IngestCounters, KafkaSource, MicroBatch, PartitionId, SinkError,
+    SourcePosition, schema,
+};
 
 use crate::archive::{ArchiveError, ParquetArchive};
+use crate::checkpoint::{CheckpointError, CheckpointStore};
 use crate::config::{SourceKind, VoltcastConfig};
 use crate::error::ScoringError;
 use crate::windows::DailyWindows;
@@ -26,10 +30,7 @@ pub struct BatchTally {
 }
 
 impl BatchSink for BatchTally {
-    async fn accept(
-        &mut self,
-        batch: MicroBatch,
-    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    async fn accept(&mut self, batch: MicroBatch) -> Result<Vec<SourcePosition>, SinkError> {
         self.batches += 1;
         self.rows += batch.rows.num_rows() as u64;
         self.dead_letters += batch.dead_letters as u64;
@@ -48,7 +49,7 @@ impl BatchSink for BatchTally {
             dead_letters = batch.dead_letters,
             "batch"
         );
-        Ok(())
+        Ok(batch.positions)
     }
 }
 
@@ -59,7 +60,17 @@ pub struct WindowStage {
     dead_letters: DeadLetterQueue,
     closed: Option<tokio::sync::mpsc::UnboundedSender<RecordBatch>>,
     archive: Option<ParquetArchive>,
+    checkpoints: Option<Checkpointing>,
     pub tally: BatchTally,
+}
+
+/// When and where the stage saves its state, and what the state covers so far.
+struct Checkpointing {
+    store: CheckpointStore,
+    interval: Duration,
+    last_saved: Option<Instant>,
+    /// Per partition, one past the last offset folded into the windows.
+    covered: BTreeMap<PartitionId, SourcePosition>,
 }
 
 impl WindowStage {
@@ -73,6 +84,7 @@ impl WindowStage {
             dead_letters,
             closed,
             archive: None,
+            checkpoints: None,
             tally: BatchTally::default(),
         }
     }
@@ -81,6 +93,64 @@ impl WindowStage {
     pub fn with_archive(mut self, archive: Option<ParquetArchive>) -> Self {
         self.archive = archive;
         self
+    }
+
+    /// Checkpoint the state to `store` at most every `interval`; `resumed` are the
+    /// positions of the checkpoint the windows were restored from, if any.
+    pub fn with_checkpoints(
+        mut self,
+        store: CheckpointStore,
+        interval: Duration,
+        resumed: &[SourcePosition],
+    ) -> Self {
+        let covered = resumed
+            .iter()
+            .map(|p| ((p.source.clone(), p.partition), p.clone()))
+            .collect();
+        self.checkpoints = Some(Checkpointing {
+            store,
+            interval,
+            last_saved: None,
+            covered,
+        });
+        self
+    }
+
+    /// Saves a checkpoint now (a clean shutdown); returns the positions it covers.
+    pub fn checkpoint_now(&mut self) -> Result<Vec<SourcePosition>, CheckpointError> {
+        let Some(c) = &mut self.checkpoints else {
+            return Ok(Vec::new());
+        };
+        let positions: Vec<SourcePosition> = c.covered.values().cloned().collect();
+        let started = Instant::now();
+        let bytes = c.store.save(self.windows.state(), &positions)?;
+        c.last_saved = Some(Instant::now());
+        tracing::debug!(
+            bytes,
+            seconds = started.elapsed().as_secs_f64(),
+            "checkpoint saved"
+        );
+        Ok(positions)
+    }
+
+    /// Folds a batch's positions into what the state covers and, when a checkpoint is
+    /// due, saves one: returns the positions now safe to commit.
+    fn durable(
+        &mut self,
+        positions: Vec<SourcePosition>,
+    ) -> Result<Vec<SourcePosition>, SinkError> {
+        let Some(c) = &mut self.checkpoints else {
+            return Ok(positions);
+        };
+        for p in positions {
+            let key = (p.source.clone(), p.partition);
+            let entry = c.covered.entry(key).or_insert_with(|| p.clone());
+            entry.next_offset = entry.next_offset.max(p.next_offset);
+        }
+        if c.last_saved.is_some_and(|t| t.elapsed() < c.interval) {
+            return Ok(Vec::new());
+        }
+        Ok(self.checkpoint_now()?)
     }
 
     /// End of a finite input: close every open window.
@@ -103,10 +173,7 @@ impl WindowStage {
 }
 
 impl BatchSink for WindowStage {
-    async fn accept(
-        &mut self,
-        batch: MicroBatch,
-    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    async fn accept(&mut self, batch: MicroBatch) -> Result<Vec<SourcePosition>, SinkError> {
         if let Some(archive) = &mut self.archive {
             archive.raw(&batch.rows)?;
         }
@@ -119,7 +186,8 @@ impl BatchSink for WindowStage {
         }
         self.dead_letters.flush().await?;
         self.emit(out.closed)?;
-        self.tally.accept(batch).await
+        let positions = self.tally.accept(batch).await?;
+        self.durable(positions)
     }
 }
 
@@ -140,19 +208,27 @@ pub async fn run(
 ) -> Result<RunReport, ScoringError> {
     let counters = Arc::new(IngestCounters::default());
     let started = Instant::now();
-    let windows = DailyWindows::new(config.windows.clone());
     let (batch, rules) = (config.batch.clone(), config.validation.clone());
     let stage = match config.source {
         SourceKind::Kafka => {
             let producer = config.kafka.dead_letter_producer()?;
             let late = DeadLetterQueue::kafka(producer, config.kafka.dead_letter_topic.clone());
+            let (windows, resumed, store) = restore(config)?;
             let mut stage = WindowStage::new(windows, late, None)
                 .with_archive(ParquetArchive::new(&config.archive));
-            let source = KafkaSource::new(&config.kafka, batch, rules, counters.clone())?;
+            if let Some(store) = store {
+                let interval = Duration::from_secs(config.checkpoint.interval_seconds);
+                stage = stage.with_checkpoints(store, interval, &resumed);
+            }
+            let source = KafkaSource::new(&config.kafka, batch, rules, counters.clone())?
+                .resume_from(&resumed);
             source.run(&mut stage, shutdown).await?;
+            stage.checkpoint_now()?;
             stage
         }
         SourceKind::File => {
+            // A file replay is a batch job that starts from the top: no checkpoint.
+            let windows = DailyWindows::new(config.windows.clone());
             let dead_letters = config.file.default_dead_letters();
             let mut stage = WindowStage::new(windows, DeadLetterQueue::file(&dead_letters), None)
                 .with_archive(ParquetArchive::new(&config.archive));
@@ -170,4 +246,30 @@ pub async fn run(
         rejected: counters.rejected_total(),
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// The window state to start from: the checkpoint's when there is one.
+fn restore(
+    config: &VoltcastConfig,
+) -> Result<(DailyWindows, Vec<SourcePosition>, Option<CheckpointStore>), ScoringError> {
+    if !config.checkpoint.enabled {
+        return Ok((DailyWindows::new(config.windows.clone()), Vec::new(), None));
+    }
+    let store = CheckpointStore::new(&config.checkpoint.path);
+    match store.load()? {
+        Some(ckpt) => {
+            tracing::info!(
+                path = %store.file().display(),
+                batteries = ckpt.windows.fleet.len(),
+                "resuming from checkpoint"
+            );
+            let windows = DailyWindows::from_state(config.windows.clone(), ckpt.windows);
+            Ok((windows, ckpt.positions, Some(store)))
+        }
+        None => Ok((
+            DailyWindows::new(config.windows.clone()),
+            Vec::new(),
+            Some(store),
+        )),
+    }
 }

@@ -48,6 +48,7 @@ fn batch(records: &[TelemetryRecord<'_>]) -> MicroBatch {
             max_event_time: max,
         }],
         dead_letters: 0,
+        assigned: Vec::new(),
     }
 }
 

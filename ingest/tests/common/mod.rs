@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use voltcast_ingest::arrow::array::{Array, AsArray};
 use voltcast_ingest::arrow::datatypes::Float64Type;
 use voltcast_ingest::arrow::record_batch::RecordBatch;
-use voltcast_ingest::{BatchSink, MicroBatch, schema};
+use voltcast_ingest::{BatchSink, MicroBatch, SinkError, SourcePosition, schema};
 
 /// Keeps every batch it is handed.
 #[derive(Default)]
@@ -15,12 +15,10 @@ pub struct CollectingSink {
 }
 
 impl BatchSink for CollectingSink {
-    async fn accept(
-        &mut self,
-        batch: MicroBatch,
-    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    async fn accept(&mut self, batch: MicroBatch) -> Result<Vec<SourcePosition>, SinkError> {
+        let positions = batch.positions.clone();
         self.batches.push(batch);
-        Ok(())
+        Ok(positions)
     }
 }
 

@@ -289,7 +289,9 @@ impl DailyWindows {
         for partial in self.aggregator.partials(fresh).await? {
             self.merge(&partial)?;
         }
-        self.state.watermarks.observe(&batch.positions, now);
+        self.state
+            .watermarks
+            .observe(&batch.positions, &batch.assigned, now);
         let closed = match self.state.watermarks.advance(now) {
             // A day closes when the watermark passes its end.
             Some(w) => self.close_before(day_of(w + 1)).await?,

@@ -1,0 +1,308 @@
+//! Restart from a checkpoint: the pipeline is killed abruptly (its task dropped, no clean
+//! shutdown, no final checkpoint) at several points in a stream, restarted from the last
+//! checkpoint each time, and must end with exactly the daily series and counts of a run
+//! that was never interrupted: no battery-day lost, none counted twice.
+//!
+//! The whole stream is published before consuming starts, so this is also the backlog
+//! catch-up case where partitions are drained unevenly (the watermark must wait for
+//! assigned partitions that have not delivered yet).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use datafusion::arrow::array::{AsArray, RecordBatch};
+use datafusion::arrow::datatypes::{Date32Type, Float64Type, Int64Type};
+use rdkafka::mocking::MockCluster;
+use voltcast_ingest::simulate::{FleetSimulator, SimulatorConfig, WireFormat, publish_kafka};
+use voltcast_ingest::{
+    BatchConfig, BatchSink, DeadLetterQueue, IngestCounters, KafkaConfig, KafkaSource, MicroBatch,
+    SinkError, SourcePosition, ValidationConfig,
+};
+use voltcast_scoring::checkpoint::CheckpointStore;
+use voltcast_scoring::pipeline::WindowStage;
+use voltcast_scoring::windows::{DailyWindows, WindowConfig, WindowStats, daily};
+
+const TOPIC: &str = "battery-telemetry";
+
+/// (battery, day) -> (trips, minutes, cycles, lifetime, imputed)
+type Series = BTreeMap<(String, i32), (i64, f64, f64, f64, bool)>;
+
+/// Passes batches to the window stage and records how far each partition got, so the
+/// test knows where in the stream it is.
+struct Probe {
+    stage: WindowStage,
+    progress: Arc<Mutex<BTreeMap<i32, i64>>>,
+    checkpoints: usize,
+}
+
+impl BatchSink for Probe {
+    async fn accept(&mut self, batch: MicroBatch) -> Result<Vec<SourcePosition>, SinkError> {
+        let seen: Vec<_> = batch
+            .positions
+            .iter()
+            .map(|p| (p.partition, p.next_offset))
+            .collect();
+        let durable = self.stage.accept(batch).await?;
+        self.checkpoints += usize::from(!durable.is_empty());
+        let mut progress = self.progress.lock().unwrap();
+        for (partition, next) in seen {
+            let e = progress.entry(partition).or_default();
+            *e = (*e).max(next);
+        }
+        Ok(durable)
+    }
+}
+
+fn read_offsets(progress: &Mutex<BTreeMap<i32, i64>>) -> i64 {
+    progress.lock().unwrap().values().sum()
+}
+
+/// Adds closed days to `series`; a day closed again after a restart must be the same day.
+fn collect(series: &mut Series, batches: Vec<RecordBatch>) {
+    for b in batches {
+        let col = |n: &str| b.column_by_name(n).unwrap().clone();
+        let (ids, day, trips) = (col(daily::BATTERY_ID), col(daily::DAY), col(daily::TRIPS));
+        let (minutes, cycles, lifetime, imputed) = (
+            col(daily::MINUTES),
+            col(daily::CYCLES),
+            col(daily::LIFETIME),
+            col(daily::IMPUTED),
+        );
+        for i in 0..b.num_rows() {
+            let key = (
+                ids.as_string::<i32>().value(i).to_string(),
+                day.as_primitive::<Date32Type>().value(i),
+            );
+            let row = (
+                trips.as_primitive::<Int64Type>().value(i),
+                minutes.as_primitive::<Float64Type>().value(i),
+                cycles.as_primitive::<Float64Type>().value(i),
+                lifetime.as_primitive::<Float64Type>().value(i),
+                imputed.as_boolean().value(i),
+            );
+            if let Some(before) = series.insert(key.clone(), row) {
+                assert_eq!(before, row, "{key:?} closed twice with different values");
+            }
+        }
+    }
+}
+
+struct Incarnation {
+    series: Series,
+    /// The window counts at the end of the stream (None for a killed life).
+    stats: Option<WindowStats>,
+    checkpoints: usize,
+}
+
+/// Runs one life of the pipeline: restores from `ckpt`, consumes, and either is killed
+/// once `kill_at` offsets have been read or (None) runs to the end and closes all days.
+async fn live(kafka: &KafkaConfig, ckpt: &Path, total: i64, kill_at: Option<i64>) -> Incarnation {
+    let store = CheckpointStore::new(ckpt);
+    let (windows, resumed) = match store.load().unwrap() {
+        Some(c) => (
+            DailyWindows::from_state(WindowConfig::default(), c.windows),
+            c.positions,
+        ),
+        None => (DailyWindows::new(WindowConfig::default()), Vec::new()),
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let (late_queue, _late) = DeadLetterQueue::memory();
+    let stage = WindowStage::new(windows, late_queue, Some(tx)).with_checkpoints(
+        store,
+        // A few batches per checkpoint, so a restart has to re-read what came after it.
+        Duration::from_millis(40),
+        &resumed,
+    );
+    eprintln!(
+        "resuming from {:?}",
+        resumed
+            .iter()
+            .map(|p| (p.partition, p.next_offset))
+            .collect::<Vec<_>>()
+    );
+    let progress = Arc::new(Mutex::new(BTreeMap::new()));
+    for p in &resumed {
+        progress.lock().unwrap().insert(p.partition, p.next_offset);
+    }
+    let mut probe = Probe {
+        stage,
+        progress: progress.clone(),
+        checkpoints: 0,
+    };
+    let (dlq, _rejected) = DeadLetterQueue::memory();
+    let batch = BatchConfig {
+        max_rows: 1_500,
+        max_wait_ms: 50,
+    };
+    let source = KafkaSource::with_dead_letters(
+        kafka,
+        batch,
+        ValidationConfig::default(),
+        Arc::new(IngestCounters::default()),
+        dlq,
+    )
+    .unwrap()
+    .resume_from(&resumed);
+    let watched = progress.clone();
+    let stop_at = kill_at.unwrap_or(total);
+    let all_read = async move {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        while read_offsets(&watched) < stop_at && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    let mut series = Series::new();
+    let started = std::time::Instant::now();
+    let report = |progress: &Mutex<BTreeMap<i32, i64>>| {
+        eprintln!(
+            "life to {stop_at}: read {} of {total} offsets in {:.1?}",
+            read_offsets(progress),
+            started.elapsed()
+        )
+    };
+    if kill_at.is_some() {
+        let task = tokio::spawn(async move {
+            source
+                .run(&mut probe, std::future::pending())
+                .await
+                .unwrap();
+        });
+        all_read.await;
+        report(&progress);
+        // Abrupt: the task (consumer, stage, state) is dropped wherever it is.
+        task.abort();
+        let _ = task.await;
+        collect(&mut series, drain(&mut rx));
+        return Incarnation {
+            series,
+            stats: None,
+            checkpoints: 0,
+        };
+    }
+    source.run(&mut probe, all_read).await.unwrap();
+    report(&progress);
+    assert_eq!(
+        read_offsets(&progress),
+        total,
+        "the stream was not read to its end"
+    );
+    probe.stage.finish().await.unwrap();
+    collect(&mut series, drain(&mut rx));
+    Incarnation {
+        series,
+        stats: Some(probe.stage.windows.stats().clone()),
+        checkpoints: probe.checkpoints,
+    }
+}
+
+fn drain(rx: &mut tokio::sync::mpsc::UnboundedReceiver<RecordBatch>) -> Vec<RecordBatch> {
+    let mut closed = Vec::new();
+    while let Ok(b) = rx.try_recv() {
+        closed.push(b);
+    }
+    closed
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_and_restarted_runs_equal_an_uninterrupted_one() {
+    // Small enough to publish whole within the mock broker's 5 MiB per partition.
+    let sim = SimulatorConfig {
+        batteries: 250,
+        days: 90,
+        seed: 11,
+        ..Default::default()
+    };
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic(TOPIC, 3, 1).unwrap();
+    let mut kafka = KafkaConfig {
+        brokers: cluster.bootstrap_servers(),
+        ..Default::default()
+    };
+    // A killed consumer never leaves its group; the restarted one waits out its session.
+    for (k, v) in [
+        ("session.timeout.ms", "6000"),
+        ("heartbeat.interval.ms", "500"),
+    ] {
+        kafka.properties.insert(k.into(), v.into());
+    }
+    let producer = kafka
+        .producer_config()
+        .unwrap()
+        .set("linger.ms", "5")
+        .create()
+        .unwrap();
+    let published = publish_kafka(
+        &mut FleetSimulator::new(sim, WireFormat::Json).unwrap(),
+        &producer,
+        TOPIC,
+        0.0,
+        None,
+    )
+    .await
+    .unwrap();
+    let total = published.messages as i64;
+    let dir = tempfile::tempdir().unwrap();
+
+    // The uninterrupted run, in its own consumer group and checkpoint directory.
+    let whole = KafkaConfig {
+        group_id: "uninterrupted".into(),
+        ..kafka.clone()
+    };
+    let want = live(&whole, &dir.path().join("whole"), total, None).await;
+    let want_stats = want.stats.clone().unwrap();
+    assert!(
+        want.series.len() > 250 * 80,
+        "closed days: {}",
+        want.series.len()
+    );
+    assert_eq!(want_stats.late, 0, "a backlog must not turn rows late");
+    assert!(want.checkpoints > 2, "checkpoints: {}", want.checkpoints);
+
+    // The same stream, killed at 20%, 45% and 70% of it and restarted each time.
+    let killed = KafkaConfig {
+        group_id: "killed".into(),
+        ..kafka.clone()
+    };
+    let ckpt = dir.path().join("killed");
+    let mut got = Series::new();
+    for fraction in [0.20, 0.45, 0.70] {
+        let life = live(
+            &killed,
+            &ckpt,
+            total,
+            Some((total as f64 * fraction) as i64),
+        )
+        .await;
+        assert!(life.stats.is_none());
+        merge(&mut got, life.series);
+    }
+    let last = live(&killed, &ckpt, total, None).await;
+    merge(&mut got, last.series);
+
+    assert_eq!(
+        got.len(),
+        want.series.len(),
+        "battery-days differ in number"
+    );
+    let differing: Vec<_> = want
+        .series
+        .iter()
+        .filter(|(k, v)| got.get(*k) != Some(v))
+        .take(3)
+        .collect();
+    assert!(differing.is_empty(), "first differences: {differing:?}");
+    // Counts restored from the checkpoint and continued: nothing counted twice.
+    assert_eq!(last.stats.unwrap(), want_stats);
+}
+
+/// A battery-day emitted by two lives (closed after the last checkpoint of the first)
+/// must carry the same values both times.
+fn merge(into: &mut Series, from: Series) {
+    for (k, v) in from {
+        if let Some(before) = into.insert(k.clone(), v) {
+            assert_eq!(before, v, "{k:?} differs between lives");
+        }
+    }
+}
