@@ -3,5 +3,33 @@
 //! Per-battery models of daily cycles used, model selection by backtest, and failure
 //! risk. It knows nothing of Kafka or streaming: it takes a battery's clean daily series
 //! and answers "how many cycles over the next 30 days, and how likely is the rating
-//! crossed". Issue #4 fills it in; until then the crate is empty on purpose, so that the
-//! workspace layout (and the dependency build) is in place from the start.
+//! crossed".
+//!
+//! Shape, after augurs: small model types around one trait ([`Model`]: a family that fits
+//! a [`DailySeries`] into a [`FittedModel`], which predicts with intervals and advances by
+//! one day). The families are seasonal naive (the floor), a non-seasonal AutoETS, MSTL
+//! (augurs) with an ETS trend, and a linfa regression of cycles on driving. [`select`]
+//! picks one per battery by rolling-origin backtest; [`failure_risk`] turns its forecast
+//! into the probability that the battery reaches its rating within 30 days.
+//!
+//! Why the ETS recursions are our own ([`ets`]): between selections, each closed day must
+//! advance the chosen model in microseconds and the model must be checkpointed; augurs'
+//! fitted ETS exposes neither its parameters nor its states.
+
+pub mod error;
+pub mod ets;
+pub mod forecast;
+pub mod model;
+pub mod mstl;
+pub mod naive;
+pub mod regression;
+pub mod risk;
+pub mod select;
+pub mod series;
+
+pub use error::ForecastError;
+pub use forecast::Forecast;
+pub use model::{FittedModel, Model, ModelKind};
+pub use risk::{FailureRisk, RiskConfig, failure_risk};
+pub use select::{BacktestScore, ModelRecord, SelectionConfig, select};
+pub use series::{DailySeries, DayObservation};

@@ -1,0 +1,179 @@
+//! The model families and the one trait they share.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::ForecastError;
+use crate::ets::Ets;
+use crate::forecast::Forecast;
+use crate::mstl::MstlEts;
+use crate::naive::SeasonalNaive;
+use crate::regression::CycleRegression;
+use crate::series::{DailySeries, DayObservation};
+
+/// Weekly seasonality: people drive by the day of the week.
+pub const WEEK: usize = 7;
+
+/// A model family: fits a battery's daily series (cycles, plus minutes and trips as
+/// exogenous columns) into a [`FittedModel`].
+pub trait Model {
+    fn kind(&self) -> ModelKind;
+    fn fit(&self, series: &DailySeries) -> Result<FittedModel, ForecastError>;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelKind {
+    SeasonalNaive,
+    AutoEts,
+    MstlEts,
+    Regression,
+    /// The short-history fallback: the mean of the days seen so far.
+    Mean,
+}
+
+impl ModelKind {
+    /// The candidates model selection compares.
+    pub const CANDIDATES: [ModelKind; 4] = [
+        ModelKind::SeasonalNaive,
+        ModelKind::AutoEts,
+        ModelKind::MstlEts,
+        ModelKind::Regression,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ModelKind::SeasonalNaive => "seasonal_naive",
+            ModelKind::AutoEts => "auto_ets",
+            ModelKind::MstlEts => "mstl_ets",
+            ModelKind::Regression => "regression",
+            ModelKind::Mean => "mean",
+        }
+    }
+}
+
+impl std::fmt::Display for ModelKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl Model for ModelKind {
+    fn kind(&self) -> ModelKind {
+        *self
+    }
+
+    fn fit(&self, s: &DailySeries) -> Result<FittedModel, ForecastError> {
+        let y = &s.cycles;
+        let fitted = match self {
+            ModelKind::SeasonalNaive => SeasonalNaive::fit(y, WEEK).map(FittedModel::SeasonalNaive),
+            ModelKind::AutoEts => Ets::auto(y).map(FittedModel::AutoEts),
+            ModelKind::MstlEts => MstlEts::fit(y, WEEK).map(FittedModel::MstlEts),
+            ModelKind::Regression => CycleRegression::fit(s).map(FittedModel::Regression),
+            ModelKind::Mean => Flat::fit(y).map(FittedModel::Mean),
+        };
+        fitted.ok_or(ForecastError::CannotFit {
+            kind: *self,
+            days: s.len(),
+        })
+    }
+}
+
+/// A fitted model with its current state: predicts, and advances by one closed day.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum FittedModel {
+    SeasonalNaive(SeasonalNaive),
+    AutoEts(Ets),
+    MstlEts(MstlEts),
+    Regression(CycleRegression),
+    Mean(Flat),
+}
+
+impl FittedModel {
+    pub fn kind(&self) -> ModelKind {
+        match self {
+            FittedModel::SeasonalNaive(_) => ModelKind::SeasonalNaive,
+            FittedModel::AutoEts(_) => ModelKind::AutoEts,
+            FittedModel::MstlEts(_) => ModelKind::MstlEts,
+            FittedModel::Regression(_) => ModelKind::Regression,
+            FittedModel::Mean(_) => ModelKind::Mean,
+        }
+    }
+
+    /// Days 1..=h with their uncertainty.
+    pub fn predict(&self, h: usize) -> Forecast {
+        match self {
+            FittedModel::SeasonalNaive(m) => m.predict(h),
+            FittedModel::AutoEts(m) => m.predict(h),
+            FittedModel::MstlEts(m) => m.predict(h),
+            FittedModel::Regression(m) => m.predict(h),
+            FittedModel::Mean(m) => m.predict(h),
+        }
+    }
+
+    /// Expected values only (cheap for long horizons: end-of-life dates).
+    pub fn mean_path(&self, h: usize) -> Vec<f64> {
+        match self {
+            FittedModel::SeasonalNaive(m) => m.mean_path(h),
+            FittedModel::AutoEts(m) => m.mean_path(h),
+            FittedModel::MstlEts(m) => m.mean_path(h),
+            FittedModel::Regression(m) => m.mean_path(h),
+            FittedModel::Mean(m) => vec![m.mean; h],
+        }
+    }
+
+    /// Advances the state by one observed day through the model's recursions (no
+    /// re-optimization: that happens on the selection cadence).
+    pub fn update(&mut self, d: &DayObservation) {
+        match self {
+            FittedModel::SeasonalNaive(m) => m.step(d.cycles),
+            FittedModel::AutoEts(m) => {
+                m.step(d.cycles);
+            }
+            FittedModel::MstlEts(m) => m.step(d.cycles),
+            FittedModel::Regression(m) => m.step(d),
+            FittedModel::Mean(m) => m.step(d.cycles),
+        }
+    }
+}
+
+/// The mean of the days seen: for histories too short for anything else.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Flat {
+    pub mean: f64,
+    pub sigma: f64,
+    pub n: usize,
+}
+
+impl Flat {
+    fn fit(y: &[f64]) -> Option<Self> {
+        if y.is_empty() {
+            return None;
+        }
+        let n = y.len();
+        let mean = y.iter().sum::<f64>() / n as f64;
+        let var = y.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n.max(2) - 1) as f64;
+        // With a handful of days the spread itself is uncertain: never below half the mean.
+        let sigma = var.sqrt().max(0.5 * mean.abs());
+        Some(Self { mean, sigma, n })
+    }
+
+    fn step(&mut self, y: f64) {
+        self.n += 1;
+        self.mean += (y - self.mean) / self.n as f64;
+    }
+
+    /// Day errors are independent, but the estimated mean's error is shared by all days:
+    /// Var(S_H) = H sigma^2 + H^2 sigma^2 / n.
+    fn predict(&self, h: usize) -> Forecast {
+        let s2 = self.sigma * self.sigma;
+        let n = self.n as f64;
+        Forecast {
+            mean: vec![self.mean; h],
+            sd: vec![(s2 * (1.0 + 1.0 / n)).sqrt(); h],
+            sum_sd: (1..=h)
+                .map(|k| (k as f64 * s2 + (k * k) as f64 * s2 / n).sqrt())
+                .collect(),
+        }
+    }
+}

@@ -1,0 +1,232 @@
+//! Each family on signals with known answers, selection on signals built for each family,
+//! failure risk at the extremes, and interval calibration over many series.
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rand_distr::{Distribution, Normal};
+use voltcast_forecaster::select::backtest;
+use voltcast_forecaster::{
+    DailySeries, DayObservation, Model, ModelKind, RiskConfig, SelectionConfig, failure_risk,
+    select,
+};
+
+const COMMUTER: [f64; 7] = [1.15, 1.15, 1.15, 1.15, 1.15, 0.65, 0.55];
+
+/// A series whose minutes follow `minutes(t)` with multiplicative noise `noise`, and
+/// cycles = minutes * ratio(t).
+fn series(
+    days: usize,
+    seed: u64,
+    noise: f64,
+    minutes: impl Fn(usize) -> f64,
+    ratio: impl Fn(usize) -> f64,
+) -> DailySeries {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let e = Normal::new(0.0, noise.max(1e-12)).unwrap();
+    let mut s = DailySeries::default();
+    for t in 0..days {
+        let m = (minutes(t) * (1.0 + e.sample(&mut rng))).max(0.0);
+        s.push(DayObservation {
+            cycles: m * ratio(t),
+            minutes: m,
+            trips: (m / 12.0).round().max(1.0),
+        });
+    }
+    s
+}
+
+fn mean_abs_error(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).sum::<f64>() / a.len() as f64
+}
+
+#[test]
+fn auto_ets_recovers_a_trend() {
+    let s = series(200, 1, 0.01, |t| 40.0 + 0.2 * t as f64, |_| 0.0025);
+    let m = ModelKind::AutoEts.fit(&s).unwrap();
+    let truth: Vec<f64> = (200..230)
+        .map(|t| (40.0 + 0.2 * t as f64) * 0.0025)
+        .collect();
+    let err = mean_abs_error(&m.mean_path(30), &truth);
+    // Within 3% of the level at the end of the horizon.
+    assert!(err < 0.03 * truth[29], "mean abs error {err}");
+}
+
+#[test]
+fn mstl_and_seasonal_naive_recover_a_weekly_pattern() {
+    let s = series(182, 2, 0.0, |t| 60.0 * COMMUTER[t % 7], |_| 0.0025);
+    let truth: Vec<f64> = (182..212)
+        .map(|t| 60.0 * COMMUTER[t % 7] * 0.0025)
+        .collect();
+    for kind in [ModelKind::MstlEts, ModelKind::SeasonalNaive] {
+        let m = kind.fit(&s).unwrap();
+        let err = mean_abs_error(&m.mean_path(30), &truth);
+        assert!(err < 0.002, "{kind}: mean abs error {err}");
+    }
+}
+
+#[test]
+fn regression_recovers_the_cycles_per_minute_ratio() {
+    // Cycles per minute drifted up; the recent ratio is what should be learned.
+    let s = series(
+        180,
+        3,
+        0.2,
+        |t| 60.0 * COMMUTER[t % 7],
+        |t| 0.0024 + 0.000002 * t as f64,
+    );
+    let voltcast_forecaster::FittedModel::Regression(r) = ModelKind::Regression.fit(&s).unwrap()
+    else {
+        panic!("not a regression");
+    };
+    let recent_ratio = 0.0024 + 0.000002 * 170.0;
+    let gain = r.per_minute + r.per_trip * r.trips_per_minute;
+    assert!(
+        (gain - recent_ratio).abs() < 0.03 * recent_ratio,
+        "gain {gain} vs {recent_ratio}"
+    );
+}
+
+#[test]
+fn selection_picks_the_family_each_signal_was_built_for() {
+    let config = SelectionConfig::default();
+    // A weekly shape that itself wanders week to week: last week is the best guide.
+    let mut rng = StdRng::seed_from_u64(4);
+    let mut week = COMMUTER.map(|w| w * 60.0);
+    let mut wandering = DailySeries::default();
+    for t in 0..240 {
+        if t % 7 == 0 {
+            for w in &mut week {
+                *w = (*w + rng.random_range(-12.0..12.0)).max(5.0);
+            }
+        }
+        let m = week[t % 7];
+        wandering.push(DayObservation {
+            cycles: m * 0.0025,
+            minutes: m,
+            trips: 5.0,
+        });
+    }
+    // A level that wanders, no weekly pattern, minutes unrelated to cycles.
+    let mut level = 0.15;
+    let mut local = DailySeries::default();
+    for _ in 0..240 {
+        level += rng.random_range(-0.004..0.004);
+        local.push(DayObservation {
+            cycles: level + rng.random_range(-0.01..0.01),
+            minutes: rng.random_range(20.0..100.0),
+            trips: 5.0,
+        });
+    }
+    // A stable weekly pattern on a slowly moving level, with noise.
+    let weekly = series(
+        240,
+        5,
+        0.1,
+        |t| 60.0 * COMMUTER[t % 7] * (1.0 + 0.001 * t as f64),
+        |_| 0.0025,
+    );
+    let cases = [
+        ("wandering week", &wandering, ModelKind::SeasonalNaive),
+        ("local level", &local, ModelKind::AutoEts),
+        ("stable week", &weekly, ModelKind::MstlEts),
+    ];
+    for (name, s, want) in cases {
+        let scores = backtest(s, &config, 3);
+        assert_eq!(scores[0].kind, want, "{name}: {scores:?}");
+        let record = select(s, &config, None).unwrap();
+        assert_eq!(record.kind(), want);
+        assert!(!record.low_confidence);
+    }
+}
+
+#[test]
+fn risk_is_near_one_half_a_cycle_from_the_rating_and_near_zero_when_new() {
+    let s = series(120, 6, 0.2, |t| 60.0 * COMMUTER[t % 7], |_| 0.0025);
+    let record = select(&s, &SelectionConfig::default(), None).unwrap();
+    let config = RiskConfig::default();
+    let near = failure_risk(&record, 199.5, 200.0, &config);
+    assert!(near.probability > 0.99, "{near:?}");
+    assert!(near.at_risk);
+    assert!(near.days_to_eol.unwrap() <= 5, "{near:?}");
+    let new = failure_risk(&record, 1.0, 200.0, &config);
+    assert!(new.probability < 1e-6, "{new:?}");
+    assert!(!new.at_risk);
+    // ~0.15 cycles a day: 199 remaining is about 1,300 days away.
+    let days = new.days_to_eol.unwrap();
+    assert!((1_100..1_600).contains(&days), "{days}");
+    let past = failure_risk(&record, 201.0, 200.0, &config);
+    assert_eq!((past.probability, past.days_to_eol), (1.0, Some(0)));
+}
+
+#[test]
+fn short_histories_get_the_flat_fallback_flagged_low_confidence() {
+    let s = series(9, 7, 0.2, |_| 60.0, |_| 0.0025);
+    let record = select(&s, &SelectionConfig::default(), None).unwrap();
+    assert_eq!(record.kind(), ModelKind::Mean);
+    assert!(record.low_confidence);
+    let risk = failure_risk(&record, 100.0, 200.0, &RiskConfig::default());
+    assert!(risk.low_confidence);
+    assert!(
+        risk.expected_cycles > 3.0 && risk.expected_cycles < 6.0,
+        "{risk:?}"
+    );
+}
+
+#[test]
+fn intervals_and_sum_risk_are_calibrated_over_many_series() {
+    // 300 noisy weekly series: the 90% day intervals should cover ~90% of held-out days,
+    // and the 30-day sum should exceed its forecast 90% quantile ~10% of the time.
+    let config = SelectionConfig::default();
+    let (mut inside, mut days, mut sum_exceed) = (0usize, 0usize, 0usize);
+    let z90 = voltcast_forecaster::forecast::normal_quantile(0.9);
+    let n = 300;
+    for seed in 0..n {
+        let level = 30.0 + (seed % 10) as f64 * 8.0;
+        let s = series(
+            240,
+            100 + seed,
+            0.2,
+            |t| level * COMMUTER[t % 7],
+            |_| 0.0025,
+        );
+        let (train, test) = (s.slice(0, 210), &s.cycles[210..240]);
+        let record = select(&train, &config, None).unwrap();
+        let f = record.model.predict(30);
+        for (i, v) in test.iter().enumerate() {
+            let (lo, hi) = f.interval(i, 0.9);
+            inside += usize::from(*v >= lo && *v <= hi);
+            days += 1;
+        }
+        let actual: f64 = test.iter().sum();
+        sum_exceed += usize::from(actual > f.sum(30) + z90 * f.sum_sd[29]);
+    }
+    let coverage = inside as f64 / days as f64;
+    let exceed = sum_exceed as f64 / n as f64;
+    assert!(
+        (0.85..=0.95).contains(&coverage),
+        "90% intervals covered {coverage:.3}"
+    );
+    assert!(
+        (0.04..=0.17).contains(&exceed),
+        "sum above its 90% quantile {exceed:.3}"
+    );
+}
+
+#[test]
+fn model_records_round_trip_through_serde_and_keep_updating() {
+    let s = series(200, 8, 0.2, |t| 60.0 * COMMUTER[t % 7], |_| 0.0025);
+    let mut record = select(&s, &SelectionConfig::default(), None).unwrap();
+    let json = serde_json::to_string(&record).unwrap();
+    let mut back: voltcast_forecaster::ModelRecord = serde_json::from_str(&json).unwrap();
+    assert_eq!(back, record);
+    let day = DayObservation {
+        cycles: 0.2,
+        minutes: 80.0,
+        trips: 6.0,
+    };
+    record.observe(&day);
+    back.observe(&day);
+    assert_eq!(back.model.predict(30), record.model.predict(30));
+    assert_eq!(record.days_since_selection, 1);
+    assert_eq!(record.version, 1);
+}
