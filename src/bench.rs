@@ -24,6 +24,15 @@ pub enum BenchTarget {
         batch_rows: usize,
     },
     /// JSON (and CSV) -> validated Arrow batches on one core.
+    /// Forecast accuracy and alerts against the simulator's truth, selection and update cost
+    Forecast {
+        #[arg(long, default_value_t = 1_000)]
+        batteries: usize,
+        #[arg(long, default_value_t = 730)]
+        days: u32,
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+    },
     Ingest {
         /// Messages to decode.
         #[arg(long, default_value_t = 1_000_000)]
@@ -45,7 +54,64 @@ pub fn run(target: BenchTarget) -> anyhow::Result<()> {
             days,
             batch_rows,
         } => windows(batteries, days, batch_rows),
+        BenchTarget::Forecast {
+            batteries,
+            days,
+            seed,
+        } => forecast(batteries, days, seed),
     }
+}
+
+fn forecast(batteries: usize, days: u32, seed: u64) -> anyhow::Result<()> {
+    use voltcast_scoring::evaluate::{EvaluationConfig, evaluate};
+
+    let config = EvaluationConfig {
+        simulator: SimulatorConfig {
+            batteries,
+            days,
+            seed,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread().build()?;
+    let started = Instant::now();
+    let e = runtime.block_on(evaluate(&config))?;
+    let (s, n, o) = (&e.selected, &e.seasonal_naive, &e.oracle);
+    println!(
+        "bench forecast: {batteries} batteries x {days} days, last {} days held out, {} scored in {:.1} s",
+        config.selection.horizon_days,
+        e.batteries,
+        started.elapsed().as_secs_f64()
+    );
+    println!(
+        "bench forecast accuracy: NRMSE selected {:.4}, seasonal naive {:.4} ({:.1}% lower), oracle {:.4}",
+        s.nrmse,
+        n.nrmse,
+        100.0 * (1.0 - s.nrmse / n.nrmse),
+        o.nrmse
+    );
+    println!(
+        "bench forecast 30-day sum relative error: selected {:.4}, seasonal naive {:.4}, oracle {:.4}",
+        s.sum_error, n.sum_error, o.sum_error
+    );
+    println!("bench forecast winners: {:?}", e.winners);
+    println!(
+        "bench forecast alerts (p >= {}): recall {:.3} ({}/{}), precision {:.3} ({}/{}), median lead {} days",
+        config.risk.alert_probability,
+        e.recall,
+        e.detected,
+        e.positives,
+        e.precision,
+        e.true_alerts,
+        e.alerts,
+        e.median_lead_days
+    );
+    println!(
+        "bench forecast cost per core: selection {:.2} ms per battery (4 families x {} folds + final fit), daily update + {}-day predict + risk {:.1} us per battery",
+        e.selection_ms, config.selection.folds, config.selection.horizon_days, e.update_us
+    );
+    Ok(())
 }
 
 /// Messages as cars send them: the reference columns plus vehicle id, no electrical

@@ -19,6 +19,9 @@ use crate::select::ModelRecord;
 pub struct RiskConfig {
     pub horizon_days: usize,
     /// An alert is raised at or above this probability of failing within the horizon.
+    /// 0.9: on the simulated fleet, 0.5 alerted too early (a battery expected to cross in
+    /// 30 days crosses after day 30 half the time: recall 0.73, precision 0.79), while 0.9
+    /// gave recall 0.97, precision 0.97 and still a median 27 days of warning.
     pub alert_probability: f64,
     /// End-of-life dates further out than this are reported as "beyond".
     pub eol_cap_days: usize,
@@ -28,7 +31,7 @@ impl Default for RiskConfig {
     fn default() -> Self {
         Self {
             horizon_days: 30,
-            alert_probability: 0.5,
+            alert_probability: 0.9,
             eol_cap_days: 1825,
         }
     }

@@ -13,6 +13,7 @@ pub mod archive;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
+pub mod evaluate;
 pub mod pipeline;
 pub mod windows;
 

@@ -1,0 +1,340 @@
+//! Forecast accuracy and alert quality against the simulator's ground truth.
+//!
+//! The fleet is simulated, cleansed by the same day windows the stream uses, and then:
+//! - **accuracy**: every battery's last `horizon` days are held out; the selected model,
+//!   seasonal naive and the oracle (the simulator's noise-free expected cycles, the best
+//!   any forecast can do) are scored by NRMSE and by the relative error of the 30-day
+//!   sum, which is what the end-of-life rule uses;
+//! - **alerts**: after `warmup_days`, each battery is walked forward day by day as the
+//!   stream would: the chosen model is advanced by each closed day, re-selected on the
+//!   selection cadence, and its failure risk computed; the first day the risk reaches the
+//!   alert threshold is the alert. Against the day the battery truly crosses its rating:
+//!   an alert is *true* when the crossing comes within the horizon after it (or already
+//!   came); a crossing is *detected* when an alert preceded it by at most the horizon.
+//!   Lead time is crossing day minus alert day.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use datafusion::arrow::array::{AsArray, RecordBatch};
+use datafusion::arrow::datatypes::{Date32Type, Float64Type, Int64Type};
+use serde::{Deserialize, Serialize};
+use voltcast_forecaster::select::{nrmse_of, relative_sum_error};
+use voltcast_forecaster::{
+    DailySeries, DayObservation, Model, ModelKind, RiskConfig, SelectionConfig, failure_risk,
+    select,
+};
+use voltcast_ingest::simulate::{
+    FleetSimulator, SimulatorConfig, SimulatorConfigError, WireFormat,
+};
+use voltcast_ingest::{MicroBatch, SourcePosition, TelemetryBatchBuilder};
+
+use crate::windows::{DailyWindows, WindowConfig, WindowError, daily};
+
+#[derive(Debug, Clone)]
+pub struct EvaluationConfig {
+    pub simulator: SimulatorConfig,
+    pub warmup_days: usize,
+    pub selection: SelectionConfig,
+    pub risk: RiskConfig,
+    pub threads: usize,
+}
+
+impl Default for EvaluationConfig {
+    fn default() -> Self {
+        Self {
+            simulator: SimulatorConfig::default(),
+            warmup_days: 180,
+            selection: SelectionConfig::default(),
+            risk: RiskConfig::default(),
+            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        }
+    }
+}
+
+/// Mean scores over the held-out horizon.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Accuracy {
+    pub nrmse: f64,
+    pub sum_error: f64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Evaluation {
+    pub batteries: usize,
+    pub selected: Accuracy,
+    pub seasonal_naive: Accuracy,
+    pub oracle: Accuracy,
+    /// How often each family won selection on the held-out split.
+    pub winners: BTreeMap<ModelKind, usize>,
+    /// Batteries that cross their rating with a full horizon of run-up in the walk.
+    pub positives: usize,
+    pub detected: usize,
+    /// Alerts whose outcome is known (a full horizon of truth after them).
+    pub alerts: usize,
+    pub true_alerts: usize,
+    pub recall: f64,
+    pub precision: f64,
+    pub median_lead_days: f64,
+    /// Mean wall time of one selection (backtest included), and of one daily update plus
+    /// 30-day forecast and risk.
+    pub selection_ms: f64,
+    pub update_us: f64,
+}
+
+/// One battery's cleansed series and truth.
+struct Battery {
+    series: DailySeries,
+    lifetime: Vec<f64>,
+    rated: f64,
+    expected: HashMap<i32, f64>,
+    crossing: Option<i32>,
+}
+
+/// One battery's held-out scores.
+struct Scored {
+    winner: ModelKind,
+    selected: Accuracy,
+    naive: Accuracy,
+    oracle: Accuracy,
+}
+
+#[derive(Default)]
+struct Outcome {
+    accuracy: Option<Scored>,
+    /// (alert day, crossing day) for batteries not past their rating at warm-up.
+    alert: Option<i32>,
+    crossing: Option<i32>,
+    walk_start: i32,
+    walk_end: i32,
+    selections: (u64, f64),
+    updates: (u64, f64),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EvaluateError {
+    #[error(transparent)]
+    Simulator(#[from] SimulatorConfigError),
+    #[error("day windows: {0}")]
+    Windows(#[from] WindowError),
+}
+
+pub async fn evaluate(config: &EvaluationConfig) -> Result<Evaluation, EvaluateError> {
+    let fleet = cleansed_fleet(&config.simulator).await?;
+    let batteries: Vec<Battery> = fleet.into_values().collect();
+    let threads = config.threads.max(1);
+    let chunk = batteries.len().div_ceil(threads).max(1);
+    let outcomes: Vec<Outcome> = std::thread::scope(|scope| {
+        let handles: Vec<_> = batteries
+            .chunks(chunk)
+            .map(|part| {
+                scope.spawn(move || part.iter().map(|b| assess(b, config)).collect::<Vec<_>>())
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("evaluation thread panicked"))
+            .collect()
+    });
+    Ok(summarize(&outcomes, config.risk.horizon_days as i32))
+}
+
+/// Simulates the fleet and cleanses it through the stream's day windows.
+async fn cleansed_fleet(sim: &SimulatorConfig) -> Result<BTreeMap<String, Battery>, EvaluateError> {
+    let mut simulator = FleetSimulator::new(sim.clone(), WireFormat::Json)?.without_payloads();
+    let mut windows = DailyWindows::new(WindowConfig {
+        retention_days: sim.days as usize + 1,
+        ..WindowConfig::default()
+    });
+    let mut fleet: BTreeMap<String, Battery> = BTreeMap::new();
+    let source: Arc<str> = Arc::from("evaluate");
+    while let Some(day) = simulator.next_day() {
+        for t in &day.truth {
+            let b = fleet
+                .entry(t.battery_id.clone())
+                .or_insert_with(|| Battery {
+                    series: DailySeries::default(),
+                    lifetime: Vec::new(),
+                    rated: t.rated_cycles,
+                    expected: HashMap::new(),
+                    crossing: None,
+                });
+            let d = day.day as i32;
+            b.expected.insert(d, t.expected_cycles);
+            if t.crosses_rating {
+                b.crossing = Some(d);
+            }
+        }
+        let records: Vec<_> = day.messages.into_iter().filter_map(|m| m.record).collect();
+        let mut builder = TelemetryBatchBuilder::with_capacity(records.len());
+        records.iter().for_each(|r| builder.append(r));
+        let batch = MicroBatch {
+            rows: builder.finish(),
+            positions: vec![SourcePosition {
+                source: source.clone(),
+                partition: 0,
+                next_offset: 0,
+                max_event_time: records.iter().map(|r| r.event_time).max(),
+            }],
+            dead_letters: 0,
+            assigned: Vec::new(),
+        };
+        if let Some(closed) = windows.apply(&batch, 0).await?.closed {
+            append(&mut fleet, &closed);
+        }
+    }
+    if let Some(closed) = windows.close_all().await? {
+        append(&mut fleet, &closed);
+    }
+    Ok(fleet)
+}
+
+fn append(fleet: &mut BTreeMap<String, Battery>, closed: &RecordBatch) {
+    let col = |n: &str| {
+        closed
+            .column_by_name(n)
+            .expect("daily schema column")
+            .clone()
+    };
+    let (ids, days) = (col(daily::BATTERY_ID), col(daily::DAY));
+    let (cycles, minutes, trips) = (col(daily::CYCLES), col(daily::MINUTES), col(daily::TRIPS));
+    let lifetime = col(daily::LIFETIME);
+    for i in 0..closed.num_rows() {
+        let Some(b) = fleet.get_mut(ids.as_string::<i32>().value(i)) else {
+            continue;
+        };
+        if b.series.is_empty() {
+            b.series.first_day = days.as_primitive::<Date32Type>().value(i);
+        }
+        b.series.push(DayObservation {
+            cycles: cycles.as_primitive::<Float64Type>().value(i),
+            minutes: minutes.as_primitive::<Float64Type>().value(i),
+            trips: trips.as_primitive::<Int64Type>().value(i) as f64,
+        });
+        b.lifetime
+            .push(lifetime.as_primitive::<Float64Type>().value(i));
+    }
+}
+
+fn assess(b: &Battery, config: &EvaluationConfig) -> Outcome {
+    let mut out = Outcome {
+        crossing: b.crossing,
+        ..Default::default()
+    };
+    let s = &b.series;
+    let (n, h) = (s.len(), config.selection.horizon_days);
+    if n >= 60 + h {
+        let train = s.slice(0, n - h);
+        let actual = &s.cycles[n - h..];
+        let days: Vec<i32> = (train.end_day()..s.end_day()).collect();
+        let oracle: Vec<f64> = days
+            .iter()
+            .map(|d| b.expected.get(d).copied().unwrap_or(0.0))
+            .collect();
+        let score = |p: &[f64]| Accuracy {
+            nrmse: nrmse_of(actual, p),
+            sum_error: relative_sum_error(actual, p),
+        };
+        if let (Ok(record), Ok(naive)) = (
+            select(&train, &config.selection, None),
+            ModelKind::SeasonalNaive.fit(&train.tail(config.selection.fit_window_days)),
+        ) {
+            out.accuracy = Some(Scored {
+                winner: record.kind(),
+                selected: score(&record.model.mean_path(h)),
+                naive: score(&naive.mean_path(h)),
+                oracle: score(&oracle),
+            });
+        }
+    }
+    walk(b, config, &mut out);
+    out
+}
+
+/// The stream, replayed for one battery: update daily, re-select on cadence, risk daily.
+fn walk(b: &Battery, config: &EvaluationConfig, out: &mut Outcome) {
+    let s = &b.series;
+    let warmup = config.warmup_days;
+    if s.len() <= warmup || b.lifetime[warmup - 1] >= b.rated {
+        return;
+    }
+    out.walk_start = s.first_day + warmup as i32;
+    out.walk_end = s.end_day();
+    let timed = std::time::Instant::now();
+    let Ok(mut record) = select(&s.slice(0, warmup), &config.selection, None) else {
+        return;
+    };
+    out.selections = (1, timed.elapsed().as_secs_f64());
+    for t in warmup..s.len() {
+        let started = std::time::Instant::now();
+        record.observe(&DayObservation {
+            cycles: s.cycles[t],
+            minutes: s.minutes[t],
+            trips: s.trips[t],
+        });
+        let risk = failure_risk(&record, b.lifetime[t], b.rated, &config.risk);
+        out.updates.0 += 1;
+        out.updates.1 += started.elapsed().as_secs_f64();
+        if risk.at_risk {
+            out.alert = Some(s.first_day + t as i32);
+            return;
+        }
+        if record.reselection_due(&config.selection) {
+            let started = std::time::Instant::now();
+            if let Ok(r) = select(&s.slice(0, t + 1), &config.selection, Some(record.version)) {
+                record = r;
+            }
+            out.selections.0 += 1;
+            out.selections.1 += started.elapsed().as_secs_f64();
+        }
+    }
+}
+
+fn summarize(outcomes: &[Outcome], horizon: i32) -> Evaluation {
+    let mut e = Evaluation::default();
+    let scored: Vec<_> = outcomes
+        .iter()
+        .filter_map(|o| o.accuracy.as_ref())
+        .collect();
+    e.batteries = scored.len();
+    let mean = |f: &dyn Fn(&Scored) -> &Accuracy| Accuracy {
+        nrmse: scored.iter().map(|a| f(a).nrmse).sum::<f64>() / scored.len().max(1) as f64,
+        sum_error: scored.iter().map(|a| f(a).sum_error).sum::<f64>() / scored.len().max(1) as f64,
+    };
+    e.selected = mean(&|a| &a.selected);
+    e.seasonal_naive = mean(&|a| &a.naive);
+    e.oracle = mean(&|a| &a.oracle);
+    for a in &scored {
+        *e.winners.entry(a.winner).or_default() += 1;
+    }
+    let mut leads = Vec::new();
+    for o in outcomes.iter().filter(|o| o.walk_end > 0) {
+        if let Some(c) = o
+            .crossing
+            .filter(|c| *c >= o.walk_start + horizon && *c < o.walk_end)
+        {
+            e.positives += 1;
+            if let Some(a) = o.alert.filter(|a| *a <= c && c - a <= horizon) {
+                e.detected += 1;
+                leads.push((c - a) as f64);
+            }
+        }
+        if let Some(a) = o.alert.filter(|a| a + horizon < o.walk_end) {
+            e.alerts += 1;
+            e.true_alerts += usize::from(o.crossing.is_some_and(|c| c <= a + horizon));
+        }
+    }
+    e.recall = e.detected as f64 / e.positives.max(1) as f64;
+    e.precision = e.true_alerts as f64 / e.alerts.max(1) as f64;
+    leads.sort_by(f64::total_cmp);
+    e.median_lead_days = leads.get(leads.len() / 2).copied().unwrap_or(0.0);
+    let (sel_n, sel_s) = outcomes.iter().fold((0, 0.0), |(n, s), o| {
+        (n + o.selections.0, s + o.selections.1)
+    });
+    let (up_n, up_s) = outcomes
+        .iter()
+        .fold((0, 0.0), |(n, s), o| (n + o.updates.0, s + o.updates.1));
+    e.selection_ms = sel_s * 1e3 / sel_n.max(1) as f64;
+    e.update_us = up_s * 1e6 / up_n.max(1) as f64;
+    e
+}
