@@ -97,6 +97,10 @@ fn forecast(batteries: usize, days: u32, seed: u64) -> anyhow::Result<()> {
     );
     println!("bench forecast winners: {:?}", e.winners);
     println!(
+        "bench forecast NRMSE had one family been used for every battery: {:?}",
+        e.by_family
+    );
+    println!(
         "bench forecast alerts (p >= {}): recall {:.3} ({}/{}), precision {:.3} ({}/{}), median lead {} days",
         config.risk.alert_probability,
         e.recall,

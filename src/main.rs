@@ -1,6 +1,7 @@
 //! `voltcast`: one binary for the whole pipeline. See `voltcast --help`.
 
 mod bench;
+mod forecast;
 mod simulate;
 
 use std::path::PathBuf;
@@ -41,6 +42,8 @@ enum Command {
         #[command(subcommand)]
         action: ConfigAction,
     },
+    /// Batch scoring: forecast and failure risk for every battery in telemetry files.
+    Forecast(forecast::ForecastArgs),
     /// Measure throughput; prints its figures.
     Bench {
         #[command(subcommand)]
@@ -96,6 +99,10 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             runtime.block_on(run(config))
         }
         Command::Simulate(args) => runtime.block_on(simulate::run(args)),
+        Command::Forecast(args) => {
+            let config = load_config(cli.config)?;
+            runtime.block_on(forecast::run(args, &config))
+        }
         Command::Config {
             action: ConfigAction::Check,
         } => {

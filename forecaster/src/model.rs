@@ -27,18 +27,25 @@ pub enum ModelKind {
     AutoEts,
     MstlEts,
     Regression,
+    /// The average of the regression's and MSTL-ETS's forecasts: two views of the same
+    /// battery (driving-led and history-led) whose errors partly cancel.
+    Ensemble,
     /// The short-history fallback: the mean of the days seen so far.
     Mean,
 }
 
 impl ModelKind {
     /// The candidates model selection compares.
-    pub const CANDIDATES: [ModelKind; 4] = [
+    pub const CANDIDATES: [ModelKind; 5] = [
         ModelKind::SeasonalNaive,
         ModelKind::AutoEts,
         ModelKind::MstlEts,
         ModelKind::Regression,
+        ModelKind::Ensemble,
     ];
+
+    /// The families an ensemble averages.
+    pub const ENSEMBLE: [ModelKind; 2] = [ModelKind::Regression, ModelKind::MstlEts];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -46,6 +53,7 @@ impl ModelKind {
             ModelKind::AutoEts => "auto_ets",
             ModelKind::MstlEts => "mstl_ets",
             ModelKind::Regression => "regression",
+            ModelKind::Ensemble => "ensemble",
             ModelKind::Mean => "mean",
         }
     }
@@ -69,6 +77,11 @@ impl Model for ModelKind {
             ModelKind::AutoEts => Ets::auto(y).map(FittedModel::AutoEts),
             ModelKind::MstlEts => MstlEts::fit(y, WEEK).map(FittedModel::MstlEts),
             ModelKind::Regression => CycleRegression::fit(s).map(FittedModel::Regression),
+            ModelKind::Ensemble => ModelKind::ENSEMBLE
+                .iter()
+                .map(|k| k.fit(s).ok())
+                .collect::<Option<Vec<_>>>()
+                .map(FittedModel::Ensemble),
             ModelKind::Mean => Flat::fit(y).map(FittedModel::Mean),
         };
         fitted.ok_or(ForecastError::CannotFit {
@@ -86,6 +99,7 @@ pub enum FittedModel {
     AutoEts(Ets),
     MstlEts(MstlEts),
     Regression(CycleRegression),
+    Ensemble(Vec<FittedModel>),
     Mean(Flat),
 }
 
@@ -96,6 +110,7 @@ impl FittedModel {
             FittedModel::AutoEts(_) => ModelKind::AutoEts,
             FittedModel::MstlEts(_) => ModelKind::MstlEts,
             FittedModel::Regression(_) => ModelKind::Regression,
+            FittedModel::Ensemble(_) => ModelKind::Ensemble,
             FittedModel::Mean(_) => ModelKind::Mean,
         }
     }
@@ -107,6 +122,7 @@ impl FittedModel {
             FittedModel::AutoEts(m) => m.predict(h),
             FittedModel::MstlEts(m) => m.predict(h),
             FittedModel::Regression(m) => m.predict(h),
+            FittedModel::Ensemble(parts) => average(parts.iter().map(|p| p.predict(h))),
             FittedModel::Mean(m) => m.predict(h),
         }
     }
@@ -118,6 +134,12 @@ impl FittedModel {
             FittedModel::AutoEts(m) => m.mean_path(h),
             FittedModel::MstlEts(m) => m.mean_path(h),
             FittedModel::Regression(m) => m.mean_path(h),
+            FittedModel::Ensemble(parts) => {
+                let paths: Vec<Vec<f64>> = parts.iter().map(|p| p.mean_path(h)).collect();
+                (0..h)
+                    .map(|k| paths.iter().map(|p| p[k]).sum::<f64>() / paths.len() as f64)
+                    .collect()
+            }
             FittedModel::Mean(m) => vec![m.mean; h],
         }
     }
@@ -132,8 +154,27 @@ impl FittedModel {
             }
             FittedModel::MstlEts(m) => m.step(d.cycles),
             FittedModel::Regression(m) => m.step(d),
+            FittedModel::Ensemble(parts) => parts.iter_mut().for_each(|p| p.update(d)),
             FittedModel::Mean(m) => m.step(d.cycles),
         }
+    }
+}
+
+/// The average forecast. Its sd is the average sd: exact when the parts' errors are
+/// perfectly correlated, and on the safe (wider) side otherwise.
+fn average(parts: impl Iterator<Item = Forecast>) -> Forecast {
+    let parts: Vec<Forecast> = parts.collect();
+    let n = parts.len().max(1) as f64;
+    let h = parts.first().map_or(0, Forecast::horizon);
+    let avg = |f: &dyn Fn(&Forecast) -> &Vec<f64>| -> Vec<f64> {
+        (0..h)
+            .map(|k| parts.iter().map(|p| f(p)[k]).sum::<f64>() / n)
+            .collect()
+    };
+    Forecast {
+        mean: avg(&|p| &p.mean),
+        sd: avg(&|p| &p.sd),
+        sum_sd: avg(&|p| &p.sum_sd),
     }
 }
 

@@ -106,6 +106,12 @@ pub fn assess(
     }
 }
 
+/// Days followed exactly before extrapolating: past three months, a battery's daily rate
+/// is taken as the mean of its last forecast month, since the forecast itself is by then
+/// mostly its long-run level, and computing a five-year daily path for every battery on
+/// every closed day would cost more than everything else together.
+const EXACT_DAYS: usize = 90;
+
 fn days_to_eol(
     head: &[f64],
     mean_path: impl Fn(usize) -> Vec<f64>,
@@ -125,5 +131,17 @@ fn days_to_eol(
     if let Some(i) = crossing(head) {
         return Some(i as u32 + 1);
     }
-    crossing(&mean_path(cap)).map(|i| i as u32 + 1)
+    let exact = EXACT_DAYS.min(cap);
+    let path = mean_path(exact);
+    if let Some(i) = crossing(&path) {
+        return Some(i as u32 + 1);
+    }
+    let used: f64 = path.iter().map(|v| v.max(0.0)).sum();
+    let tail = &path[exact.saturating_sub(30)..];
+    let rate = tail.iter().map(|v| v.max(0.0)).sum::<f64>() / tail.len().max(1) as f64;
+    if rate <= 0.0 {
+        return None;
+    }
+    let days = exact as f64 + ((remaining - used) / rate).ceil();
+    (days <= cap as f64).then_some(days as u32)
 }

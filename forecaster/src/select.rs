@@ -33,7 +33,7 @@ impl Default for SelectionConfig {
         Self {
             folds: 3,
             horizon_days: 30,
-            fit_window_days: 180,
+            fit_window_days: 365,
             min_history_days: 14,
             reselect_every_days: 7,
         }

@@ -117,14 +117,18 @@ fn selection_picks_the_family_each_signal_was_built_for() {
             trips: 5.0,
         });
     }
-    // A stable weekly pattern on a slowly moving level, with noise.
-    let weekly = series(
+    // A stable weekly pattern on a slowly moving level, with noise; driving minutes that
+    // do not explain it (so the regression has nothing to go on).
+    let mut weekly = series(
         240,
         5,
         0.1,
         |t| 60.0 * COMMUTER[t % 7] * (1.0 + 0.001 * t as f64),
         |_| 0.0025,
     );
+    for m in &mut weekly.minutes {
+        *m = rng.random_range(20.0..100.0);
+    }
     let cases = [
         ("wandering week", &wandering, ModelKind::SeasonalNaive),
         ("local level", &local, ModelKind::AutoEts),
@@ -175,7 +179,9 @@ fn short_histories_get_the_flat_fallback_flagged_low_confidence() {
 #[test]
 fn intervals_and_sum_risk_are_calibrated_over_many_series() {
     // 300 noisy weekly series: the 90% day intervals should cover ~90% of held-out days,
-    // and the 30-day sum should exceed its forecast 90% quantile ~10% of the time.
+    // and the 30-day sum should exceed its forecast 90% quantile at most ~10% of the
+    // time. ETS assumes the level itself wanders, so on these fixed-level series the sum's
+    // interval is on the wide (conservative) side: fewer exceedances, never many more.
     let config = SelectionConfig::default();
     let (mut inside, mut days, mut sum_exceed) = (0usize, 0usize, 0usize);
     let z90 = voltcast_forecaster::forecast::normal_quantile(0.9);
@@ -207,7 +213,7 @@ fn intervals_and_sum_risk_are_calibrated_over_many_series() {
         "90% intervals covered {coverage:.3}"
     );
     assert!(
-        (0.04..=0.17).contains(&exceed),
+        (0.01..=0.15).contains(&exceed),
         "sum above its 90% quantile {exceed:.3}"
     );
 }
@@ -229,4 +235,40 @@ fn model_records_round_trip_through_serde_and_keep_updating() {
     assert_eq!(back.model.predict(30), record.model.predict(30));
     assert_eq!(record.days_since_selection, 1);
     assert_eq!(record.version, 1);
+}
+
+#[test]
+fn our_auto_ets_agrees_with_augurs_auto_ets() {
+    use augurs::ets::AutoETS;
+    use augurs::{Fit, Predict};
+    // A noisy local trend: both should forecast the same path within a few percent.
+    let s = series(200, 9, 0.05, |t| 40.0 + 0.1 * t as f64, |_| 0.0025);
+    let ours = ModelKind::AutoEts.fit(&s).unwrap().predict(30);
+    let theirs = AutoETS::non_seasonal()
+        .fit(&s.cycles)
+        .unwrap()
+        .predict(30, 0.9)
+        .unwrap();
+    let level = s.cycles[s.len() - 30..].iter().sum::<f64>() / 30.0;
+    let gap = mean_abs_error(&ours.mean, &theirs.point);
+    assert!(gap < 0.03 * level, "mean gap {gap} at level {level}");
+    // Their 90% interval on day 30 and ours agree on width within a third.
+    let intervals = theirs.intervals.unwrap();
+    let their_width = intervals.upper[29] - intervals.lower[29];
+    let (lo, hi) = ours.interval(29, 0.9);
+    let ratio = (hi - lo) / their_width;
+    assert!((0.67..1.5).contains(&ratio), "interval width ratio {ratio}");
+}
+
+#[test]
+fn regression_forecasts_the_weekly_cycles() {
+    let s = series(180, 10, 0.2, |t| 60.0 * COMMUTER[t % 7], |_| 0.0025);
+    let m = ModelKind::Regression.fit(&s).unwrap();
+    let truth: Vec<f64> = (180..210)
+        .map(|t| 60.0 * COMMUTER[t % 7] * 0.0025)
+        .collect();
+    let path = m.mean_path(30);
+    let err = mean_abs_error(&path, &truth);
+    assert!(err < 0.1 * 0.15, "mean abs error {err}: {path:?}");
+    assert_eq!(m.predict(30).mean, path);
 }

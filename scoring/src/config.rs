@@ -46,6 +46,8 @@ pub struct VoltcastConfig {
     pub windows: WindowConfig,
     pub archive: ArchiveConfig,
     pub checkpoint: CheckpointConfig,
+    pub forecast: voltcast_forecaster::SelectionConfig,
+    pub risk: voltcast_forecaster::RiskConfig,
     pub simulator: SimulatorConfig,
 }
 

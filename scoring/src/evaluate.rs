@@ -67,6 +67,8 @@ pub struct Evaluation {
     pub oracle: Accuracy,
     /// How often each family won selection on the held-out split.
     pub winners: BTreeMap<ModelKind, usize>,
+    /// Held-out NRMSE of each family had it been used for every battery.
+    pub by_family: BTreeMap<ModelKind, f64>,
     /// Batteries that cross their rating with a full horizon of run-up in the walk.
     pub positives: usize,
     pub detected: usize,
@@ -94,6 +96,7 @@ struct Battery {
 /// One battery's held-out scores.
 struct Scored {
     winner: ModelKind,
+    families: Vec<(ModelKind, f64)>,
     selected: Accuracy,
     naive: Accuracy,
     oracle: Accuracy,
@@ -239,8 +242,14 @@ fn assess(b: &Battery, config: &EvaluationConfig) -> Outcome {
             select(&train, &config.selection, None),
             ModelKind::SeasonalNaive.fit(&train.tail(config.selection.fit_window_days)),
         ) {
+            let window = train.tail(config.selection.fit_window_days);
+            let families = ModelKind::CANDIDATES
+                .iter()
+                .filter_map(|k| Some((*k, score(&k.fit(&window).ok()?.mean_path(h)).nrmse)))
+                .collect();
             out.accuracy = Some(Scored {
                 winner: record.kind(),
+                families,
                 selected: score(&record.model.mean_path(h)),
                 naive: score(&naive.mean_path(h)),
                 oracle: score(&oracle),
@@ -304,9 +313,19 @@ fn summarize(outcomes: &[Outcome], horizon: i32) -> Evaluation {
     e.selected = mean(&|a| &a.selected);
     e.seasonal_naive = mean(&|a| &a.naive);
     e.oracle = mean(&|a| &a.oracle);
+    let mut family_sums: BTreeMap<ModelKind, (f64, usize)> = BTreeMap::new();
     for a in &scored {
         *e.winners.entry(a.winner).or_default() += 1;
+        for (k, v) in &a.families {
+            let entry = family_sums.entry(*k).or_default();
+            entry.0 += v;
+            entry.1 += 1;
+        }
     }
+    e.by_family = family_sums
+        .into_iter()
+        .map(|(k, (sum, n))| (k, sum / n.max(1) as f64))
+        .collect();
     let mut leads = Vec::new();
     for o in outcomes.iter().filter(|o| o.walk_end > 0) {
         if let Some(c) = o

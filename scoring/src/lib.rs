@@ -10,6 +10,7 @@
 //! `bench ingest`) that need only the first stage.
 
 pub mod archive;
+pub mod batch;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
