@@ -135,3 +135,91 @@ fn bad_input_path_is_one_clear_line() {
         "{err}"
     );
 }
+
+#[test]
+fn forecast_scores_every_battery_from_csv_and_from_the_parquet_archive_alike() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        let out = voltcast(args, dir.path(), &[]);
+        assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
+        text(&out.stderr)
+    };
+    run(&[
+        "simulate",
+        "--batteries",
+        "40",
+        "--days",
+        "120",
+        "--output",
+        "fleet.csv",
+    ]);
+    let said = run(&[
+        "forecast",
+        "--input",
+        "fleet.csv",
+        "--output",
+        "from_csv.csv",
+    ]);
+    assert!(said.contains("40 batteries forecast"), "{said}");
+    let table = std::fs::read_to_string(dir.path().join("from_csv.csv")).unwrap();
+    let mut lines = table.lines();
+    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+    for column in [
+        "battery_id",
+        "forecast_date",
+        "cycles_mean",
+        "cycles_lower_90",
+        "cycles_upper_90",
+        "model",
+        "failure_probability_30d",
+        "days_to_eol",
+        "at_risk",
+    ] {
+        assert!(header.contains(&column), "{column} missing from {header:?}");
+    }
+    let rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
+    assert_eq!(rows.len(), 40 * 30, "30 forecast days per battery");
+    let at = |name: &str| header.iter().position(|h| *h == name).unwrap();
+    for r in &rows {
+        let p: f64 = r[at("failure_probability_30d")].parse().unwrap();
+        assert!((0.0..=1.0).contains(&p));
+        let (lo, mean, hi): (f64, f64, f64) = (
+            r[at("cycles_lower_90")].parse().unwrap(),
+            r[at("cycles_mean")].parse().unwrap(),
+            r[at("cycles_upper_90")].parse().unwrap(),
+        );
+        assert!(lo <= mean && mean <= hi, "{r:?}");
+    }
+
+    // The stream's raw archive, read back through DataFusion, gives the same forecasts.
+    run(&["run", "--input", "fleet.csv"]);
+    run(&[
+        "forecast",
+        "--input",
+        "data/archive/raw",
+        "--output",
+        "from_parquet.csv",
+    ]);
+    let again = std::fs::read_to_string(dir.path().join("from_parquet.csv")).unwrap();
+    let sorted = |t: &str| {
+        let mut lines: Vec<String> = t.lines().map(str::to_string).collect();
+        lines.sort();
+        lines
+    };
+    let (a, b) = (sorted(&again), sorted(&table));
+    assert_eq!(a.len(), b.len());
+    let first = a.iter().zip(&b).find(|(x, y)| x != y);
+    assert!(first.is_none(), "first difference: {first:?}");
+
+    let out = voltcast(
+        &["forecast", "--input", "missing.csv", "--output", "x.csv"],
+        dir.path(),
+        &[],
+    );
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("missing.csv") && err.lines().count() == 1,
+        "{err}"
+    );
+}

@@ -89,7 +89,7 @@ pub async fn cleanse(
         DeadLetterQueue::memory().0,
         None,
     );
-    for input in inputs {
+    for input in &expand(inputs)? {
         if input.extension().is_some_and(|e| e == "parquet") {
             read_parquet(input, &mut stage).await?;
             continue;
@@ -112,6 +112,38 @@ pub async fn cleanse(
     Ok(stage.windows.state().clone())
 }
 
+/// Files as given, folders as every telemetry file beneath them (date-partitioned
+/// archives nest), in name order.
+fn expand(inputs: &[PathBuf]) -> Result<Vec<PathBuf>, BatchError> {
+    let mut files = Vec::new();
+    for input in inputs {
+        if !input.is_dir() {
+            if !input.exists() {
+                return Err(BatchError::file(input, "no such file or folder"));
+            }
+            files.push(input.clone());
+            continue;
+        }
+        let mut found = Vec::new();
+        let mut pending = vec![input.clone()];
+        while let Some(dir) = pending.pop() {
+            for entry in std::fs::read_dir(&dir).map_err(|e| BatchError::file(&dir, e))? {
+                let path = entry.map_err(|e| BatchError::file(&dir, e))?.path();
+                if path.is_dir() {
+                    pending.push(path);
+                } else if path.extension().is_some_and(|e| {
+                    ["parquet", "csv", "jsonl", "json"].contains(&e.to_str().unwrap_or(""))
+                }) {
+                    found.push(path);
+                }
+            }
+        }
+        found.sort();
+        files.extend(found);
+    }
+    Ok(files)
+}
+
 async fn read_parquet(path: &Path, stage: &mut WindowStage) -> Result<(), BatchError> {
     use voltcast_ingest::BatchSink;
     let ctx = SessionContext::new();
@@ -132,8 +164,17 @@ async fn read_parquet(path: &Path, stage: &mut WindowStage) -> Result<(), BatchE
         .map_err(|e| BatchError::file(path, e))?;
     let source: Arc<str> = Arc::from(location.as_ref());
     for rows in batches {
-        let rows = RecordBatch::try_new(schema::telemetry_schema(), rows.columns().to_vec())
+        // DataFusion reads strings as Utf8View; the stages expect the telemetry schema.
+        let target = schema::telemetry_schema();
+        let columns = rows
+            .columns()
+            .iter()
+            .zip(target.fields())
+            .map(|(c, f)| datafusion::arrow::compute::cast(c, f.data_type()))
+            .collect::<Result<Vec<_>, _>>()
+            .and_then(|columns| RecordBatch::try_new(target.clone(), columns))
             .map_err(|e| BatchError::file(path, format!("not in the telemetry schema: {e}")))?;
+        let rows = columns;
         let batch = MicroBatch {
             rows,
             positions: vec![SourcePosition {
