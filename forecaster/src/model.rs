@@ -81,7 +81,7 @@ impl Model for ModelKind {
                 .iter()
                 .map(|k| k.fit(s).ok())
                 .collect::<Option<Vec<_>>>()
-                .map(FittedModel::Ensemble),
+                .map(|parts| FittedModel::Ensemble { parts }),
             ModelKind::Mean => Flat::fit(y).map(FittedModel::Mean),
         };
         fitted.ok_or(ForecastError::CannotFit {
@@ -99,7 +99,7 @@ pub enum FittedModel {
     AutoEts(Ets),
     MstlEts(MstlEts),
     Regression(CycleRegression),
-    Ensemble(Vec<FittedModel>),
+    Ensemble { parts: Vec<FittedModel> },
     Mean(Flat),
 }
 
@@ -110,7 +110,7 @@ impl FittedModel {
             FittedModel::AutoEts(_) => ModelKind::AutoEts,
             FittedModel::MstlEts(_) => ModelKind::MstlEts,
             FittedModel::Regression(_) => ModelKind::Regression,
-            FittedModel::Ensemble(_) => ModelKind::Ensemble,
+            FittedModel::Ensemble { .. } => ModelKind::Ensemble,
             FittedModel::Mean(_) => ModelKind::Mean,
         }
     }
@@ -122,7 +122,7 @@ impl FittedModel {
             FittedModel::AutoEts(m) => m.predict(h),
             FittedModel::MstlEts(m) => m.predict(h),
             FittedModel::Regression(m) => m.predict(h),
-            FittedModel::Ensemble(parts) => average(parts.iter().map(|p| p.predict(h))),
+            FittedModel::Ensemble { parts } => average(parts.iter().map(|p| p.predict(h))),
             FittedModel::Mean(m) => m.predict(h),
         }
     }
@@ -134,7 +134,7 @@ impl FittedModel {
             FittedModel::AutoEts(m) => m.mean_path(h),
             FittedModel::MstlEts(m) => m.mean_path(h),
             FittedModel::Regression(m) => m.mean_path(h),
-            FittedModel::Ensemble(parts) => {
+            FittedModel::Ensemble { parts } => {
                 let paths: Vec<Vec<f64>> = parts.iter().map(|p| p.mean_path(h)).collect();
                 (0..h)
                     .map(|k| paths.iter().map(|p| p[k]).sum::<f64>() / paths.len() as f64)
@@ -154,7 +154,7 @@ impl FittedModel {
             }
             FittedModel::MstlEts(m) => m.step(d.cycles),
             FittedModel::Regression(m) => m.step(d),
-            FittedModel::Ensemble(parts) => parts.iter_mut().for_each(|p| p.update(d)),
+            FittedModel::Ensemble { parts } => parts.iter_mut().for_each(|p| p.update(d)),
             FittedModel::Mean(m) => m.step(d.cycles),
         }
     }

@@ -6,7 +6,9 @@
 //! (`RECENT_DAYS`). The minutes themselves are forecast by a weekly seasonal ETS (the
 //! reference forecast its exogenous trip duration with a separate univariate model), and
 //! trips follow minutes at the recent trips-per-minute rate. The forecast's variance adds
-//! the regression residual to the minutes forecast's variance scaled by the slope.
+//! the regression residual to the minutes forecast's variance scaled by the slope. Minutes
+//! are modelled on the log scale, where a weekly pattern that scales with the season's
+//! level is additive.
 
 use linfa::Dataset;
 use linfa::traits::Fit;
@@ -39,15 +41,22 @@ impl CycleRegression {
         if n < 14 {
             return None;
         }
-        let mut x = Array2::zeros((n, 2));
+        // Trips that never change carry no information beside the intercept and would make
+        // the least-squares problem singular: fit on minutes alone then.
+        let mean_trips = recent.trips.iter().sum::<f64>() / n as f64;
+        let trips_vary = recent.trips.iter().any(|t| (t - mean_trips).abs() > 1e-9);
+        let features = if trips_vary { 2 } else { 1 };
+        let mut x = Array2::zeros((n, features));
         for i in 0..n {
             x[[i, 0]] = recent.minutes[i];
-            x[[i, 1]] = recent.trips[i];
+            if trips_vary {
+                x[[i, 1]] = recent.trips[i];
+            }
         }
         let y = Array1::from(recent.cycles.clone());
         let fitted = LinearRegression::new().fit(&Dataset::new(x, y)).ok()?;
         let (intercept, params) = (fitted.intercept(), fitted.params());
-        let (per_minute, per_trip) = (params[0], params[1]);
+        let (per_minute, per_trip) = (params[0], if trips_vary { params[1] } else { 0.0 });
         if !(intercept.is_finite() && per_minute.is_finite() && per_trip.is_finite()) {
             return None;
         }
@@ -65,7 +74,10 @@ impl CycleRegression {
         } else {
             0.0
         };
-        let minutes = Ets::fit(&s.minutes, Trend::None, 7)?;
+        // Driving varies by a factor, not an amount: on the log scale the weekly pattern
+        // is additive (whatever the season's level) and the day-to-day noise symmetric.
+        let log_minutes: Vec<f64> = s.minutes.iter().map(|m| m.max(0.0).ln_1p()).collect();
+        let minutes = Ets::fit(&log_minutes, Trend::None, 7)?;
         Some(Self {
             intercept,
             per_minute,
@@ -82,33 +94,49 @@ impl CycleRegression {
     }
 
     pub fn step(&mut self, d: &DayObservation) {
-        self.minutes.step(d.minutes);
+        self.minutes.step(d.minutes.max(0.0).ln_1p());
+    }
+
+    /// Expected minutes: the log model's forecast back-transformed with the lognormal
+    /// mean correction exp(s^2 / 2), s being that day's log-scale sd.
+    fn expected_minutes(log_mean: f64, log_sd: f64) -> f64 {
+        (log_mean + log_sd * log_sd / 2.0).exp() - 1.0
     }
 
     pub fn mean_path(&self, h: usize) -> Vec<f64> {
-        let g = self.gain();
-        self.minutes
-            .mean_path(h)
-            .into_iter()
-            .map(|m| (self.intercept + g * m).max(0.0))
-            .collect()
+        self.predict(h).mean
     }
 
+    /// Minutes are lognormal: a day's sd is (mean + 1) * sqrt(exp(s^2) - 1); the sum's
+    /// sd scales the log-scale sum sd by the mean level (delta method).
     pub fn predict(&self, h: usize) -> Forecast {
         let g = self.gain();
-        let m = self.minutes.predict(h);
-        let sd =
-            m.sd.iter()
-                .map(|s| (self.sigma.powi(2) + (g * s).powi(2)).sqrt())
-                .collect();
-        let sum_sd = m
-            .sum_sd
-            .iter()
-            .enumerate()
-            .map(|(k, s)| ((k + 1) as f64 * self.sigma.powi(2) + (g * s).powi(2)).sqrt())
+        let log = self.minutes.predict(h);
+        let minutes: Vec<f64> = (0..h)
+            .map(|k| Self::expected_minutes(log.mean[k], log.sd[k]))
+            .collect();
+        let variance = self.sigma.powi(2);
+        let sd = (0..h)
+            .map(|k| {
+                let s = log.sd[k];
+                let day = (minutes[k] + 1.0) * ((s * s).exp() - 1.0).sqrt();
+                (variance + (g * day).powi(2)).sqrt()
+            })
+            .collect();
+        let mut level = 0.0;
+        let sum_sd = (0..h)
+            .map(|k| {
+                level += minutes[k] + 1.0;
+                let days = (k + 1) as f64;
+                let sum = level / days * log.sum_sd[k];
+                (days * variance + (g * sum).powi(2)).sqrt()
+            })
             .collect();
         Forecast {
-            mean: self.mean_path(h),
+            mean: minutes
+                .iter()
+                .map(|m| (self.intercept + g * m).max(0.0))
+                .collect(),
             sd,
             sum_sd,
         }

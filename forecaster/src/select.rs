@@ -31,7 +31,7 @@ pub struct SelectionConfig {
 impl Default for SelectionConfig {
     fn default() -> Self {
         Self {
-            folds: 3,
+            folds: 5,
             horizon_days: 30,
             fit_window_days: 365,
             min_history_days: 14,
