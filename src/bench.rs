@@ -112,8 +112,12 @@ fn forecast(batteries: usize, days: u32, seed: u64) -> anyhow::Result<()> {
         e.median_lead_days
     );
     println!(
-        "bench forecast cost per core: selection {:.2} ms per battery (4 families x {} folds + final fit), daily update + {}-day predict + risk {:.1} us per battery",
-        e.selection_ms, config.selection.folds, config.selection.horizon_days, e.update_us
+        "bench forecast cost per core: selection {:.2} ms per battery ({} families x {} folds + final fit), daily update + {}-day predict + risk {:.1} us per battery",
+        e.selection_ms,
+        voltcast_scoring::forecaster::ModelKind::CANDIDATES.len(),
+        config.selection.folds,
+        config.selection.horizon_days,
+        e.update_us
     );
     Ok(())
 }

@@ -20,4 +20,5 @@ pub mod windows;
 
 pub use config::{SourceKind, VoltcastConfig};
 pub use error::ScoringError;
+pub use voltcast_forecaster as forecaster;
 pub use voltcast_ingest as ingest;
