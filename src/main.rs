@@ -135,6 +135,14 @@ async fn run(config: VoltcastConfig) -> anyhow::Result<()> {
         seconds = format!("{:.2}", report.seconds),
         "run finished"
     );
+    let at_risk = report.risks.values().filter(|r| r.risk.at_risk).count();
+    tracing::info!(
+        batteries_forecast = report.risks.len(),
+        at_risk,
+        daily_updates = report.forecast.updates,
+        selections = report.forecast.selections,
+        "forecasts"
+    );
     if config.source == SourceKind::File && report.rejected > 0 {
         tracing::info!(path = %config.file.default_dead_letters().display(), "dead letters written");
     }

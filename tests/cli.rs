@@ -70,6 +70,7 @@ fn simulate_then_replay_accounts_for_every_message() {
         let log = text(&out.stderr);
         assert!(log.contains(&format!("rows={valid}")), "{log}");
         assert!(log.contains(&format!("dead_letters={malformed}")), "{log}");
+        assert!(log.contains("batteries_forecast=50"), "{log}");
         let dead = std::fs::read_to_string(dir.path().join(format!("{file}.dlq.jsonl"))).unwrap();
         assert_eq!(dead.lines().count() as u64, malformed);
     }

@@ -15,6 +15,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod error;
 pub mod evaluate;
+pub mod forecasting;
 pub mod pipeline;
 pub mod windows;
 

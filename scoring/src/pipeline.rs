@@ -18,6 +18,7 @@ use crate::archive::{ArchiveError, ParquetArchive};
 use crate::checkpoint::{CheckpointError, CheckpointStore};
 use crate::config::{SourceKind, VoltcastConfig};
 use crate::error::ScoringError;
+use crate::forecasting::ForecastStage;
 use crate::windows::DailyWindows;
 
 /// Counts what reached the end of the pipeline.
@@ -199,6 +200,9 @@ pub struct RunReport {
     pub received: u64,
     pub rejected: u64,
     pub seconds: f64,
+    pub forecast: crate::forecasting::ForecastStats,
+    /// Latest assessment per battery.
+    pub risks: std::collections::HashMap<Arc<str>, crate::forecasting::RiskUpdate>,
 }
 
 /// Runs the configured source until it ends (files) or `shutdown` fires (Kafka).
@@ -209,12 +213,28 @@ pub async fn run(
     let counters = Arc::new(IngestCounters::default());
     let started = Instant::now();
     let (batch, rules) = (config.batch.clone(), config.validation.clone());
+    let (closed_tx, closed_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (risk_tx, mut risk_rx) = tokio::sync::mpsc::unbounded_channel();
+    let fit_threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut forecasts =
+        ForecastStage::new(config.forecast.clone(), config.risk.clone(), fit_threads);
+    let collector = tokio::spawn(async move {
+        let mut latest = std::collections::HashMap::new();
+        while let Some(u) = risk_rx.recv().await {
+            let u: crate::forecasting::RiskUpdate = u;
+            latest.insert(u.battery_id.clone(), u);
+        }
+        latest
+    });
     let stage = match config.source {
         SourceKind::Kafka => {
             let producer = config.kafka.dead_letter_producer()?;
             let late = DeadLetterQueue::kafka(producer, config.kafka.dead_letter_topic.clone());
             let (windows, resumed, store) = restore(config)?;
-            let mut stage = WindowStage::new(windows, late, None)
+            // After a restart the models start from the checkpointed histories.
+            forecasts.seed(windows.state());
+            let forecast_task = tokio::spawn(forecasts.run(closed_rx, risk_tx));
+            let mut stage = WindowStage::new(windows, late, Some(closed_tx))
                 .with_archive(ParquetArchive::new(&config.archive));
             if let Some(store) = store {
                 let interval = Duration::from_secs(config.checkpoint.interval_seconds);
@@ -224,27 +244,42 @@ pub async fn run(
                 .resume_from(&resumed);
             source.run(&mut stage, shutdown).await?;
             stage.checkpoint_now()?;
-            stage
+            (stage, forecast_task)
         }
         SourceKind::File => {
             // A file replay is a batch job that starts from the top: no checkpoint.
             let windows = DailyWindows::new(config.windows.clone());
             let dead_letters = config.file.default_dead_letters();
-            let mut stage = WindowStage::new(windows, DeadLetterQueue::file(&dead_letters), None)
-                .with_archive(ParquetArchive::new(&config.archive));
+            let forecast_task = tokio::spawn(forecasts.run(closed_rx, risk_tx));
+            let mut stage = WindowStage::new(
+                windows,
+                DeadLetterQueue::file(&dead_letters),
+                Some(closed_tx),
+            )
+            .with_archive(ParquetArchive::new(&config.archive));
             let dlq = DeadLetterQueue::file(dead_letters);
             let source = FileSource::new(config.file.clone(), batch, rules, counters.clone(), dlq);
             source.run(&mut stage).await?;
             stage.finish().await?;
-            stage
+            (stage, forecast_task)
         }
     };
+    let (mut stage, forecast_task) = stage;
+    let windows = stage.windows.stats().clone();
+    let tally = std::mem::take(&mut stage.tally);
+    // Dropping the stage closes the closed-day channel: the forecast stage finishes its
+    // selections in flight and stops.
+    drop(stage);
+    let forecast = forecast_task.await.map(|f| f.stats).unwrap_or_default();
+    let risks = collector.await.unwrap_or_default();
     Ok(RunReport {
-        windows: stage.windows.stats().clone(),
-        tally: stage.tally,
+        windows,
+        tally,
         received: counters.received(),
         rejected: counters.rejected_total(),
         seconds: started.elapsed().as_secs_f64(),
+        forecast,
+        risks,
     })
 }
 

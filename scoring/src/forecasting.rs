@@ -1,0 +1,397 @@
+//! The forecast stage on the stream: closed days in, a fresh failure risk per battery out.
+//!
+//! On each closed day a battery's chosen model is advanced by the day (microseconds, on
+//! the stage's task) and its risk recomputed. Full model selection (milliseconds, a
+//! backtest over every family) runs on a bounded pool of blocking threads, never on the
+//! async runtime, so ingestion is never held up by fitting. A battery is re-selected once
+//! it has `reselect_every_days` new days, on the day of the week its id hashes to, so a
+//! fleet that started together does not re-select all on the same day. When a selection
+//! comes back, the days that closed while it ran are replayed into the new model.
+//!
+//! Closed days are keyed by (battery, day): a day emitted again after a restart from a
+//! checkpoint is recognised and skipped, so nothing is counted twice.
+
+use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasher, Hasher};
+use std::sync::Arc;
+
+use datafusion::arrow::array::{AsArray, RecordBatch};
+use datafusion::arrow::datatypes::{Date32Type, Float64Type, Int64Type};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Semaphore, mpsc};
+use voltcast_forecaster::{
+    DailySeries, DayObservation, FailureRisk, ModelKind, ModelRecord, RiskConfig, SelectionConfig,
+    failure_risk, select,
+};
+
+use crate::windows::daily;
+
+/// A battery's latest assessment.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RiskUpdate {
+    pub battery_id: Arc<str>,
+    /// The last closed day the assessment includes (days since 1970-01-01).
+    pub day: i32,
+    pub lifetime: f64,
+    pub rated: f64,
+    pub model: ModelKind,
+    pub model_version: u32,
+    pub risk: FailureRisk,
+}
+
+/// What the stage keeps per battery.
+struct BatteryModel {
+    /// Recent days, oldest first, as much as selection needs.
+    days: VecDeque<[f32; 3]>,
+    last_day: i32,
+    /// Lifetime and rating as of `last_day`.
+    lifetime: f64,
+    rated: f64,
+    record: Option<ModelRecord>,
+    /// A selection is running on the pool.
+    selecting: bool,
+    stagger: u32,
+}
+
+/// A finished selection, on its way back from the pool.
+struct Selected {
+    battery: Arc<str>,
+    /// Day after the last one the selection saw.
+    through_day: i32,
+    record: ModelRecord,
+}
+
+pub struct ForecastStage {
+    selection: SelectionConfig,
+    risk: RiskConfig,
+    batteries: HashMap<Arc<str>, BatteryModel>,
+    pool: Arc<Semaphore>,
+    done_tx: mpsc::UnboundedSender<Selected>,
+    done_rx: mpsc::UnboundedReceiver<Selected>,
+    /// Days a battery keeps: enough for every backtest fold plus the fit window.
+    keep_days: usize,
+    pub stats: ForecastStats,
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ForecastStats {
+    pub days_in: u64,
+    pub repeated_days: u64,
+    pub updates: u64,
+    pub selections: u64,
+}
+
+impl ForecastStage {
+    /// `fit_threads` bounds how many selections run at once.
+    pub fn new(selection: SelectionConfig, risk: RiskConfig, fit_threads: usize) -> Self {
+        let (done_tx, done_rx) = mpsc::unbounded_channel();
+        let keep_days = selection.fit_window_days + selection.folds * selection.horizon_days.max(1);
+        Self {
+            selection,
+            risk,
+            batteries: HashMap::new(),
+            pool: Arc::new(Semaphore::new(fit_threads.max(1))),
+            done_tx,
+            done_rx,
+            keep_days,
+            stats: ForecastStats::default(),
+        }
+    }
+
+    /// Consumes closed-day batches until the channel closes and every selection in
+    /// flight has come back; sends each battery's fresh risk to `out`.
+    pub async fn run(
+        mut self,
+        mut closed: mpsc::UnboundedReceiver<RecordBatch>,
+        out: mpsc::UnboundedSender<RiskUpdate>,
+    ) -> Self {
+        let mut open = true;
+        loop {
+            let in_flight = self.batteries.values().any(|b| b.selecting);
+            if !open && !in_flight {
+                return self;
+            }
+            tokio::select! {
+                batch = closed.recv(), if open => match batch {
+                    Some(batch) => self.take_batch(&batch, &out),
+                    None => open = false,
+                },
+                Some(done) = self.done_rx.recv() => {
+                    if let Some(u) = self.install(done) {
+                        let _ = out.send(u);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Starts from the window stage's histories (after a restart from a checkpoint):
+    /// every battery with history gets a selection right away.
+    pub fn seed(&mut self, state: &crate::windows::WindowState) {
+        let reselect = self.selection.reselect_every_days.max(1);
+        for (i, id) in state.fleet.ids.iter().enumerate() {
+            let history = &state.fleet.histories[i];
+            let Some(last_day) = history.last_day() else {
+                continue;
+            };
+            let days: VecDeque<[f32; 3]> = history
+                .days()
+                .skip(history.len().saturating_sub(self.keep_days))
+                .map(|(_, c, m, t, _)| [c, m, t as f32])
+                .collect();
+            let series = series_of(&days, last_day + 1);
+            self.batteries.insert(
+                id.clone(),
+                BatteryModel {
+                    days,
+                    last_day,
+                    lifetime: history.lifetime().unwrap_or_default(),
+                    rated: state.fleet.rated[i],
+                    record: None,
+                    selecting: true,
+                    stagger: stagger(id, reselect),
+                },
+            );
+            self.stats.selections += 1;
+            spawn_selection(
+                &self.pool,
+                &self.done_tx,
+                &self.selection,
+                id.clone(),
+                series,
+                None,
+            );
+        }
+    }
+
+    /// Waits for every selection in flight and installs it.
+    pub async fn settle(&mut self, out: &mpsc::UnboundedSender<RiskUpdate>) {
+        while self.batteries.values().any(|b| b.selecting) {
+            let Some(done) = self.done_rx.recv().await else {
+                return;
+            };
+            if let Some(u) = self.install(done) {
+                let _ = out.send(u);
+            }
+        }
+    }
+
+    /// The model record of a battery, if it has one yet.
+    pub fn record(&self, battery: &str) -> Option<&ModelRecord> {
+        self.batteries.get(battery)?.record.as_ref()
+    }
+
+    pub fn batteries(&self) -> usize {
+        self.batteries.len()
+    }
+
+    /// Takes in one batch of closed days (the window stage's daily schema).
+    pub fn take_batch(&mut self, batch: &RecordBatch, out: &mpsc::UnboundedSender<RiskUpdate>) {
+        let col = |n: &str| batch.column_by_name(n).cloned();
+        let (
+            Some(ids),
+            Some(days),
+            Some(cycles),
+            Some(minutes),
+            Some(trips),
+            Some(lifetime),
+            Some(rated),
+        ) = (
+            col(daily::BATTERY_ID),
+            col(daily::DAY),
+            col(daily::CYCLES),
+            col(daily::MINUTES),
+            col(daily::TRIPS),
+            col(daily::LIFETIME),
+            col(daily::RATED),
+        )
+        else {
+            tracing::error!("closed-day batch without the daily schema; skipped");
+            return;
+        };
+        for i in 0..batch.num_rows() {
+            let day = DayObservation {
+                cycles: cycles.as_primitive::<Float64Type>().value(i),
+                minutes: minutes.as_primitive::<Float64Type>().value(i),
+                trips: trips.as_primitive::<Int64Type>().value(i) as f64,
+            };
+            let update = self.take_day(
+                ids.as_string::<i32>().value(i),
+                days.as_primitive::<Date32Type>().value(i),
+                day,
+                lifetime.as_primitive::<Float64Type>().value(i),
+                rated.as_primitive::<Float64Type>().value(i),
+            );
+            if let Some(update) = update {
+                // A listener that went away is not our failure.
+                let _ = out.send(update);
+            }
+        }
+    }
+
+    fn take_day(
+        &mut self,
+        id: &str,
+        day: i32,
+        obs: DayObservation,
+        lifetime: f64,
+        rated: f64,
+    ) -> Option<RiskUpdate> {
+        self.stats.days_in += 1;
+        let reselect = self.selection.reselect_every_days.max(1);
+        let battery: Arc<str> = match self.batteries.get_key_value(id) {
+            Some((k, _)) => k.clone(),
+            None => {
+                let key: Arc<str> = Arc::from(id);
+                self.batteries.insert(
+                    key.clone(),
+                    BatteryModel {
+                        days: VecDeque::new(),
+                        last_day: i32::MIN,
+                        lifetime: 0.0,
+                        rated: 0.0,
+                        record: None,
+                        selecting: false,
+                        stagger: stagger(id, reselect),
+                    },
+                );
+                key
+            }
+        };
+        let keep = self.keep_days;
+        let b = self.batteries.get_mut(&battery)?;
+        if day <= b.last_day {
+            self.stats.repeated_days += 1;
+            return None;
+        }
+        (b.last_day, b.lifetime, b.rated) = (day, lifetime, rated);
+        b.days
+            .push_back([obs.cycles as f32, obs.minutes as f32, obs.trips as f32]);
+        while b.days.len() > keep {
+            b.days.pop_front();
+        }
+        // Advance and assess first: the risk reflects today whatever selection decides.
+        let update = b.record.as_mut().map(|record| {
+            record.observe(&obs);
+            assess(&battery, day, record, lifetime, rated, &self.risk)
+        });
+        self.stats.updates += u64::from(update.is_some());
+        let due = match &b.record {
+            None => true,
+            Some(r) => {
+                r.reselection_due(&self.selection)
+                    && (day as u32).wrapping_add(b.stagger) % reselect == 0
+            }
+        };
+        if due && !b.selecting {
+            b.selecting = true;
+            self.stats.selections += 1;
+            let series = series_of(&b.days, day + 1);
+            let version = b.record.as_ref().map(|r| r.version);
+            spawn_selection(
+                &self.pool,
+                &self.done_tx,
+                &self.selection,
+                battery.clone(),
+                series,
+                version,
+            );
+        }
+        update
+    }
+
+    /// Installs a finished selection, replaying the days that closed while it ran, and
+    /// assesses the battery with it.
+    fn install(&mut self, done: Selected) -> Option<RiskUpdate> {
+        let b = self.batteries.get_mut(&done.battery)?;
+        b.selecting = false;
+        let mut record = done.record;
+        let missed = (b.last_day + 1 - done.through_day).max(0) as usize;
+        for d in b.days.iter().skip(b.days.len().saturating_sub(missed)) {
+            record.observe(&DayObservation {
+                cycles: d[0] as f64,
+                minutes: d[1] as f64,
+                trips: d[2] as f64,
+            });
+        }
+        let update = assess(
+            &done.battery,
+            b.last_day,
+            &record,
+            b.lifetime,
+            b.rated,
+            &self.risk,
+        );
+        b.record = Some(record);
+        Some(update)
+    }
+}
+
+fn spawn_selection(
+    pool: &Arc<Semaphore>,
+    done: &mpsc::UnboundedSender<Selected>,
+    config: &SelectionConfig,
+    battery: Arc<str>,
+    series: DailySeries,
+    version: Option<u32>,
+) {
+    let (pool, done, config) = (pool.clone(), done.clone(), config.clone());
+    tokio::spawn(async move {
+        let Ok(_permit) = pool.acquire_owned().await else {
+            return;
+        };
+        let through_day = series.end_day();
+        let fitted = tokio::task::spawn_blocking(move || select(&series, &config, version)).await;
+        match fitted {
+            Ok(Ok(record)) => {
+                let _ = done.send(Selected {
+                    battery,
+                    through_day,
+                    record,
+                });
+            }
+            outcome => tracing::warn!(%battery, ?outcome, "model selection failed"),
+        }
+    });
+}
+
+fn assess(
+    battery: &Arc<str>,
+    day: i32,
+    record: &ModelRecord,
+    lifetime: f64,
+    rated: f64,
+    config: &RiskConfig,
+) -> RiskUpdate {
+    RiskUpdate {
+        battery_id: battery.clone(),
+        day,
+        lifetime,
+        rated,
+        model: record.kind(),
+        model_version: record.version,
+        risk: failure_risk(record, lifetime, rated, config),
+    }
+}
+
+fn series_of(days: &VecDeque<[f32; 3]>, end_day: i32) -> DailySeries {
+    let mut s = DailySeries {
+        first_day: end_day - days.len() as i32,
+        ..Default::default()
+    };
+    for d in days {
+        s.push(DayObservation {
+            cycles: d[0] as f64,
+            minutes: d[1] as f64,
+            trips: d[2] as f64,
+        });
+    }
+    s
+}
+
+/// The day of the re-selection cycle a battery takes its turn on.
+fn stagger(id: &str, cycle: u32) -> u32 {
+    let mut h = foldhash::fast::FixedState::with_seed(7).build_hasher();
+    h.write(id.as_bytes());
+    (h.finish() % cycle as u64) as u32
+}

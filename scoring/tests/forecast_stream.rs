@@ -1,0 +1,126 @@
+//! The forecast stage on closed days: every battery gets a model chosen off the runtime,
+//! advanced daily and re-selected on a staggered weekly cadence, with a risk per closed
+//! day; days emitted twice (a restart from a checkpoint) change nothing.
+
+use std::sync::Arc;
+
+use datafusion::arrow::array::RecordBatch;
+use voltcast_forecaster::{RiskConfig, SelectionConfig};
+use voltcast_ingest::simulate::{FleetSimulator, SimulatorConfig, WireFormat};
+use voltcast_ingest::{MicroBatch, SourcePosition, TelemetryBatchBuilder};
+use voltcast_scoring::forecasting::{ForecastStage, RiskUpdate};
+use voltcast_scoring::windows::{DailyWindows, WindowConfig};
+
+/// The closed-day batches of a simulated fleet, as the window stage emits them.
+async fn closed_days(batteries: usize, days: u32) -> Vec<RecordBatch> {
+    let sim = SimulatorConfig {
+        batteries,
+        days,
+        seed: 5,
+        ..Default::default()
+    };
+    let mut sim = FleetSimulator::new(sim, WireFormat::Json)
+        .unwrap()
+        .without_payloads();
+    let mut windows = DailyWindows::new(WindowConfig::default());
+    let mut out = Vec::new();
+    while let Some(day) = sim.next_day() {
+        let records: Vec<_> = day.messages.into_iter().filter_map(|m| m.record).collect();
+        let mut b = TelemetryBatchBuilder::with_capacity(records.len());
+        records.iter().for_each(|r| b.append(r));
+        let batch = MicroBatch {
+            rows: b.finish(),
+            positions: vec![SourcePosition {
+                source: Arc::from("t"),
+                partition: 0,
+                next_offset: 0,
+                max_event_time: records.iter().map(|r| r.event_time).max(),
+            }],
+            dead_letters: 0,
+            assigned: Vec::new(),
+        };
+        out.extend(windows.apply(&batch, 0).await.unwrap().closed);
+    }
+    out.extend(windows.close_all().await.unwrap());
+    out
+}
+
+async fn feed(batches: &[RecordBatch], twice: bool) -> (ForecastStage, Vec<RiskUpdate>) {
+    let mut stage = ForecastStage::new(SelectionConfig::default(), RiskConfig::default(), 2);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    for b in batches {
+        stage.take_batch(b, &tx);
+        if twice {
+            stage.take_batch(b, &tx);
+        }
+        // One closed day at a time, selections settled before the next: deterministic.
+        stage.settle(&tx).await;
+    }
+    let mut updates = Vec::new();
+    while let Ok(u) = rx.try_recv() {
+        updates.push(u);
+    }
+    (stage, updates)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closed_days_keep_every_battery_forecast_and_repeats_change_nothing() {
+    let (batteries, days) = (60, 120);
+    let batches = closed_days(batteries, days).await;
+    let (stage, updates) = feed(&batches, false).await;
+    assert_eq!(stage.batteries(), batteries);
+    let stats = stage.stats.clone();
+    // One selection each at the start, then about one per battery per week.
+    let weekly = batteries as u64 * (days as u64 / 7);
+    assert!(
+        stats.selections >= batteries as u64 + weekly / 2
+            && stats.selections <= batteries as u64 + weekly + batteries as u64,
+        "{stats:?}"
+    );
+    // Every closed day after a battery's first model is an update with a risk.
+    assert!(
+        stats.updates as f64 > 0.95 * stats.days_in as f64,
+        "{stats:?}"
+    );
+    // ...and so is every installed selection.
+    assert_eq!(
+        updates.len() as u64,
+        stats.updates + stats.selections,
+        "{stats:?}"
+    );
+    for u in &updates {
+        assert!((0.0..=1.0).contains(&u.risk.probability));
+    }
+    // Re-selection is staggered: not the whole fleet on one day.
+    let mut versions_by_day = std::collections::BTreeMap::<i32, usize>::new();
+    let mut last_version = std::collections::HashMap::new();
+    for u in &updates {
+        if last_version.insert(u.battery_id.clone(), u.model_version) != Some(u.model_version) {
+            *versions_by_day.entry(u.day).or_default() += 1;
+        }
+    }
+    let busiest = versions_by_day.values().skip(1).max().copied().unwrap_or(0);
+    assert!(
+        busiest < batteries / 2,
+        "re-selections bunched: {versions_by_day:?}"
+    );
+
+    // The same days, each delivered twice: skipped, same models and risks at the end.
+    let (again, updates_again) = feed(&batches, true).await;
+    assert_eq!(again.stats.repeated_days, stats.days_in);
+    assert_eq!(again.stats.updates, stats.updates);
+    // Selections come back in any order: compare as sets.
+    let sorted = |u: &[RiskUpdate]| {
+        let mut v: Vec<String> = u.iter().map(|u| format!("{u:?}")).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(sorted(&updates_again), sorted(&updates));
+    let id = updates.last().unwrap().battery_id.clone();
+    let timeless = |r: Option<&voltcast_forecaster::ModelRecord>| {
+        let mut r = r.cloned().unwrap();
+        r.fit_micros = 0; // wall time, not state
+        r
+    };
+    assert_eq!(timeless(again.record(&id)), timeless(stage.record(&id)));
+}
