@@ -268,7 +268,7 @@ fn resident_bytes() -> usize {
 /// Feeds a simulated fleet (with the reference's defects) through the window stage one
 /// simulated day at a time; only `DailyWindows::apply` is timed.
 fn windows(batteries: usize, days: u32, batch_rows: usize) -> anyhow::Result<()> {
-    use voltcast_scoring::ingest::{MicroBatch, SourcePosition, TelemetryBatchBuilder};
+    use voltcast_scoring::ingest::MicroBatch;
     use voltcast_scoring::windows::{DailyWindows, WindowConfig};
 
     let runtime = tokio::runtime::Builder::new_current_thread().build()?;
@@ -286,19 +286,7 @@ fn windows(batteries: usize, days: u32, batch_rows: usize) -> anyhow::Result<()>
     while let Some(day) = sim.next_day() {
         let records: Vec<_> = day.messages.into_iter().filter_map(|m| m.record).collect();
         for chunk in records.chunks(batch_rows) {
-            let mut b = TelemetryBatchBuilder::with_capacity(chunk.len());
-            chunk.iter().for_each(|r| b.append(r));
-            let batch = MicroBatch {
-                rows: b.finish(),
-                positions: vec![SourcePosition {
-                    source: source.clone(),
-                    partition: 0,
-                    next_offset: 0,
-                    max_event_time: chunk.iter().map(|r| r.event_time).max(),
-                }],
-                dead_letters: 0,
-                assigned: Vec::new(),
-            };
+            let batch = MicroBatch::from_records(chunk, source.clone());
             rows += chunk.len() as u64;
             let started = Instant::now();
             let out = runtime.block_on(windows.apply(&batch, 0))?;

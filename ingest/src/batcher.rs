@@ -62,6 +62,26 @@ pub struct MicroBatch {
     pub assigned: Vec<PartitionId>,
 }
 
+impl MicroBatch {
+    /// Already-decoded records as one batch from a single pseudo-partition `source`:
+    /// for simulations, benches and tests that start after decoding.
+    pub fn from_records(records: &[TelemetryRecord<'_>], source: Arc<str>) -> Self {
+        let mut builder = TelemetryBatchBuilder::with_capacity(records.len());
+        records.iter().for_each(|r| builder.append(r));
+        MicroBatch {
+            rows: builder.finish(),
+            positions: vec![SourcePosition {
+                source,
+                partition: 0,
+                next_offset: 0,
+                max_event_time: records.iter().map(|r| r.event_time).max(),
+            }],
+            dead_letters: 0,
+            assigned: Vec::new(),
+        }
+    }
+}
+
 /// A source partition: topic (or file) and partition number.
 pub type PartitionId = (Arc<str>, i32);
 

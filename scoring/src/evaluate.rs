@@ -24,10 +24,10 @@ use voltcast_forecaster::{
     DailySeries, DayObservation, Model, ModelKind, RiskConfig, SelectionConfig, failure_risk,
     select,
 };
+use voltcast_ingest::MicroBatch;
 use voltcast_ingest::simulate::{
     FleetSimulator, SimulatorConfig, SimulatorConfigError, WireFormat,
 };
-use voltcast_ingest::{MicroBatch, SourcePosition, TelemetryBatchBuilder};
 
 use crate::windows::{DailyWindows, WindowConfig, WindowError, daily};
 
@@ -169,19 +169,7 @@ async fn cleansed_fleet(sim: &SimulatorConfig) -> Result<BTreeMap<String, Batter
             }
         }
         let records: Vec<_> = day.messages.into_iter().filter_map(|m| m.record).collect();
-        let mut builder = TelemetryBatchBuilder::with_capacity(records.len());
-        records.iter().for_each(|r| builder.append(r));
-        let batch = MicroBatch {
-            rows: builder.finish(),
-            positions: vec![SourcePosition {
-                source: source.clone(),
-                partition: 0,
-                next_offset: 0,
-                max_event_time: records.iter().map(|r| r.event_time).max(),
-            }],
-            dead_letters: 0,
-            assigned: Vec::new(),
-        };
+        let batch = MicroBatch::from_records(&records, source.clone());
         if let Some(closed) = windows.apply(&batch, 0).await?.closed {
             append(&mut fleet, &closed);
         }

@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use datafusion::arrow::array::RecordBatch;
 use voltcast_forecaster::{RiskConfig, SelectionConfig};
+use voltcast_ingest::MicroBatch;
 use voltcast_ingest::simulate::{FleetSimulator, SimulatorConfig, WireFormat};
-use voltcast_ingest::{MicroBatch, SourcePosition, TelemetryBatchBuilder};
 use voltcast_scoring::forecasting::{ForecastStage, RiskUpdate};
 use voltcast_scoring::windows::{DailyWindows, WindowConfig};
 
@@ -26,19 +26,7 @@ async fn closed_days(batteries: usize, days: u32) -> Vec<RecordBatch> {
     let mut out = Vec::new();
     while let Some(day) = sim.next_day() {
         let records: Vec<_> = day.messages.into_iter().filter_map(|m| m.record).collect();
-        let mut b = TelemetryBatchBuilder::with_capacity(records.len());
-        records.iter().for_each(|r| b.append(r));
-        let batch = MicroBatch {
-            rows: b.finish(),
-            positions: vec![SourcePosition {
-                source: Arc::from("t"),
-                partition: 0,
-                next_offset: 0,
-                max_event_time: records.iter().map(|r| r.event_time).max(),
-            }],
-            dead_letters: 0,
-            assigned: Vec::new(),
-        };
+        let batch = MicroBatch::from_records(&records, Arc::from("t"));
         out.extend(windows.apply(&batch, 0).await.unwrap().closed);
     }
     out.extend(windows.close_all().await.unwrap());
