@@ -21,6 +21,12 @@ pub struct ForecastArgs {
     /// Worker threads (default: every core).
     #[arg(long)]
     threads: Option<usize>,
+    /// Draw this battery's history, forecast, 90% band and rated-cycles line...
+    #[arg(long, requires = "plot_out")]
+    plot: Option<String>,
+    /// ...into this PNG file.
+    #[arg(long)]
+    plot_out: Option<PathBuf>,
 }
 
 pub async fn run(args: ForecastArgs, config: &VoltcastConfig) -> anyhow::Result<()> {
@@ -52,6 +58,13 @@ pub async fn run(args: ForecastArgs, config: &VoltcastConfig) -> anyhow::Result<
     bar.finish_and_clear();
     let fit_seconds = forecasting.elapsed().as_secs_f64();
     write_table(&args.output, &forecast_table(&forecasts))?;
+    if let (Some(battery), Some(out)) = (&args.plot, &args.plot_out) {
+        let f = forecasts
+            .iter()
+            .find(|f| &f.battery_id == battery)
+            .with_context(|| format!("--plot {battery}: no such battery in the input"))?;
+        crate::plot::draw(f, out)?;
+    }
     let at_risk = forecasts.iter().filter(|f| f.risk.at_risk).count();
     eprintln!(
         "voltcast forecast: {} rows cleansed into {} battery-days ({} duplicates, {} imputed) in {:.1} s; {} batteries forecast in {:.1} s ({:.0} batteries/s on {threads} threads); {at_risk} at risk within {} days; wrote {}",

@@ -2,6 +2,7 @@
 
 mod bench;
 mod forecast;
+mod plot;
 mod simulate;
 
 use std::path::PathBuf;

@@ -212,6 +212,42 @@ fn forecast_scores_every_battery_from_csv_and_from_the_parquet_archive_alike() {
     let first = a.iter().zip(&b).find(|(x, y)| x != y);
     assert!(first.is_none(), "first difference: {first:?}");
 
+    // A chart of one battery.
+    run(&[
+        "forecast",
+        "--input",
+        "fleet.csv",
+        "--output",
+        "again.csv",
+        "--plot",
+        "B000003",
+        "--plot-out",
+        "b3.png",
+    ]);
+    let png = std::fs::read(dir.path().join("b3.png")).unwrap();
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 10_000,
+        "{} bytes",
+        png.len()
+    );
+    let out = voltcast(
+        &[
+            "forecast",
+            "--input",
+            "fleet.csv",
+            "--output",
+            "x.csv",
+            "--plot",
+            "NOPE",
+            "--plot-out",
+            "x.png",
+        ],
+        dir.path(),
+        &[],
+    );
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("--plot NOPE: no such battery"));
+
     let out = voltcast(
         &["forecast", "--input", "missing.csv", "--output", "x.csv"],
         dir.path(),

@@ -62,6 +62,8 @@ pub struct BatteryForecast {
     pub mean: Vec<f64>,
     pub lower: Vec<f64>,
     pub upper: Vec<f64>,
+    /// Standard deviation of the cumulative forecast, day 1..=h.
+    pub sum_sd: Vec<f64>,
     pub lifetime: f64,
     pub rated: f64,
     pub risk: voltcast_forecaster::FailureRisk,
@@ -261,6 +263,7 @@ fn forecast_one(
         vehicle_id: fleet.vehicles[i].as_deref().map(str::to_string),
         first_day: series.end_day(),
         risk: failure_risk(&record, lifetime, rated, risk),
+        sum_sd: f.sum_sd,
         mean: f.mean,
         lower,
         upper,
