@@ -16,8 +16,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use datafusion::arrow::array::{AsArray, RecordBatch};
-use datafusion::arrow::datatypes::{Date32Type, Float64Type, Int64Type};
+use datafusion::arrow::array::RecordBatch;
 use serde::{Deserialize, Serialize};
 use voltcast_forecaster::select::{nrmse_of, relative_sum_error};
 use voltcast_forecaster::{
@@ -181,29 +180,15 @@ async fn cleansed_fleet(sim: &SimulatorConfig) -> Result<BTreeMap<String, Batter
 }
 
 fn append(fleet: &mut BTreeMap<String, Battery>, closed: &RecordBatch) {
-    let col = |n: &str| {
-        closed
-            .column_by_name(n)
-            .expect("daily schema column")
-            .clone()
-    };
-    let (ids, days) = (col(daily::BATTERY_ID), col(daily::DAY));
-    let (cycles, minutes, trips) = (col(daily::CYCLES), col(daily::MINUTES), col(daily::TRIPS));
-    let lifetime = col(daily::LIFETIME);
-    for i in 0..closed.num_rows() {
-        let Some(b) = fleet.get_mut(ids.as_string::<i32>().value(i)) else {
+    for row in daily::closed_rows(closed).expect("the window stage emits the daily schema") {
+        let Some(b) = fleet.get_mut(row.battery_id) else {
             continue;
         };
         if b.series.is_empty() {
-            b.series.first_day = days.as_primitive::<Date32Type>().value(i);
+            b.series.first_day = row.day;
         }
-        b.series.push(DayObservation {
-            cycles: cycles.as_primitive::<Float64Type>().value(i),
-            minutes: minutes.as_primitive::<Float64Type>().value(i),
-            trips: trips.as_primitive::<Int64Type>().value(i) as f64,
-        });
-        b.lifetime
-            .push(lifetime.as_primitive::<Float64Type>().value(i));
+        b.series.push(row.observation);
+        b.lifetime.push(row.lifetime);
     }
 }
 

@@ -15,8 +15,7 @@ use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
 
-use datafusion::arrow::array::{AsArray, RecordBatch};
-use datafusion::arrow::datatypes::{Date32Type, Float64Type, Int64Type};
+use datafusion::arrow::array::RecordBatch;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Semaphore, mpsc};
 use voltcast_forecaster::{
@@ -187,40 +186,17 @@ impl ForecastStage {
 
     /// Takes in one batch of closed days (the window stage's daily schema).
     pub fn take_batch(&mut self, batch: &RecordBatch, out: &mpsc::UnboundedSender<RiskUpdate>) {
-        let col = |n: &str| batch.column_by_name(n).cloned();
-        let (
-            Some(ids),
-            Some(days),
-            Some(cycles),
-            Some(minutes),
-            Some(trips),
-            Some(lifetime),
-            Some(rated),
-        ) = (
-            col(daily::BATTERY_ID),
-            col(daily::DAY),
-            col(daily::CYCLES),
-            col(daily::MINUTES),
-            col(daily::TRIPS),
-            col(daily::LIFETIME),
-            col(daily::RATED),
-        )
-        else {
+        let Some(rows) = daily::closed_rows(batch) else {
             tracing::error!("closed-day batch without the daily schema; skipped");
             return;
         };
-        for i in 0..batch.num_rows() {
-            let day = DayObservation {
-                cycles: cycles.as_primitive::<Float64Type>().value(i),
-                minutes: minutes.as_primitive::<Float64Type>().value(i),
-                trips: trips.as_primitive::<Int64Type>().value(i) as f64,
-            };
+        for row in rows {
             let update = self.take_day(
-                ids.as_string::<i32>().value(i),
-                days.as_primitive::<Date32Type>().value(i),
-                day,
-                lifetime.as_primitive::<Float64Type>().value(i),
-                rated.as_primitive::<Float64Type>().value(i),
+                row.battery_id,
+                row.day,
+                row.observation,
+                row.lifetime,
+                row.rated,
             );
             if let Some(update) = update {
                 // A listener that went away is not our failure.

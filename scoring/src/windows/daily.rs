@@ -216,3 +216,41 @@ pub(super) fn to_batch(fleet: &Fleet, rows: &[ClosedDay], means: &[(f64, f64)]) 
     )));
     RecordBatch::try_new(daily_schema(), columns).expect("columns match the daily schema")
 }
+
+/// One closed day as the forecast stages read it.
+#[derive(Debug, Clone, Copy)]
+pub struct ClosedRow<'a> {
+    pub battery_id: &'a str,
+    pub day: i32,
+    pub observation: voltcast_forecaster::DayObservation,
+    pub lifetime: f64,
+    pub rated: f64,
+}
+
+/// The rows of a closed-day batch; None when the batch is not in [`daily_schema`].
+pub fn closed_rows(batch: &datafusion::arrow::array::RecordBatch) -> Option<Vec<ClosedRow<'_>>> {
+    use datafusion::arrow::datatypes::Date32Type;
+    let col = |n: &str| batch.column_by_name(n);
+    let ids = col(BATTERY_ID)?.as_string_opt::<i32>()?;
+    let days = col(DAY)?.as_primitive_opt::<Date32Type>()?;
+    let cycles = col(CYCLES)?.as_primitive_opt::<Float64Type>()?;
+    let minutes = col(MINUTES)?.as_primitive_opt::<Float64Type>()?;
+    let trips = col(TRIPS)?.as_primitive_opt::<Int64Type>()?;
+    let lifetime = col(LIFETIME)?.as_primitive_opt::<Float64Type>()?;
+    let rated = col(RATED)?.as_primitive_opt::<Float64Type>()?;
+    Some(
+        (0..batch.num_rows())
+            .map(|i| ClosedRow {
+                battery_id: ids.value(i),
+                day: days.value(i),
+                observation: voltcast_forecaster::DayObservation {
+                    cycles: cycles.value(i),
+                    minutes: minutes.value(i),
+                    trips: trips.value(i) as f64,
+                },
+                lifetime: lifetime.value(i),
+                rated: rated.value(i),
+            })
+            .collect(),
+    )
+}
