@@ -13,6 +13,24 @@ use voltcast_scoring::ingest::{
 
 #[derive(Subcommand)]
 pub enum BenchTarget {
+    /// Signed webhook deliveries/s to a local head unit, and window close -> webhook
+    /// received latency through forecasts and the alert policy.
+    Alerts {
+        /// Alerts for the deliveries/s figure.
+        #[arg(long, default_value_t = 5_000)]
+        alerts: usize,
+        /// Webhook deliveries in flight.
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+        /// Fleet for the latency figure.
+        #[arg(long, default_value_t = 2_000)]
+        batteries: usize,
+        #[arg(long, default_value_t = 60)]
+        days: u32,
+        /// Wall time between two days closing.
+        #[arg(long, default_value_t = 250)]
+        day_ms: u64,
+    },
     /// Micro-batch day-window aggregation (dedupe, DataFusion partials, closing,
     /// interpolation, history) and memory per battery.
     Windows {
@@ -23,8 +41,7 @@ pub enum BenchTarget {
         #[arg(long, default_value_t = 50_000)]
         batch_rows: usize,
     },
-    /// JSON (and CSV) -> validated Arrow batches on one core.
-    /// Forecast accuracy and alerts against the simulator's truth, selection and update cost
+    /// Forecast accuracy and alerts against the simulator's truth, selection and update cost.
     Forecast {
         #[arg(long, default_value_t = 1_000)]
         batteries: usize,
@@ -33,6 +50,7 @@ pub enum BenchTarget {
         #[arg(long, default_value_t = 7)]
         seed: u64,
     },
+    /// JSON (and CSV) -> validated Arrow batches on one core.
     Ingest {
         /// Messages to decode.
         #[arg(long, default_value_t = 1_000_000)]
@@ -59,6 +77,13 @@ pub fn run(target: BenchTarget) -> anyhow::Result<()> {
             days,
             seed,
         } => forecast(batteries, days, seed),
+        BenchTarget::Alerts {
+            alerts,
+            concurrency,
+            batteries,
+            days,
+            day_ms,
+        } => crate::bench_alerts::run(alerts, concurrency, batteries, days, day_ms),
     }
 }
 

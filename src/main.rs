@@ -1,6 +1,8 @@
 //! `voltcast`: one binary for the whole pipeline. See `voltcast --help`.
 
 mod bench;
+mod bench_alerts;
+mod demo;
 mod forecast;
 mod plot;
 mod simulate;
@@ -30,6 +32,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Everything in one process: in-process Kafka broker, simulated fleet, pipeline,
+    /// head unit, API and metrics. Start here.
+    Demo(demo::DemoArgs),
     /// Run the pipeline on the configured source (Kafka by default).
     Run {
         /// Replay a JSONL/CSV file or folder instead of consuming Kafka.
@@ -45,11 +50,32 @@ enum Command {
     },
     /// Batch scoring: forecast and failure risk for every battery in telemetry files.
     Forecast(forecast::ForecastArgs),
+    /// The head-unit simulator: receives signed alert webhooks, shows an in-dash page.
+    HeadUnit(HeadUnitArgs),
     /// Measure throughput; prints its figures.
     Bench {
         #[command(subcommand)]
         what: bench::BenchTarget,
     },
+}
+
+#[derive(clap::Args)]
+struct HeadUnitArgs {
+    /// Address to serve on.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: std::net::SocketAddr,
+    /// The webhook signing secret shared with voltcast (`webhook.secret`).
+    #[arg(long, env = "VOLTCAST_WEBHOOK__SECRET", hide_env_values = true)]
+    secret: String,
+    /// voltcast's API base URL, for "Book service" acknowledgements.
+    #[arg(long, env = "VOLTCAST_URL")]
+    voltcast_url: Option<String>,
+    /// Bearer token for voltcast's API (`api.token`).
+    #[arg(long, env = "VOLTCAST_API__TOKEN", hide_env_values = true)]
+    api_token: Option<String>,
+    /// Largest accepted difference between a request's timestamp and this clock.
+    #[arg(long, default_value_t = 300)]
+    tolerance_seconds: i64,
 }
 
 #[derive(Subcommand)]
@@ -99,6 +125,10 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             }
             runtime.block_on(run(config))
         }
+        Command::Demo(args) => {
+            let config = load_config(cli.config)?;
+            runtime.block_on(demo::run(args, config))
+        }
         Command::Simulate(args) => runtime.block_on(simulate::run(args)),
         Command::Forecast(args) => {
             let config = load_config(cli.config)?;
@@ -113,7 +143,27 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bench { what } => bench::run(what),
+        Command::HeadUnit(args) => runtime.block_on(head_unit(args)),
     }
+}
+
+async fn head_unit(args: HeadUnitArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(!args.secret.is_empty(), "--secret must not be empty");
+    let mut config = voltcast_headunit::HeadUnitConfig::new(args.secret);
+    config.tolerance_seconds = args.tolerance_seconds;
+    config.voltcast_url = args.voltcast_url;
+    config.api_token = args.api_token.filter(|t| !t.is_empty());
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("--listen {}", args.listen))?;
+    tracing::info!(url = %format!("http://{}/", listener.local_addr()?), "head unit listening");
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    voltcast_headunit::HeadUnit::new(config, None)
+        .serve(listener, shutdown)
+        .await?;
+    Ok(())
 }
 
 async fn run(config: VoltcastConfig) -> anyhow::Result<()> {
@@ -142,6 +192,7 @@ async fn run(config: VoltcastConfig) -> anyhow::Result<()> {
         at_risk,
         daily_updates = report.forecast.updates,
         selections = report.forecast.selections,
+        alerts = report.alerts,
         "forecasts"
     );
     if config.source == SourceKind::File && report.rejected > 0 {

@@ -8,7 +8,9 @@ fn voltcast(args: &[&str], dir: &Path, env: &[(&str, &str)]) -> Output {
     cmd.args(args)
         .current_dir(dir)
         .env_remove("VOLTCAST_CONFIG")
-        .env("VOLTCAST_LOG", "info");
+        .env("VOLTCAST_LOG", "info")
+        // Tests run side by side: each API on a free port.
+        .env("VOLTCAST_API__LISTEN", "127.0.0.1:0");
     for (k, v) in env {
         cmd.env(k, v);
     }

@@ -16,6 +16,7 @@
 //! advance the chosen model in microseconds and the model must be checkpointed; augurs'
 //! fitted ETS exposes neither its parameters nor its states.
 
+pub mod drivers;
 pub mod error;
 pub mod ets;
 pub mod forecast;

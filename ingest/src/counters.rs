@@ -11,6 +11,8 @@ pub struct IngestCounters {
     decoded: AtomicU64,
     rejected: [AtomicU64; RejectReason::ALL.len()],
     batches: AtomicU64,
+    /// Consumer lag per (topic, partition), from librdkafka's statistics.
+    lag: std::sync::Mutex<std::collections::BTreeMap<(String, i32), i64>>,
 }
 
 impl IngestCounters {
@@ -42,5 +44,14 @@ impl IngestCounters {
     }
     pub fn batches(&self) -> u64 {
         self.batches.load(Ordering::Relaxed)
+    }
+    pub fn set_lag(&self, topic: &str, partition: i32, records: i64) {
+        let mut lag = self.lag.lock().unwrap_or_else(|e| e.into_inner());
+        lag.insert((topic.to_string(), partition), records);
+    }
+    /// Latest known lag per (topic, partition).
+    pub fn lag(&self) -> Vec<((String, i32), i64)> {
+        let lag = self.lag.lock().unwrap_or_else(|e| e.into_inner());
+        lag.iter().map(|(k, v)| (k.clone(), *v)).collect()
     }
 }

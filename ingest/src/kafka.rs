@@ -10,10 +10,11 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::message::Message;
 use rdkafka::producer::FutureProducer;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rdkafka::{ClientContext, Statistics};
 use serde::{Deserialize, Serialize};
 
 use crate::batcher::{BatchConfig, BatchSink, MicroBatcher, hand_on};
@@ -97,7 +98,9 @@ impl KafkaConfig {
         cfg.set("group.id", &self.group_id)
             .set("enable.auto.commit", "false")
             .set("auto.offset.reset", "earliest")
-            .set("enable.partition.eof", "false");
+            .set("enable.partition.eof", "false")
+            // Consumer lag for the metrics comes from librdkafka's statistics.
+            .set("statistics.interval.ms", "5000");
         for (k, v) in &self.properties {
             cfg.set(k, v);
         }
@@ -181,9 +184,29 @@ fn redact(segment: &str) -> String {
     segment.chars().take(12).collect::<String>() + "..."
 }
 
+/// The consumer's context: hands librdkafka's statistics (consumer lag) to the counters.
+pub struct SourceContext {
+    counters: Arc<IngestCounters>,
+}
+
+impl ClientContext for SourceContext {
+    fn stats(&self, statistics: Statistics) {
+        for (topic, t) in &statistics.topics {
+            for (partition, p) in &t.partitions {
+                // -1 is librdkafka's internal "unassigned" partition; lag -1 is unknown.
+                if *partition >= 0 && p.consumer_lag >= 0 {
+                    self.counters.set_lag(topic, *partition, p.consumer_lag);
+                }
+            }
+        }
+    }
+}
+
+impl ConsumerContext for SourceContext {}
+
 /// Consumes telemetry topics into micro-batches.
 pub struct KafkaSource {
-    consumer: StreamConsumer,
+    consumer: StreamConsumer<SourceContext>,
     batcher: MicroBatcher,
     dlq: DeadLetterQueue,
     topic_names: HashMap<String, Arc<str>>,
@@ -211,9 +234,12 @@ impl KafkaSource {
         counters: Arc<IngestCounters>,
         dlq: DeadLetterQueue,
     ) -> Result<Self, IngestError> {
-        let consumer: StreamConsumer = kafka
+        let context = SourceContext {
+            counters: counters.clone(),
+        };
+        let consumer: StreamConsumer<SourceContext> = kafka
             .consumer_config()?
-            .create()
+            .create_with_context(context)
             .map_err(IngestError::kafka("creating the consumer"))?;
         let topics = kafka.effective_topics()?;
         let names: Vec<&str> = topics.iter().map(String::as_str).collect();

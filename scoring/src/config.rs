@@ -19,6 +19,8 @@ use thiserror::Error;
 use toml::Value;
 use voltcast_ingest::simulate::SimulatorConfig;
 
+use crate::alerts::{AlertConfig, WebhookConfig};
+use crate::api::ApiConfig;
 use crate::archive::ArchiveConfig;
 use crate::checkpoint::CheckpointConfig;
 use crate::windows::WindowConfig;
@@ -49,6 +51,24 @@ pub struct VoltcastConfig {
     pub forecast: voltcast_forecaster::SelectionConfig,
     pub risk: voltcast_forecaster::RiskConfig,
     pub simulator: SimulatorConfig,
+    pub alerts: AlertConfig,
+    pub webhook: WebhookConfig,
+    pub api: ApiConfig,
+    pub metrics: MetricsConfig,
+}
+
+/// `[metrics]` settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Batteries in the top at-risk gauge (the only per-battery label).
+    pub top_k: usize,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self { top_k: 10 }
+    }
 }
 
 /// A configuration problem, naming the key and where its value came from.
@@ -208,9 +228,75 @@ impl VoltcastConfig {
                 }
             }
         }
+        self.check_alerts()?;
         self.simulator
             .validate()
             .map_err(|e| ConfigError::new(format!("simulator.{}", e.key), e.problem))?;
+        Ok(())
+    }
+
+    fn check_alerts(&self) -> Result<(), ConfigError> {
+        let a = &self.alerts;
+        let p = |x: f64| (0.0..=1.0).contains(&x);
+        if !p(a.raise_probability) || a.raise_probability == 0.0 {
+            return Err(ConfigError::new(
+                "alerts.raise_probability",
+                "must be in (0, 1]",
+            ));
+        }
+        if !p(a.clear_probability) || a.clear_probability >= a.raise_probability {
+            return Err(ConfigError::new(
+                "alerts.clear_probability",
+                "must be in [0, alerts.raise_probability)",
+            ));
+        }
+        if a.topic.trim().is_empty() {
+            return Err(ConfigError::new("alerts.topic", "is empty"));
+        }
+        let w = &self.webhook;
+        if w.enabled() {
+            let t = w.url_template.trim();
+            if !(t.starts_with("http://") || t.starts_with("https://")) {
+                return Err(ConfigError::new(
+                    "webhook.url_template",
+                    format!("must start with http:// or https://, got {t:?}"),
+                ));
+            }
+            if w.secret.is_empty() {
+                return Err(ConfigError::new(
+                    "webhook.secret",
+                    "is required when webhook.url_template is set (set VOLTCAST_WEBHOOK__SECRET)",
+                ));
+            }
+            for (key, v) in [
+                ("webhook.timeout_ms", w.timeout_ms),
+                ("webhook.initial_backoff_ms", w.initial_backoff_ms),
+                ("webhook.concurrency", w.concurrency as u64),
+            ] {
+                if v == 0 {
+                    return Err(ConfigError::new(key, "must be at least 1"));
+                }
+            }
+            if w.max_backoff_ms < w.initial_backoff_ms {
+                return Err(ConfigError::new(
+                    "webhook.max_backoff_ms",
+                    "must be at least webhook.initial_backoff_ms",
+                ));
+            }
+        }
+        let listen = self.api.listen.trim();
+        if !listen.is_empty() && listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(ConfigError::new(
+                "api.listen",
+                format!("expected host:port such as 127.0.0.1:8088, got {listen:?}"),
+            ));
+        }
+        if self.metrics.top_k > 1000 {
+            return Err(ConfigError::new(
+                "metrics.top_k",
+                "at most 1000: each is a labelled series",
+            ));
+        }
         Ok(())
     }
 

@@ -12,4 +12,11 @@ pub enum ScoringError {
     Windows(#[from] crate::windows::WindowError),
     #[error(transparent)]
     Checkpoint(#[from] crate::checkpoint::CheckpointError),
+    #[error(transparent)]
+    Alerts(#[from] crate::alerts::AlertError),
+    #[error("api.listen {addr}: {source}")]
+    Api {
+        addr: String,
+        source: std::io::Error,
+    },
 }

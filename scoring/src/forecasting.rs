@@ -19,8 +19,8 @@ use datafusion::arrow::array::RecordBatch;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Semaphore, mpsc};
 use voltcast_forecaster::{
-    DailySeries, DayObservation, FailureRisk, ModelKind, ModelRecord, RiskConfig, SelectionConfig,
-    failure_risk, select,
+    DailySeries, DayObservation, FailureRisk, Forecast, ModelKind, ModelRecord, RiskConfig,
+    SelectionConfig, select,
 };
 
 use crate::windows::daily;
@@ -29,20 +29,36 @@ use crate::windows::daily;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RiskUpdate {
     pub battery_id: Arc<str>,
+    pub vehicle_id: Option<Arc<str>>,
     /// The last closed day the assessment includes (days since 1970-01-01).
     pub day: i32,
+    /// Battery age on that day: a drop means the battery was replaced.
+    pub age: i32,
     pub lifetime: f64,
     pub rated: f64,
     pub model: ModelKind,
     pub model_version: u32,
     pub risk: FailureRisk,
+    /// Daily cycles forecast over the risk horizon, with intervals.
+    pub forecast: Forecast,
+    /// The last days (up to [`RECENT_DAYS`]) as cycles, minutes, trips; oldest first.
+    pub recent: Vec<[f32; 3]>,
+    /// What drives the forecast, strongest first (only when the risk is notable).
+    pub drivers: Vec<String>,
 }
+
+/// Days of history a [`RiskUpdate`] carries for the API.
+pub const RECENT_DAYS: usize = 30;
+/// Drivers are worked out from this probability up: below it nobody reads them.
+const DRIVERS_FROM_PROBABILITY: f64 = 0.5;
 
 /// What the stage keeps per battery.
 struct BatteryModel {
     /// Recent days, oldest first, as much as selection needs.
     days: VecDeque<[f32; 3]>,
     last_day: i32,
+    vehicle: Option<Arc<str>>,
+    age: i32,
     /// Lifetime and rating as of `last_day`.
     lifetime: f64,
     rated: f64,
@@ -55,6 +71,8 @@ struct BatteryModel {
 /// A finished selection, on its way back from the pool.
 struct Selected {
     battery: Arc<str>,
+    /// Wall time the selection took on its thread.
+    seconds: f64,
     /// Day after the last one the selection saw.
     through_day: i32,
     record: ModelRecord,
@@ -69,6 +87,7 @@ pub struct ForecastStage {
     done_rx: mpsc::UnboundedReceiver<Selected>,
     /// Days a battery keeps: enough for every backtest fold plus the fit window.
     keep_days: usize,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
     pub stats: ForecastStats,
 }
 
@@ -93,8 +112,15 @@ impl ForecastStage {
             done_tx,
             done_rx,
             keep_days,
+            metrics: None,
             stats: ForecastStats::default(),
         }
+    }
+
+    /// Report fits, their durations and the models chosen to `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Consumes closed-day batches until the channel closes and every selection in
@@ -144,6 +170,8 @@ impl ForecastStage {
                 BatteryModel {
                     days,
                     last_day,
+                    vehicle: state.fleet.vehicles[i].clone(),
+                    age: history.last_age().unwrap_or_default(),
                     lifetime: history.lifetime().unwrap_or_default(),
                     rated: state.fleet.rated[i],
                     record: None,
@@ -191,13 +219,7 @@ impl ForecastStage {
             return;
         };
         for row in rows {
-            let update = self.take_day(
-                row.battery_id,
-                row.day,
-                row.observation,
-                row.lifetime,
-                row.rated,
-            );
+            let update = self.take_day(&row);
             if let Some(update) = update {
                 // A listener that went away is not our failure.
                 let _ = out.send(update);
@@ -205,14 +227,9 @@ impl ForecastStage {
         }
     }
 
-    fn take_day(
-        &mut self,
-        id: &str,
-        day: i32,
-        obs: DayObservation,
-        lifetime: f64,
-        rated: f64,
-    ) -> Option<RiskUpdate> {
+    fn take_day(&mut self, row: &daily::ClosedRow<'_>) -> Option<RiskUpdate> {
+        let (id, day, obs) = (row.battery_id, row.day, row.observation);
+        let (lifetime, rated) = (row.lifetime, row.rated);
         self.stats.days_in += 1;
         let reselect = self.selection.reselect_every_days.max(1);
         let battery: Arc<str> = match self.batteries.get_key_value(id) {
@@ -224,6 +241,8 @@ impl ForecastStage {
                     BatteryModel {
                         days: VecDeque::new(),
                         last_day: i32::MIN,
+                        vehicle: None,
+                        age: 0,
                         lifetime: 0.0,
                         rated: 0.0,
                         record: None,
@@ -240,17 +259,30 @@ impl ForecastStage {
             self.stats.repeated_days += 1;
             return None;
         }
-        (b.last_day, b.lifetime, b.rated) = (day, lifetime, rated);
+        (b.last_day, b.lifetime, b.rated, b.age) = (day, lifetime, rated, row.age);
+        if let Some(v) = row.vehicle_id
+            && b.vehicle.as_deref() != Some(v)
+        {
+            b.vehicle = Some(Arc::from(v));
+        }
         b.days
             .push_back([obs.cycles as f32, obs.minutes as f32, obs.trips as f32]);
         while b.days.len() > keep {
             b.days.pop_front();
         }
         // Advance and assess first: the risk reflects today whatever selection decides.
-        let update = b.record.as_mut().map(|record| {
+        if let Some(record) = b.record.as_mut() {
             record.observe(&obs);
-            assess(&battery, day, record, lifetime, rated, &self.risk)
-        });
+            if let Some(m) = &self.metrics {
+                m.forecast_fits
+                    .with_label_values(&[model_label(record.kind())])
+                    .inc();
+            }
+        }
+        let update = b
+            .record
+            .as_ref()
+            .map(|record| assess(&battery, b, record, &self.risk));
         self.stats.updates += u64::from(update.is_some());
         let due = match &b.record {
             None => true,
@@ -281,6 +313,14 @@ impl ForecastStage {
     fn install(&mut self, done: Selected) -> Option<RiskUpdate> {
         let b = self.batteries.get_mut(&done.battery)?;
         b.selecting = false;
+        if let Some(m) = &self.metrics {
+            let kind = model_label(done.record.kind());
+            m.forecast_fits.with_label_values(&[kind]).inc();
+            m.model_selections.with_label_values(&[kind]).inc();
+            m.fit_seconds
+                .with_label_values(&[kind])
+                .observe(done.seconds);
+        }
         let mut record = done.record;
         let missed = (b.last_day + 1 - done.through_day).max(0) as usize;
         for d in b.days.iter().skip(b.days.len().saturating_sub(missed)) {
@@ -290,14 +330,7 @@ impl ForecastStage {
                 trips: d[2] as f64,
             });
         }
-        let update = assess(
-            &done.battery,
-            b.last_day,
-            &record,
-            b.lifetime,
-            b.rated,
-            &self.risk,
-        );
+        let update = assess(&done.battery, b, &record, &self.risk);
         b.record = Some(record);
         Some(update)
     }
@@ -317,11 +350,16 @@ fn spawn_selection(
             return;
         };
         let through_day = series.end_day();
-        let fitted = tokio::task::spawn_blocking(move || select(&series, &config, version)).await;
+        let fitted = tokio::task::spawn_blocking(move || {
+            let started = std::time::Instant::now();
+            select(&series, &config, version).map(|r| (r, started.elapsed().as_secs_f64()))
+        })
+        .await;
         match fitted {
-            Ok(Ok(record)) => {
+            Ok(Ok((record, seconds))) => {
                 let _ = done.send(Selected {
                     battery,
+                    seconds,
                     through_day,
                     record,
                 });
@@ -333,20 +371,55 @@ fn spawn_selection(
 
 fn assess(
     battery: &Arc<str>,
-    day: i32,
+    b: &BatteryModel,
     record: &ModelRecord,
-    lifetime: f64,
-    rated: f64,
     config: &RiskConfig,
 ) -> RiskUpdate {
+    let forecast = record.model.predict(config.horizon_days.max(1));
+    let risk = voltcast_forecaster::risk::assess(
+        &forecast,
+        |n| record.model.mean_path(n),
+        b.lifetime,
+        b.rated,
+        record.low_confidence,
+        config,
+    );
+    let recent: Vec<[f32; 3]> = b
+        .days
+        .iter()
+        .skip(b.days.len().saturating_sub(RECENT_DAYS))
+        .copied()
+        .collect();
+    let drivers = if risk.probability >= DRIVERS_FROM_PROBABILITY {
+        let days: Vec<[f32; 3]> = b
+            .days
+            .iter()
+            .skip(b.days.len().saturating_sub(2 * RECENT_DAYS))
+            .copied()
+            .collect();
+        voltcast_forecaster::drivers::drivers(
+            &days,
+            risk.remaining,
+            b.rated,
+            risk.expected_cycles,
+            3,
+        )
+    } else {
+        Vec::new()
+    };
     RiskUpdate {
         battery_id: battery.clone(),
-        day,
-        lifetime,
-        rated,
+        vehicle_id: b.vehicle.clone(),
+        day: b.last_day,
+        age: b.age,
+        lifetime: b.lifetime,
+        rated: b.rated,
         model: record.kind(),
         model_version: record.version,
-        risk: failure_risk(record, lifetime, rated, config),
+        risk,
+        forecast,
+        recent,
+        drivers,
     }
 }
 
@@ -370,4 +443,16 @@ fn stagger(id: &str, cycle: u32) -> u32 {
     let mut h = foldhash::fast::FixedState::with_seed(7).build_hasher();
     h.write(id.as_bytes());
     (h.finish() % cycle as u64) as u32
+}
+
+/// The model kind as a metric label.
+fn model_label(kind: ModelKind) -> &'static str {
+    match kind {
+        ModelKind::SeasonalNaive => "seasonal_naive",
+        ModelKind::AutoEts => "auto_ets",
+        ModelKind::MstlEts => "mstl_ets",
+        ModelKind::Regression => "regression",
+        ModelKind::Ensemble => "ensemble",
+        ModelKind::Mean => "mean",
+    }
 }

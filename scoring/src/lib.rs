@@ -9,6 +9,8 @@
 //! that knows the whole order. `ingest` is re-exported for the commands (`simulate`,
 //! `bench ingest`) that need only the first stage.
 
+pub mod alerts;
+pub mod api;
 pub mod archive;
 pub mod batch;
 pub mod checkpoint;
@@ -16,6 +18,7 @@ pub mod config;
 pub mod error;
 pub mod evaluate;
 pub mod forecasting;
+pub mod metrics;
 pub mod pipeline;
 pub mod windows;
 

@@ -3,10 +3,13 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use datafusion::arrow::array::RecordBatch;
+use tokio::sync::watch;
 use voltcast_ingest::arrow::array::{Array, AsArray};
 use voltcast_ingest::dead_letter::DeadLetterQueue;
 use voltcast_ingest::{
@@ -14,11 +17,14 @@ use voltcast_ingest::{
     SourcePosition, schema,
 };
 
+use crate::alerts::publish::AlertPublisher;
+use crate::alerts::{AlertService, AlertStage, AlertStore, DeliveryWorker, Outbox};
 use crate::archive::{ArchiveError, ParquetArchive};
 use crate::checkpoint::{CheckpointError, CheckpointStore};
 use crate::config::{SourceKind, VoltcastConfig};
 use crate::error::ScoringError;
 use crate::forecasting::ForecastStage;
+use crate::metrics::Metrics;
 use crate::windows::DailyWindows;
 
 /// Counts what reached the end of the pipeline.
@@ -62,6 +68,7 @@ pub struct WindowStage {
     closed: Option<tokio::sync::mpsc::UnboundedSender<RecordBatch>>,
     archive: Option<ParquetArchive>,
     checkpoints: Option<Checkpointing>,
+    metrics: Option<Arc<Metrics>>,
     pub tally: BatchTally,
 }
 
@@ -86,8 +93,15 @@ impl WindowStage {
             closed,
             archive: None,
             checkpoints: None,
+            metrics: None,
             tally: BatchTally::default(),
         }
+    }
+
+    /// Report batch sizes, latencies, window counts and checkpoint times to `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Also archive raw rows and closed days as Parquet.
@@ -126,6 +140,10 @@ impl WindowStage {
         let started = Instant::now();
         let bytes = c.store.save(self.windows.state(), &positions)?;
         c.last_saved = Some(Instant::now());
+        if let Some(m) = &self.metrics {
+            m.checkpoint_seconds
+                .observe(started.elapsed().as_secs_f64());
+        }
         tracing::debug!(
             bytes,
             seconds = started.elapsed().as_secs_f64(),
@@ -175,6 +193,7 @@ impl WindowStage {
 
 impl BatchSink for WindowStage {
     async fn accept(&mut self, batch: MicroBatch) -> Result<Vec<SourcePosition>, SinkError> {
+        let started = Instant::now();
         if let Some(archive) = &mut self.archive {
             archive.raw(&batch.rows)?;
         }
@@ -187,6 +206,11 @@ impl BatchSink for WindowStage {
         }
         self.dead_letters.flush().await?;
         self.emit(out.closed)?;
+        if let Some(m) = &self.metrics {
+            m.batch_rows.observe(batch.rows.num_rows() as f64);
+            m.batch_seconds.observe(started.elapsed().as_secs_f64());
+            m.refresh_windows(self.windows.stats(), self.windows.state().fleet.ids.len());
+        }
         let positions = self.tally.accept(batch).await?;
         self.durable(positions)
     }
@@ -203,29 +227,157 @@ pub struct RunReport {
     pub forecast: crate::forecasting::ForecastStats,
     /// Latest assessment per battery.
     pub risks: std::collections::HashMap<Arc<str>, crate::forecasting::RiskUpdate>,
+    /// Alerts in the store (this run's and earlier ones).
+    pub alerts: usize,
 }
 
-/// Runs the configured source until it ends (files) or `shutdown` fires (Kafka).
+/// What runs beside the stream: metrics, the alert service with its webhook worker and
+/// Kafka publisher, and the HTTP API. Started before the pipeline so the API answers
+/// (`/readyz` says not yet) while the consumer joins its group.
+pub struct Services {
+    pub metrics: Arc<Metrics>,
+    pub alerts: Arc<AlertService>,
+    pub counters: Arc<IngestCounters>,
+    pub ready: Arc<AtomicBool>,
+    /// Where the API listens, when it does.
+    pub api_addr: Option<SocketAddr>,
+    stop_deliveries: Option<watch::Sender<Option<tokio::time::Instant>>>,
+    workers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Services {
+    pub async fn start(config: &VoltcastConfig) -> Result<Self, ScoringError> {
+        let metrics = Arc::new(Metrics::new(config.metrics.top_k));
+        let enabled = config.alerts.enabled;
+        let store = if enabled {
+            AlertStore::open(&config.alerts.store_path)?
+        } else {
+            AlertStore::in_memory()
+        };
+        let mut alerts = AlertService::new(store, metrics.clone());
+        let mut workers = Vec::new();
+        if enabled && config.source == SourceKind::Kafka && config.alerts.publish_to_kafka {
+            let producer = config
+                .kafka
+                .producer_config()?
+                .create()
+                .map_err(crate::alerts::AlertError::Kafka)?;
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            alerts = alerts.with_events(tx);
+            let publisher = AlertPublisher {
+                producer,
+                topic: config.alerts.topic.clone(),
+            };
+            workers.push(tokio::spawn(publisher.run(rx, metrics.clone())));
+        }
+        let mut delivery = None;
+        if enabled && config.webhook.enabled() {
+            let outbox = Arc::new(Outbox::open(&config.webhook.outbox_path)?);
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            alerts = alerts.with_webhooks(config.webhook.clone(), tx, outbox.clone());
+            delivery = Some((outbox, rx));
+        }
+        let alerts = Arc::new(alerts);
+        let mut stop_deliveries = None;
+        if let Some((outbox, rx)) = delivery {
+            let (stop_tx, stop_rx) = watch::channel(None);
+            stop_deliveries = Some(stop_tx);
+            let worker = DeliveryWorker {
+                config: config.webhook.clone(),
+                outbox,
+                service: alerts.clone(),
+                client: reqwest::Client::new(),
+            };
+            workers.push(tokio::spawn(worker.run(rx, stop_rx)));
+        }
+        let counters = Arc::new(IngestCounters::default());
+        let ready = Arc::new(AtomicBool::new(false));
+        let listen = config.api.listen.trim();
+        let api_addr = if listen.is_empty() {
+            None
+        } else {
+            let token =
+                (!config.api.token.is_empty()).then(|| Arc::from(config.api.token.as_str()));
+            let (m, c) = (metrics.clone(), counters.clone());
+            let state = crate::api::ApiState {
+                alerts: alerts.clone(),
+                token,
+                ready: ready.clone(),
+                refresh: Arc::new(move || m.refresh_ingest(&c)),
+            };
+            let addr =
+                crate::api::spawn(listen, state)
+                    .await
+                    .map_err(|source| ScoringError::Api {
+                        addr: listen.to_string(),
+                        source,
+                    })?;
+            tracing::info!(%addr, "API listening");
+            Some(addr)
+        };
+        Ok(Self {
+            metrics,
+            alerts,
+            counters,
+            ready,
+            api_addr,
+            stop_deliveries,
+            workers,
+        })
+    }
+
+    /// Stops the workers; webhook deliveries get up to `drain` to finish, and what is
+    /// left stays in the outbox for the next start.
+    pub async fn finish(self, drain: Duration) {
+        if let Some(stop) = &self.stop_deliveries {
+            let _ = stop.send(Some(tokio::time::Instant::now() + drain));
+        }
+        // The publisher ends once its channel is drained and closed.
+        self.alerts.close_events();
+        for w in self.workers {
+            let _ = w.await;
+        }
+        if let Err(e) = self
+            .alerts
+            .store
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .sync()
+        {
+            tracing::error!(error = %e, "syncing the alert log");
+        }
+    }
+}
+
+/// Runs the configured source until it ends (files) or `shutdown` fires (Kafka), with
+/// its services; stops them after.
 pub async fn run(
     config: &VoltcastConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<RunReport, ScoringError> {
-    let counters = Arc::new(IngestCounters::default());
+    let services = Services::start(config).await?;
+    let report = run_with(config, &services, shutdown).await;
+    services.finish(Duration::from_secs(10)).await;
+    report
+}
+
+/// Runs the configured source with services already started.
+pub async fn run_with(
+    config: &VoltcastConfig,
+    services: &Services,
+    shutdown: impl Future<Output = ()>,
+) -> Result<RunReport, ScoringError> {
+    let counters = services.counters.clone();
     let started = Instant::now();
     let (batch, rules) = (config.batch.clone(), config.validation.clone());
     let (closed_tx, closed_rx) = tokio::sync::mpsc::unbounded_channel();
-    let (risk_tx, mut risk_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (risk_tx, risk_rx) = tokio::sync::mpsc::unbounded_channel();
     let fit_threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut forecasts =
-        ForecastStage::new(config.forecast.clone(), config.risk.clone(), fit_threads);
-    let collector = tokio::spawn(async move {
-        let mut latest = std::collections::HashMap::new();
-        while let Some(u) = risk_rx.recv().await {
-            let u: crate::forecasting::RiskUpdate = u;
-            latest.insert(u.battery_id.clone(), u);
-        }
-        latest
-    });
+        ForecastStage::new(config.forecast.clone(), config.risk.clone(), fit_threads)
+            .with_metrics(services.metrics.clone());
+    let alert_stage = AlertStage::new(&config.alerts, services.alerts.clone());
+    let alert_task = tokio::spawn(alert_stage.run(risk_rx));
     let stage = match config.source {
         SourceKind::Kafka => {
             let producer = config.kafka.dead_letter_producer()?;
@@ -235,13 +387,15 @@ pub async fn run(
             forecasts.seed(windows.state());
             let forecast_task = tokio::spawn(forecasts.run(closed_rx, risk_tx));
             let mut stage = WindowStage::new(windows, late, Some(closed_tx))
-                .with_archive(ParquetArchive::new(&config.archive));
+                .with_archive(ParquetArchive::new(&config.archive))
+                .with_metrics(services.metrics.clone());
             if let Some(store) = store {
                 let interval = Duration::from_secs(config.checkpoint.interval_seconds);
                 stage = stage.with_checkpoints(store, interval, &resumed);
             }
             let source = KafkaSource::new(&config.kafka, batch, rules, counters.clone())?
                 .resume_from(&resumed);
+            services.ready.store(true, Ordering::Relaxed);
             source.run(&mut stage, shutdown).await?;
             stage.checkpoint_now()?;
             (stage, forecast_task)
@@ -256,8 +410,10 @@ pub async fn run(
                 DeadLetterQueue::file(&dead_letters),
                 Some(closed_tx),
             )
-            .with_archive(ParquetArchive::new(&config.archive));
+            .with_archive(ParquetArchive::new(&config.archive))
+            .with_metrics(services.metrics.clone());
             let dlq = DeadLetterQueue::file(dead_letters);
+            services.ready.store(true, Ordering::Relaxed);
             let source = FileSource::new(config.file.clone(), batch, rules, counters.clone(), dlq);
             source.run(&mut stage).await?;
             stage.finish().await?;
@@ -271,7 +427,20 @@ pub async fn run(
     // selections in flight and stops.
     drop(stage);
     let forecast = forecast_task.await.map(|f| f.stats).unwrap_or_default();
-    let risks = collector.await.unwrap_or_default();
+    let _ = alert_task.await;
+    let (risks, alerts) = {
+        let store = services
+            .alerts
+            .store
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let risks = store
+            .latest_all()
+            .map(|u| (u.battery_id.clone(), u.clone()))
+            .collect();
+        (risks, store.alerts().count())
+    };
+    services.metrics.refresh_ingest(&counters);
     Ok(RunReport {
         windows,
         tally,
@@ -280,6 +449,7 @@ pub async fn run(
         seconds: started.elapsed().as_secs_f64(),
         forecast,
         risks,
+        alerts,
     })
 }
 

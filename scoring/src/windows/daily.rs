@@ -8,7 +8,9 @@ use datafusion::arrow::array::{
     ArrayRef, BooleanArray, Date32Array, Float64Array, Int32Array, Int64Array, RecordBatch,
     StringArray, UInt32Array,
 };
-use datafusion::arrow::datatypes::{DataType, Field, Float64Type, Int64Type, Schema, SchemaRef};
+use datafusion::arrow::datatypes::{
+    DataType, Field, Float64Type, Int32Type, Int64Type, Schema, SchemaRef,
+};
 use datafusion::error::Result;
 
 use super::aggregate::DailyAggregator;
@@ -221,7 +223,9 @@ pub(super) fn to_batch(fleet: &Fleet, rows: &[ClosedDay], means: &[(f64, f64)]) 
 #[derive(Debug, Clone, Copy)]
 pub struct ClosedRow<'a> {
     pub battery_id: &'a str,
+    pub vehicle_id: Option<&'a str>,
     pub day: i32,
+    pub age: i32,
     pub observation: voltcast_forecaster::DayObservation,
     pub lifetime: f64,
     pub rated: f64,
@@ -232,6 +236,8 @@ pub fn closed_rows(batch: &datafusion::arrow::array::RecordBatch) -> Option<Vec<
     use datafusion::arrow::datatypes::Date32Type;
     let col = |n: &str| batch.column_by_name(n);
     let ids = col(BATTERY_ID)?.as_string_opt::<i32>()?;
+    let vehicles = col(VEHICLE_ID)?.as_string_opt::<i32>()?;
+    let ages = col(AGE)?.as_primitive_opt::<Int32Type>()?;
     let days = col(DAY)?.as_primitive_opt::<Date32Type>()?;
     let cycles = col(CYCLES)?.as_primitive_opt::<Float64Type>()?;
     let minutes = col(MINUTES)?.as_primitive_opt::<Float64Type>()?;
@@ -242,7 +248,9 @@ pub fn closed_rows(batch: &datafusion::arrow::array::RecordBatch) -> Option<Vec<
         (0..batch.num_rows())
             .map(|i| ClosedRow {
                 battery_id: ids.value(i),
+                vehicle_id: vehicles.is_valid(i).then(|| vehicles.value(i)),
                 day: days.value(i),
+                age: ages.value(i),
                 observation: voltcast_forecaster::DayObservation {
                     cycles: cycles.value(i),
                     minutes: minutes.value(i),

@@ -148,6 +148,10 @@ impl BatteryHistory {
         self.last.map(|l| l.lifetime)
     }
 
+    pub fn last_age(&self) -> Option<i32> {
+        self.last.map(|l| l.age)
+    }
+
     /// Mean daily cycles over the `n` days ending at position `end` (exclusive).
     pub fn mean_cycles(&self, end: usize, n: usize) -> f64 {
         let start = end.saturating_sub(n);

@@ -1,0 +1,431 @@
+//! Alerts: from a battery's risk to a driver who hears about it exactly once per episode.
+//!
+//! The stage is a small chain, each part with its own config and tests:
+//!
+//! - [`policy`]: turns the stream of [`RiskUpdate`]s into decisions (raise, escalate,
+//!   resolve) with hysteresis, so a battery hovering at the threshold does not alert daily.
+//! - [`store`]: an append-only JSON-lines log on local disk, replayed at start-up; the API
+//!   reads alerts and each battery's latest forecast from it.
+//! - [`outbox`]: signed webhooks to the car's head unit. A delivery is written to disk
+//!   before it is attempted and removed only when the receiver said yes, so it survives
+//!   both a receiver outage and a voltcast restart; past a maximum age it goes to a
+//!   dead-letter folder the API lists.
+//! - [`publish`]: the `battery-alerts` Kafka topic, idempotent producer, keyed by battery.
+//!
+//! Why "exactly once" holds without distributed transactions: alert ids are
+//! deterministic (battery, episode, severity), the episode state is rebuilt from the
+//! store at start-up, and every receiver (head unit, topic consumers) dedupes by id.
+//! Deliveries are at least once; with the id as idempotency key the effect is once.
+
+pub mod outbox;
+pub mod policy;
+pub mod publish;
+pub mod store;
+
+use std::sync::{Arc, Mutex};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use thiserror::Error;
+use tokio::sync::mpsc;
+
+use crate::forecasting::RiskUpdate;
+use crate::metrics::Metrics;
+pub use outbox::{Delivery, DeliveryWorker, Outbox, WebhookConfig};
+pub use policy::{Decision, EpisodePolicy};
+pub use store::{AlertFilter, AlertStore};
+
+/// `[alerts]` settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlertConfig {
+    pub enabled: bool,
+    /// Raise when P(rated cycles reached within 30 days) reaches this.
+    pub raise_probability: f64,
+    /// Resolve an open episode when the probability falls below this. Well under
+    /// `raise_probability`, so an episode does not flap open and shut.
+    pub clear_probability: f64,
+    /// Escalate to `critical` when the expected end of life is this many days away or less.
+    pub critical_days: u32,
+    /// Kafka topic for alert events (when the source is Kafka).
+    pub topic: String,
+    pub publish_to_kafka: bool,
+    /// Folder of the alert log.
+    pub store_path: std::path::PathBuf,
+}
+
+impl Default for AlertConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            raise_probability: 0.9,
+            clear_probability: 0.5,
+            critical_days: 7,
+            topic: "battery-alerts".into(),
+            publish_to_kafka: true,
+            store_path: "data/alerts".into(),
+        }
+    }
+}
+
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    #[default]
+    Warning,
+    Critical,
+}
+
+impl Severity {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Severity::Warning => "warning",
+            Severity::Critical => "critical",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AlertStatus {
+    #[default]
+    Open,
+    Acknowledged,
+    /// Replaced by a more severe alert of the same episode.
+    Escalated,
+    Resolved,
+}
+
+impl AlertStatus {
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "open" => Self::Open,
+            "acknowledged" => Self::Acknowledged,
+            "escalated" => Self::Escalated,
+            "resolved" => Self::Resolved,
+            _ => return None,
+        })
+    }
+    /// Still part of a live episode.
+    pub fn is_active(self) -> bool {
+        matches!(self, Self::Open | Self::Acknowledged)
+    }
+}
+
+/// Where the webhook of an alert stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum DeliveryStatus {
+    #[default]
+    NotSent,
+    Pending,
+    Delivered,
+    DeadLettered,
+}
+
+/// One failure alert, as stored, published and sent to the head unit.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Alert {
+    pub alert_id: String,
+    pub battery_id: String,
+    pub vehicle_id: Option<String>,
+    pub episode: u32,
+    pub severity: Severity,
+    pub status: AlertStatus,
+    /// P(rated cycles reached within the horizon).
+    pub probability: f64,
+    pub expected_eol_date: Option<String>,
+    pub days_remaining: Option<u32>,
+    pub lifetime_cycles: f64,
+    pub rated_cycles: f64,
+    pub forecast_30d_cycles: f64,
+    pub model: String,
+    pub model_version: u32,
+    /// The last telemetry day the assessment includes.
+    pub as_of_day: String,
+    pub created_at: DateTime<Utc>,
+    pub message: String,
+    pub reasons: Vec<String>,
+    pub acknowledged_at: Option<DateTime<Utc>>,
+    pub acknowledged_by: Option<String>,
+    pub resolved_at: Option<DateTime<Utc>>,
+    pub resolution: Option<String>,
+    pub delivery: DeliveryStatus,
+}
+
+/// Deterministic: the same battery, episode and severity always give the same id, so a
+/// decision repeated after a crash is recognised downstream as the same alert.
+pub fn alert_id(battery: &str, episode: u32, severity: Severity) -> String {
+    let mut h = Sha256::new();
+    h.update(battery.as_bytes());
+    h.update([0]);
+    h.update(episode.to_le_bytes());
+    h.update(severity.as_str().as_bytes());
+    format!("al-{}", &hex::encode(h.finalize())[..20])
+}
+
+/// Days since 1970-01-01 as an ISO date.
+pub fn iso_day(day: i32) -> String {
+    chrono::DateTime::from_timestamp(i64::from(day) * 86_400, 0)
+        .map(|t| t.date_naive().to_string())
+        .unwrap_or_default()
+}
+
+/// An alert lifecycle event: what the Kafka topic carries.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AlertEvent {
+    pub event: EventKind,
+    pub alert: Alert,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventKind {
+    Raised,
+    Escalated,
+    Resolved,
+    Acknowledged,
+}
+
+#[derive(Debug, Error)]
+pub enum AlertError {
+    #[error("alert store {path}: {source}")]
+    Store {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("outbox {path}: {source}")]
+    Outbox {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("alerts topic producer: {0}")]
+    Kafka(rdkafka::error::KafkaError),
+    #[error("no alert {0}")]
+    NotFound(String),
+    #[error("alert {0} is {1:?} and can no longer be acknowledged")]
+    NotActive(String, AlertStatus),
+}
+
+/// What the stage and the API share: the store, and the ways out (webhooks, Kafka).
+pub struct AlertService {
+    pub store: Mutex<AlertStore>,
+    webhook: Option<(WebhookConfig, mpsc::UnboundedSender<Delivery>, Arc<Outbox>)>,
+    /// Taken (closed) at shutdown so the publisher drains and stops.
+    events: Mutex<Option<mpsc::UnboundedSender<AlertEvent>>>,
+    metrics: Arc<Metrics>,
+}
+
+impl AlertService {
+    pub fn new(store: AlertStore, metrics: Arc<Metrics>) -> Self {
+        Self {
+            store: Mutex::new(store),
+            webhook: None,
+            events: Mutex::new(None),
+            metrics,
+        }
+    }
+
+    /// Send raised and escalated alerts as webhooks through `outbox`.
+    pub fn with_webhooks(
+        mut self,
+        config: WebhookConfig,
+        deliveries: mpsc::UnboundedSender<Delivery>,
+        outbox: Arc<Outbox>,
+    ) -> Self {
+        self.webhook = Some((config, deliveries, outbox));
+        self
+    }
+
+    /// Publish every lifecycle event to `events` (the Kafka publisher).
+    pub fn with_events(mut self, events: mpsc::UnboundedSender<AlertEvent>) -> Self {
+        self.events = Mutex::new(Some(events));
+        self
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, AlertStore> {
+        // A panic while holding the lock leaves the store usable: every write is a
+        // whole line, and the in-memory index is updated after it.
+        self.store.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Carries out one policy decision: outbox first (durable), then the store, then
+    /// the topic. A crash in between repeats the decision with the same alert id.
+    pub fn apply(&self, decision: Decision) -> Result<(), AlertError> {
+        match decision {
+            Decision::Raise(mut alert) => {
+                self.send_webhook(&mut alert)?;
+                self.metrics
+                    .alerts_raised
+                    .with_label_values(&[alert.severity.as_str()])
+                    .inc();
+                self.lock().put(&alert)?;
+                self.publish(EventKind::Raised, alert);
+            }
+            Decision::Escalate {
+                previous,
+                mut alert,
+            } => {
+                self.send_webhook(&mut alert)?;
+                self.metrics
+                    .alerts_raised
+                    .with_label_values(&[alert.severity.as_str()])
+                    .inc();
+                let superseded = self.lock().update(&previous, |a| {
+                    a.status = AlertStatus::Escalated;
+                    a.resolution = Some(format!("escalated to {}", alert.alert_id));
+                })?;
+                self.lock().put(&alert)?;
+                if let Some(old) = superseded {
+                    self.publish(EventKind::Resolved, old);
+                }
+                self.publish(EventKind::Escalated, alert);
+            }
+            Decision::Resolve { alert_id, reason } => {
+                let now = Utc::now();
+                self.metrics
+                    .alerts_resolved
+                    .with_label_values(&[reason.kind()])
+                    .inc();
+                let resolved = self.lock().update(&alert_id, |a| {
+                    a.status = AlertStatus::Resolved;
+                    a.resolved_at = Some(now);
+                    a.resolution = Some(reason.to_string());
+                })?;
+                if let Some(a) = resolved {
+                    self.publish(EventKind::Resolved, a);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The driver booked service (or a service desk took the alert).
+    pub fn acknowledge(&self, alert_id: &str, by: &str) -> Result<Alert, AlertError> {
+        let mut store = self.lock();
+        let alert = store
+            .get(alert_id)
+            .ok_or_else(|| AlertError::NotFound(alert_id.to_string()))?;
+        match alert.status {
+            AlertStatus::Acknowledged => return Ok(alert.clone()),
+            AlertStatus::Open => {}
+            other => return Err(AlertError::NotActive(alert_id.to_string(), other)),
+        }
+        let now = Utc::now();
+        let acked = store
+            .update(alert_id, |a| {
+                a.status = AlertStatus::Acknowledged;
+                a.acknowledged_at = Some(now);
+                a.acknowledged_by = Some(by.to_string());
+            })?
+            .ok_or_else(|| AlertError::NotFound(alert_id.to_string()))?;
+        drop(store);
+        self.metrics.alerts_acknowledged.inc();
+        self.publish(EventKind::Acknowledged, acked.clone());
+        Ok(acked)
+    }
+
+    /// Records a delivery outcome on the alert (the outbox worker calls this).
+    pub fn delivery_status(&self, alert_id: &str, status: DeliveryStatus) {
+        if let Err(e) = self.lock().update(alert_id, |a| a.delivery = status) {
+            tracing::error!(alert_id, error = %e, "recording a delivery outcome");
+        }
+    }
+
+    /// Webhook deliveries given up on.
+    pub fn dead_letters(&self) -> Vec<Delivery> {
+        self.webhook
+            .as_ref()
+            .map(|(_, _, outbox)| outbox.dead_letters())
+            .unwrap_or_default()
+    }
+
+    fn send_webhook(&self, alert: &mut Alert) -> Result<(), AlertError> {
+        let Some((config, deliveries, outbox)) = &self.webhook else {
+            return Ok(());
+        };
+        let Some(url) = config.url_for(alert) else {
+            self.metrics
+                .webhook_deliveries
+                .with_label_values(&["no_vehicle"])
+                .inc();
+            tracing::warn!(alert_id = %alert.alert_id, battery = %alert.battery_id, "no vehicle id: webhook not sent");
+            return Ok(());
+        };
+        alert.delivery = DeliveryStatus::Pending;
+        let delivery = Delivery::new(alert, url);
+        outbox.enqueue(&delivery)?;
+        self.metrics.outbox_depth.inc();
+        let _ = deliveries.send(delivery);
+        Ok(())
+    }
+
+    fn publish(&self, event: EventKind, alert: Alert) {
+        let events = self.events.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(tx) = &*events {
+            let _ = tx.send(AlertEvent { event, alert });
+        }
+    }
+
+    /// No more events to Kafka: the publisher sends what it has and stops.
+    pub fn close_events(&self) {
+        self.events.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+}
+
+/// The alert stage on the stream: risk updates in, decisions carried out.
+pub struct AlertStage {
+    pub policy: EpisodePolicy,
+    pub service: Arc<AlertService>,
+    /// With alerts off, the stage only keeps the latest assessment for the API.
+    enabled: bool,
+}
+
+impl AlertStage {
+    /// Starts from what the store remembers (open episodes, episode counts).
+    pub fn new(config: &AlertConfig, service: Arc<AlertService>) -> Self {
+        let mut policy = EpisodePolicy::new(config.clone());
+        policy.restore(service.lock().alerts());
+        Self {
+            policy,
+            service,
+            enabled: config.enabled,
+        }
+    }
+
+    pub fn take(&mut self, update: RiskUpdate) {
+        let decisions = if self.enabled {
+            self.policy.observe(&update, Utc::now())
+        } else {
+            Vec::new()
+        };
+        self.service.metrics.observe_risk(&update);
+        for d in decisions {
+            if let Err(e) = self.service.apply(d) {
+                tracing::error!(battery = %update.battery_id, error = %e, "alert not recorded");
+            }
+        }
+        self.service.lock().set_latest(update);
+    }
+
+    /// Consumes updates until the channel closes.
+    pub async fn run(mut self, mut updates: mpsc::UnboundedReceiver<RiskUpdate>) -> Self {
+        while let Some(u) = updates.recv().await {
+            self.take(u);
+            // Batches of updates arrive together; sync the log once per batch.
+            if updates.is_empty()
+                && let Err(e) = self.service.lock().sync()
+            {
+                tracing::error!(error = %e, "syncing the alert log");
+            }
+        }
+        self
+    }
+}

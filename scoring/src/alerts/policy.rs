@@ -1,0 +1,351 @@
+//! The episode policy: when a battery's risk becomes an alert, and when it stops being one.
+//!
+//! An episode opens when the probability reaches `raise_probability` and stays open,
+//! without repeating, until the battery is replaced (its age resets or its lifetime
+//! drops) or the probability falls below `clear_probability`. The gap between the two
+//! thresholds is the hysteresis: a battery at 0.89 / 0.91 on alternate days keeps one
+//! alert. Within an episode a rise in severity (expected end of life within
+//! `critical_days`) is a new alert, so the driver hears that it became urgent.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+
+use super::{Alert, AlertConfig, AlertStatus, DeliveryStatus, Severity, alert_id, iso_day};
+use crate::forecasting::RiskUpdate;
+
+/// Lifetime may fall a little when late telemetry corrects a day; a fall this large
+/// means the battery was swapped.
+const REPLACEMENT_LIFETIME_DROP: f64 = 1.0;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum ResolveReason {
+    Replaced,
+    RiskFell { probability: f64 },
+}
+
+impl ResolveReason {
+    /// A bounded metric label.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ResolveReason::Replaced => "replaced",
+            ResolveReason::RiskFell { .. } => "risk_fell",
+        }
+    }
+}
+
+impl std::fmt::Display for ResolveReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ResolveReason::Replaced => write!(f, "battery replaced"),
+            ResolveReason::RiskFell { probability } => {
+                write!(f, "risk fell to {probability:.2}")
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    Raise(Alert),
+    /// A more severe alert of the open episode; `previous` is superseded.
+    Escalate {
+        previous: String,
+        alert: Alert,
+    },
+    Resolve {
+        alert_id: String,
+        reason: ResolveReason,
+    },
+}
+
+#[derive(Debug, Default, Clone)]
+struct BatteryEpisode {
+    /// Episodes so far (the open one included).
+    episode: u32,
+    /// The open episode's current alert.
+    open: Option<(Severity, String)>,
+    lifetime: Option<f64>,
+    age: Option<i32>,
+}
+
+pub struct EpisodePolicy {
+    config: AlertConfig,
+    batteries: HashMap<Arc<str>, BatteryEpisode>,
+}
+
+impl EpisodePolicy {
+    pub fn new(config: AlertConfig) -> Self {
+        Self {
+            config,
+            batteries: HashMap::new(),
+        }
+    }
+
+    /// Rebuilds episode counts and open episodes from stored alerts.
+    pub fn restore<'a>(&mut self, alerts: impl Iterator<Item = &'a Alert>) {
+        for a in alerts {
+            let e = self
+                .batteries
+                .entry(Arc::from(a.battery_id.as_str()))
+                .or_default();
+            e.episode = e.episode.max(a.episode);
+            if a.status.is_active() {
+                let newer = e.open.as_ref().is_none_or(|(s, _)| a.severity >= *s);
+                if newer {
+                    e.open = Some((a.severity, a.alert_id.clone()));
+                }
+                e.lifetime = Some(a.lifetime_cycles);
+            }
+        }
+    }
+
+    /// Open episodes right now.
+    pub fn open_episodes(&self) -> usize {
+        self.batteries.values().filter(|e| e.open.is_some()).count()
+    }
+
+    fn severity(&self, u: &RiskUpdate) -> Severity {
+        let critical = u.risk.remaining <= 0.0
+            || u.risk
+                .days_to_eol
+                .is_some_and(|d| d <= self.config.critical_days);
+        if critical {
+            Severity::Critical
+        } else {
+            Severity::Warning
+        }
+    }
+
+    pub fn observe(&mut self, u: &RiskUpdate, now: DateTime<Utc>) -> Vec<Decision> {
+        let severity = self.severity(u);
+        let (raise, clear) = (self.config.raise_probability, self.config.clear_probability);
+        let e = match self.batteries.get_mut(&u.battery_id) {
+            Some(e) => e,
+            None => self.batteries.entry(u.battery_id.clone()).or_default(),
+        };
+        let replaced = e.age.is_some_and(|a| u.age < a)
+            || e.lifetime
+                .is_some_and(|l| u.lifetime < l - REPLACEMENT_LIFETIME_DROP);
+        (e.age, e.lifetime) = (Some(u.age), Some(u.lifetime));
+        let mut out = Vec::new();
+        if let Some((open_severity, id)) = e.open.clone() {
+            let reason = if replaced {
+                Some(ResolveReason::Replaced)
+            } else if u.risk.probability < clear {
+                Some(ResolveReason::RiskFell {
+                    probability: u.risk.probability,
+                })
+            } else {
+                None
+            };
+            if let Some(reason) = reason {
+                e.open = None;
+                out.push(Decision::Resolve {
+                    alert_id: id,
+                    reason,
+                });
+            } else if severity > open_severity {
+                let alert = build_alert(u, e.episode, severity, now);
+                e.open = Some((severity, alert.alert_id.clone()));
+                out.push(Decision::Escalate {
+                    previous: id,
+                    alert,
+                });
+                return out;
+            } else {
+                return out;
+            }
+        }
+        if u.risk.probability >= raise {
+            e.episode += 1;
+            let alert = build_alert(u, e.episode, severity, now);
+            e.open = Some((severity, alert.alert_id.clone()));
+            out.push(Decision::Raise(alert));
+        }
+        out
+    }
+}
+
+fn build_alert(u: &RiskUpdate, episode: u32, severity: Severity, now: DateTime<Utc>) -> Alert {
+    let days = u.risk.days_to_eol;
+    let eol = days.map(|d| iso_day(u.day + d as i32));
+    let when = match days {
+        Some(0) => "now".to_string(),
+        Some(1) => "in about 1 day".to_string(),
+        Some(d) => format!("in about {d} days"),
+        None => "within 30 days".to_string(),
+    };
+    let message = match severity {
+        _ if u.risk.remaining <= 0.0 => format!(
+            "Battery {} has used its rated {:.0} cycles. Book service now.",
+            u.battery_id, u.rated
+        ),
+        Severity::Warning => format!(
+            "Battery {} is expected to reach its rated {:.0} cycles {when}. Please book a service appointment.",
+            u.battery_id, u.rated
+        ),
+        Severity::Critical => format!(
+            "Battery {} will reach the end of its rated life {when}. Book service now.",
+            u.battery_id
+        ),
+    };
+    Alert {
+        alert_id: alert_id(&u.battery_id, episode, severity),
+        battery_id: u.battery_id.to_string(),
+        vehicle_id: u.vehicle_id.as_deref().map(str::to_string),
+        episode,
+        severity,
+        status: AlertStatus::Open,
+        probability: u.risk.probability,
+        expected_eol_date: eol,
+        days_remaining: days,
+        lifetime_cycles: u.lifetime,
+        rated_cycles: u.rated,
+        forecast_30d_cycles: u.risk.expected_cycles,
+        model: model_name(u.model),
+        model_version: u.model_version,
+        as_of_day: iso_day(u.day),
+        created_at: now,
+        message,
+        reasons: u.drivers.clone(),
+        acknowledged_at: None,
+        acknowledged_by: None,
+        resolved_at: None,
+        resolution: None,
+        delivery: DeliveryStatus::NotSent,
+    }
+}
+
+/// The model's name as the JSON everywhere else spells it (`mstl_ets`).
+fn model_name(kind: voltcast_forecaster::ModelKind) -> String {
+    serde_json::to_value(kind)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use voltcast_forecaster::{FailureRisk, Forecast, ModelKind};
+
+    /// One scripted day of battery "B1": probability and days to end of life.
+    fn day(day: i32, age: i32, lifetime: f64, probability: f64, days_to_eol: u32) -> RiskUpdate {
+        RiskUpdate {
+            battery_id: Arc::from("B1"),
+            vehicle_id: Some(Arc::from("V1")),
+            day,
+            age,
+            lifetime,
+            rated: 200.0,
+            model: ModelKind::AutoEts,
+            model_version: 1,
+            risk: FailureRisk {
+                probability,
+                expected_cycles: 4.5,
+                sd_cycles: 0.5,
+                remaining: 200.0 - lifetime,
+                days_to_eol: Some(days_to_eol),
+                low_confidence: false,
+                at_risk: probability >= 0.9,
+            },
+            forecast: Forecast::default(),
+            recent: Vec::new(),
+            drivers: vec!["driving up".into()],
+        }
+    }
+
+    fn kinds(d: &[Decision]) -> Vec<&'static str> {
+        d.iter()
+            .map(|d| match d {
+                Decision::Raise(_) => "raise",
+                Decision::Escalate { .. } => "escalate",
+                Decision::Resolve { .. } => "resolve",
+            })
+            .collect()
+    }
+
+    #[test]
+    fn one_alert_per_episode_escalation_and_resolution_after_replacement() {
+        let mut p = EpisodePolicy::new(AlertConfig::default());
+        let now = Utc::now();
+        let mut log = Vec::new();
+        // Days 0-9 quiet, 10-19 at risk hovering around the threshold, then critical,
+        // then a new battery (age and lifetime reset), then a second episode.
+        for d in 0..40 {
+            let u = match d {
+                0..10 => day(d, 900 + d, 170.0 + d as f64, 0.2, 60),
+                10..20 => {
+                    let p = if d % 2 == 0 { 0.93 } else { 0.6 };
+                    day(d, 900 + d, 180.0 + d as f64, p, 20 - (d as u32 - 10))
+                }
+                20..25 => day(d, 900 + d, 199.5 + (d - 20) as f64 * 0.1, 0.99, 5),
+                25..35 => day(d, d - 25, (d - 25) as f64 * 0.2, 0.0, 1500),
+                _ => day(d, d - 25, 196.0, 0.95, 12),
+            };
+            let decisions = p.observe(&u, now);
+            for k in kinds(&decisions) {
+                log.push((d, k));
+            }
+            if let Some(Decision::Raise(a)) = decisions.first() {
+                assert_eq!(a.vehicle_id.as_deref(), Some("V1"));
+                assert_eq!(a.reasons, vec!["driving up".to_string()]);
+            }
+        }
+        // Raised once on day 10 (0.6 on odd days is above clear_probability 0.5: no
+        // flapping), escalated on day 20, resolved by the replacement on day 25, and a
+        // second episode on day 35.
+        assert_eq!(
+            log,
+            vec![
+                (10, "raise"),
+                (20, "escalate"),
+                (25, "resolve"),
+                (35, "raise")
+            ]
+        );
+    }
+
+    #[test]
+    fn risk_falling_below_the_clear_threshold_ends_the_episode() {
+        let mut p = EpisodePolicy::new(AlertConfig::default());
+        let now = Utc::now();
+        let first = p.observe(&day(1, 100, 150.0, 0.95, 20), now);
+        let Some(Decision::Raise(a1)) = first.first() else {
+            panic!("{first:?}")
+        };
+        assert!(p.observe(&day(2, 101, 150.1, 0.95, 20), now).is_empty());
+        let resolved = p.observe(&day(3, 102, 150.2, 0.3, 60), now);
+        assert!(
+            matches!(&resolved[..], [Decision::Resolve { alert_id, reason: ResolveReason::RiskFell { .. } }] if *alert_id == a1.alert_id),
+            "{resolved:?}"
+        );
+        // A new episode has a new, deterministic id.
+        let again = p.observe(&day(4, 103, 150.3, 0.97, 18), now);
+        let Some(Decision::Raise(a2)) = again.first() else {
+            panic!("{again:?}")
+        };
+        assert_eq!(a2.episode, 2);
+        assert_ne!(a2.alert_id, a1.alert_id);
+        assert_eq!(a2.alert_id, alert_id("B1", 2, Severity::Warning));
+    }
+
+    #[test]
+    fn a_restored_policy_does_not_raise_the_open_episode_again() {
+        let mut p = EpisodePolicy::new(AlertConfig::default());
+        let now = Utc::now();
+        let Some(Decision::Raise(a)) = p.observe(&day(1, 100, 150.0, 0.95, 20), now).pop() else {
+            panic!()
+        };
+        let mut restarted = EpisodePolicy::new(AlertConfig::default());
+        restarted.restore([a].iter());
+        assert_eq!(restarted.open_episodes(), 1);
+        assert!(
+            restarted
+                .observe(&day(2, 101, 150.1, 0.96, 19), now)
+                .is_empty()
+        );
+    }
+}

@@ -1,0 +1,180 @@
+//! The alert store: an append-only JSON-lines log on local disk plus an in-memory index.
+//!
+//! Why a log and not a database: alerts are few (a fleet of 100,000 raises tens a day),
+//! every change is a whole line that is either there or not after a crash, and a person
+//! can `grep` it. At start-up the log is replayed; the last line of an alert wins, and a
+//! torn last line (a crash mid-write) is skipped. The latest forecast per battery is kept
+//! in memory only: after a restart the forecast stage re-emits it for every battery.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+
+use super::{Alert, AlertError, AlertStatus};
+use crate::forecasting::RiskUpdate;
+
+const LOG_FILE: &str = "alerts.jsonl";
+
+pub struct AlertStore {
+    path: Option<PathBuf>,
+    log: Option<BufWriter<File>>,
+    alerts: Vec<Alert>,
+    by_id: HashMap<String, usize>,
+    latest: HashMap<Arc<str>, RiskUpdate>,
+}
+
+/// `GET /api/alerts` filters.
+#[derive(Debug, Default, Clone)]
+pub struct AlertFilter {
+    pub battery: Option<String>,
+    pub vehicle: Option<String>,
+    pub since: Option<DateTime<Utc>>,
+    pub status: Option<AlertStatus>,
+    pub limit: Option<usize>,
+}
+
+impl AlertStore {
+    /// A store that keeps nothing on disk (tests, benchmarks).
+    pub fn in_memory() -> Self {
+        Self {
+            path: None,
+            log: None,
+            alerts: Vec::new(),
+            by_id: HashMap::new(),
+            latest: HashMap::new(),
+        }
+    }
+
+    /// Opens (creating) the log in `dir` and replays it.
+    pub fn open(dir: &Path) -> Result<Self, AlertError> {
+        let path = dir.join(LOG_FILE);
+        let err = |source| AlertError::Store {
+            path: path.display().to_string(),
+            source,
+        };
+        std::fs::create_dir_all(dir).map_err(err)?;
+        let mut store = Self::in_memory();
+        if path.exists() {
+            let reader = BufReader::new(File::open(&path).map_err(err)?);
+            for (n, line) in reader.lines().enumerate() {
+                let line = line.map_err(err)?;
+                match serde_json::from_str::<Alert>(&line) {
+                    Ok(a) => store.index(a),
+                    Err(e) => {
+                        tracing::warn!(line = n + 1, error = %e, path = %path.display(), "skipping an unreadable alert line")
+                    }
+                }
+            }
+        }
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(err)?;
+        store.log = Some(BufWriter::new(file));
+        store.path = Some(path);
+        Ok(store)
+    }
+
+    fn index(&mut self, a: Alert) {
+        match self.by_id.get(&a.alert_id) {
+            Some(&i) => self.alerts[i] = a,
+            None => {
+                self.by_id.insert(a.alert_id.clone(), self.alerts.len());
+                self.alerts.push(a);
+            }
+        }
+    }
+
+    fn io_error(&self, source: std::io::Error) -> AlertError {
+        AlertError::Store {
+            path: self
+                .path
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            source,
+        }
+    }
+
+    /// Inserts or replaces an alert, writing it to the log first.
+    pub fn put(&mut self, alert: &Alert) -> Result<(), AlertError> {
+        if let Some(log) = &mut self.log {
+            let line = serde_json::to_string(alert).expect("alerts serialize");
+            let written = log
+                .write_all(line.as_bytes())
+                .and_then(|()| log.write_all(b"\n"))
+                .and_then(|()| log.flush());
+            written.map_err(|e| self.io_error(e))?;
+        }
+        self.index(alert.clone());
+        Ok(())
+    }
+
+    /// Changes a stored alert; returns it changed, or None if there is no such alert.
+    pub fn update(
+        &mut self,
+        alert_id: &str,
+        change: impl FnOnce(&mut Alert),
+    ) -> Result<Option<Alert>, AlertError> {
+        let Some(&i) = self.by_id.get(alert_id) else {
+            return Ok(None);
+        };
+        let mut a = self.alerts[i].clone();
+        change(&mut a);
+        self.put(&a)?;
+        Ok(Some(a))
+    }
+
+    /// Forces the log to disk.
+    pub fn sync(&mut self) -> Result<(), AlertError> {
+        if let Some(log) = &mut self.log {
+            let synced = log.flush().and_then(|()| log.get_ref().sync_data());
+            synced.map_err(|e| self.io_error(e))?;
+        }
+        Ok(())
+    }
+
+    pub fn get(&self, alert_id: &str) -> Option<&Alert> {
+        self.by_id.get(alert_id).map(|&i| &self.alerts[i])
+    }
+
+    /// Every alert, oldest first.
+    pub fn alerts(&self) -> impl Iterator<Item = &Alert> {
+        self.alerts.iter()
+    }
+
+    /// Matching alerts, newest first.
+    pub fn query(&self, f: &AlertFilter) -> Vec<Alert> {
+        self.alerts
+            .iter()
+            .rev()
+            .filter(|a| f.battery.as_deref().is_none_or(|b| a.battery_id == b))
+            .filter(|a| {
+                f.vehicle
+                    .as_deref()
+                    .is_none_or(|v| a.vehicle_id.as_deref() == Some(v))
+            })
+            .filter(|a| f.since.is_none_or(|t| a.created_at >= t))
+            .filter(|a| f.status.is_none_or(|s| a.status == s))
+            .take(f.limit.unwrap_or(usize::MAX))
+            .cloned()
+            .collect()
+    }
+
+    pub fn set_latest(&mut self, update: RiskUpdate) {
+        self.latest.insert(update.battery_id.clone(), update);
+    }
+
+    pub fn latest(&self, battery: &str) -> Option<&RiskUpdate> {
+        self.latest.get(battery)
+    }
+
+    pub fn latest_all(&self) -> impl Iterator<Item = &RiskUpdate> {
+        self.latest.values()
+    }
+}

@@ -1,0 +1,248 @@
+//! `voltcast bench alerts`: webhook deliveries per second to a local head unit, and the
+//! end-to-end latency from a day's window closing to its alert arriving on the head unit.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, watch};
+use voltcast_headunit::{HeadUnit, HeadUnitConfig, Received};
+use voltcast_scoring::alerts::{
+    AlertConfig, AlertService, AlertStage, AlertStore, DeliveryWorker, EpisodePolicy, Outbox,
+    WebhookConfig,
+};
+use voltcast_scoring::forecaster::{RiskConfig, SelectionConfig};
+use voltcast_scoring::forecasting::ForecastStage;
+use voltcast_scoring::ingest::MicroBatch;
+use voltcast_scoring::ingest::simulate::{FleetSimulator, SimulatorConfig, WireFormat};
+use voltcast_scoring::metrics::Metrics;
+use voltcast_scoring::windows::{DailyWindows, WindowConfig};
+
+const SECRET: &str = "bench-secret";
+
+struct Chain {
+    service: Arc<AlertService>,
+    received: mpsc::UnboundedReceiver<Received>,
+    stop: watch::Sender<Option<tokio::time::Instant>>,
+    worker: tokio::task::JoinHandle<()>,
+    _dir: tempfile::TempDir,
+}
+
+/// Head unit on a free port, and an alert service delivering to it via an outbox.
+async fn chain(concurrency: usize) -> anyhow::Result<Chain> {
+    let dir = tempfile::tempdir()?;
+    let (tx, received) = mpsc::unbounded_channel();
+    let unit = HeadUnit::new(HeadUnitConfig::new(SECRET), Some(tx));
+    let addr = unit.spawn("127.0.0.1:0".parse()?).await?;
+    let config = WebhookConfig {
+        url_template: format!("http://{addr}/vehicles/{{vehicle_id}}/alerts"),
+        secret: SECRET.into(),
+        concurrency,
+        outbox_path: dir.path().join("outbox"),
+        ..Default::default()
+    };
+    let outbox = Arc::new(Outbox::open(&config.outbox_path)?);
+    let (dtx, drx) = mpsc::unbounded_channel();
+    let store = AlertStore::open(&dir.path().join("alerts"))?;
+    let service = Arc::new(
+        AlertService::new(store, Arc::new(Metrics::new(10))).with_webhooks(
+            config.clone(),
+            dtx,
+            outbox.clone(),
+        ),
+    );
+    let (stop, stop_rx) = watch::channel(None);
+    let worker = tokio::spawn(
+        DeliveryWorker {
+            config,
+            outbox,
+            service: service.clone(),
+            client: reqwest::Client::new(),
+        }
+        .run(drx, stop_rx),
+    );
+    Ok(Chain {
+        service,
+        received,
+        stop,
+        worker,
+        _dir: dir,
+    })
+}
+
+/// A battery the policy raises an alert for at once.
+fn at_risk(b: usize) -> voltcast_scoring::forecasting::RiskUpdate {
+    use voltcast_scoring::forecaster::{FailureRisk, Forecast, ModelKind};
+    voltcast_scoring::forecasting::RiskUpdate {
+        battery_id: Arc::from(format!("B{b:06}")),
+        vehicle_id: Some(Arc::from(format!("V{b:06}"))),
+        day: 20_000,
+        age: 1200,
+        lifetime: 190.0,
+        rated: 200.0,
+        model: ModelKind::AutoEts,
+        model_version: 1,
+        risk: FailureRisk {
+            probability: 0.97,
+            expected_cycles: 12.0,
+            sd_cycles: 1.0,
+            remaining: 10.0,
+            days_to_eol: Some(25),
+            low_confidence: false,
+            at_risk: true,
+        },
+        forecast: Forecast::default(),
+        recent: Vec::new(),
+        drivers: vec!["10.0 of 200 rated cycles left".into()],
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+pub fn run(
+    alerts: usize,
+    concurrency: usize,
+    batteries: usize,
+    days: u32,
+    day_ms: u64,
+) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        deliveries(alerts, concurrency).await?;
+        latency(batteries, days, day_ms, concurrency).await
+    })
+}
+
+async fn deliveries(n: usize, concurrency: usize) -> anyhow::Result<()> {
+    let mut c = chain(concurrency).await?;
+    let mut policy = EpisodePolicy::new(AlertConfig::default());
+    let started = Instant::now();
+    for b in 0..n {
+        for d in policy.observe(&at_risk(b), chrono::Utc::now()) {
+            c.service.apply(d)?;
+        }
+    }
+    let queued = started.elapsed().as_secs_f64();
+    let mut got = 0;
+    while got < n {
+        match tokio::time::timeout(Duration::from_secs(60), c.received.recv()).await {
+            Ok(Some(_)) => got += 1,
+            _ => break,
+        }
+    }
+    let total = started.elapsed().as_secs_f64();
+    println!(
+        "bench alerts deliveries: {got}/{n} signed webhooks to a local head unit in {total:.2} s = {:.0} deliveries/s (concurrency {concurrency}; raising and fsyncing each into the outbox took {queued:.2} s = {:.0}/s)",
+        got as f64 / total,
+        n as f64 / queued
+    );
+    let _ = c.stop.send(Some(tokio::time::Instant::now()));
+    let _ = c.worker.await;
+    Ok(())
+}
+
+/// Closed days flow through forecasts and the alert stage; a day closes every `day_ms`.
+async fn latency(
+    batteries: usize,
+    days: u32,
+    day_ms: u64,
+    concurrency: usize,
+) -> anyhow::Result<()> {
+    let mut c = chain(concurrency).await?;
+    let sim = SimulatorConfig {
+        batteries,
+        days,
+        seed: 3,
+        ..Default::default()
+    };
+    let mut sim = FleetSimulator::new(sim, WireFormat::Json)?.without_payloads();
+    let mut windows = DailyWindows::new(WindowConfig::default());
+    let fit_threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let stage = ForecastStage::new(
+        SelectionConfig::default(),
+        RiskConfig::default(),
+        fit_threads,
+    );
+    let (closed_tx, closed_rx) = mpsc::unbounded_channel();
+    let (risk_tx, risk_rx) = mpsc::unbounded_channel();
+    let forecasts = tokio::spawn(stage.run(closed_rx, risk_tx));
+    let alerts =
+        tokio::spawn(AlertStage::new(&AlertConfig::default(), c.service.clone()).run(risk_rx));
+    // When each telemetry day's windows closed.
+    let mut closed_at: HashMap<i32, Instant> = HashMap::new();
+    let mut received: Vec<Received> = Vec::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(day_ms));
+    while let Some(day) = sim.next_day() {
+        tick.tick().await;
+        let records: Vec<_> = day.messages.into_iter().filter_map(|m| m.record).collect();
+        let batch = MicroBatch::from_records(&records, Arc::from("bench"));
+        if let Some(closed) = windows.apply(&batch, 0).await?.closed {
+            let now = Instant::now();
+            if let Some(rows) = voltcast_scoring::windows::daily::closed_rows(&closed) {
+                for r in rows {
+                    closed_at.entry(r.day).or_insert(now);
+                }
+            }
+            let _ = closed_tx.send(closed);
+        }
+        while let Ok(r) = c.received.try_recv() {
+            received.push(r);
+        }
+    }
+    drop(closed_tx);
+    let _ = forecasts.await;
+    let _ = alerts.await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let expected = c
+        .service
+        .store
+        .lock()
+        .map(|s| s.alerts().count())
+        .unwrap_or(0);
+    while received.len() < expected {
+        match tokio::time::timeout_at(deadline, c.received.recv()).await {
+            Ok(Some(r)) => received.push(r),
+            _ => break,
+        }
+    }
+    let day_of: HashMap<String, i32> = {
+        let store = c
+            .service
+            .store
+            .lock()
+            .map_err(|_| anyhow::anyhow!("store lock"))?;
+        store
+            .alerts()
+            .filter_map(|a| {
+                let d = chrono::NaiveDate::parse_from_str(&a.as_of_day, "%Y-%m-%d").ok()?;
+                Some((
+                    a.alert_id.clone(),
+                    (d - chrono::NaiveDate::from_ymd_opt(1970, 1, 1)?).num_days() as i32,
+                ))
+            })
+            .collect()
+    };
+    let mut ms: Vec<f64> = received
+        .iter()
+        .filter_map(|r| {
+            let closed = closed_at.get(day_of.get(&r.alert_id)?)?;
+            Some(r.at.saturating_duration_since(*closed).as_secs_f64() * 1e3)
+        })
+        .collect();
+    ms.sort_by(f64::total_cmp);
+    println!(
+        "bench alerts latency: {batteries} batteries x {days} days, a day closing every {day_ms} ms: {} alerts, window close -> webhook received p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        ms.len(),
+        percentile(&ms, 0.5),
+        percentile(&ms, 0.99),
+        ms.last().copied().unwrap_or(f64::NAN)
+    );
+    let _ = c.stop.send(Some(tokio::time::Instant::now()));
+    let _ = c.worker.await;
+    Ok(())
+}
