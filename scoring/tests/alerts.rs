@@ -327,3 +327,60 @@ async fn a_replayed_fleet_alerts_its_worn_batteries_once_each_on_their_head_unit
         assert_eq!(inbox.iter().filter(|x| x.alert_id == a.alert_id).count(), 1);
     }
 }
+
+/// Lifecycle events on the `battery-alerts` topic: keyed by battery, one per decision and
+/// acknowledgement, through the idempotent producer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alert_events_are_published_to_the_alerts_topic_keyed_by_battery() {
+    use rdkafka::Message;
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    use rdkafka::mocking::MockCluster;
+
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("battery-alerts", 3, 1).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = voltcast_scoring::VoltcastConfig::default();
+    config.kafka.brokers = cluster.bootstrap_servers();
+    config.api.listen = String::new();
+    config.alerts.store_path = dir.path().join("alerts");
+    let services = voltcast_scoring::pipeline::Services::start(&config)
+        .await
+        .unwrap();
+    let ids = raise(&services.alerts, 5);
+    let acked = ids.iter().next().unwrap().clone();
+    services.alerts.acknowledge(&acked, "test").unwrap();
+    services.finish(Duration::from_secs(5)).await;
+
+    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", cluster.bootstrap_servers())
+        .set("group.id", "alerts-test")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    consumer.subscribe(&["battery-alerts"]).unwrap();
+    let mut events = Vec::new();
+    while events.len() < 6 {
+        let m = tokio::time::timeout(Duration::from_secs(20), consumer.recv())
+            .await
+            .expect("six events within 20 s")
+            .unwrap();
+        let e: voltcast_scoring::alerts::AlertEvent =
+            serde_json::from_slice(m.payload().unwrap()).unwrap();
+        assert_eq!(m.key().unwrap(), e.alert.battery_id.as_bytes());
+        events.push(e);
+    }
+    use voltcast_scoring::alerts::EventKind;
+    let raised: HashSet<String> = events
+        .iter()
+        .filter(|e| e.event == EventKind::Raised)
+        .map(|e| e.alert.alert_id.clone())
+        .collect();
+    assert_eq!(raised, ids);
+    let ack: Vec<_> = events
+        .iter()
+        .filter(|e| e.event == EventKind::Acknowledged)
+        .collect();
+    assert_eq!(ack.len(), 1);
+    assert_eq!(ack[0].alert.alert_id, acked);
+    assert_eq!(ack[0].alert.acknowledged_by.as_deref(), Some("test"));
+}
