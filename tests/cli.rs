@@ -262,3 +262,65 @@ fn forecast_scores_every_battery_from_csv_and_from_the_parquet_archive_alike() {
         "{err}"
     );
 }
+
+/// `voltcast demo`: the embedded stack starts, raises alerts that reach the head units,
+/// and stops cleanly on Ctrl-C (SIGINT) with its summary.
+#[test]
+fn demo_raises_alerts_and_stops_cleanly_on_ctrl_c() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_voltcast"))
+        .args([
+            "demo",
+            "--batteries",
+            "300",
+            "--days-per-second",
+            "4",
+            "--api-listen",
+            "127.0.0.1:0",
+            "--head-unit-listen",
+            "127.0.0.1:0",
+        ])
+        .current_dir(dir.path())
+        .env_remove("VOLTCAST_CONFIG")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut lines = Vec::new();
+    let mut interrupted = false;
+    for line in stderr.lines() {
+        let line = line.unwrap();
+        // Interrupt once the status line reports alerts.
+        if !interrupted && line.contains(" alerts") && !line.contains("| 0 alerts") {
+            let pid = child.id().to_string();
+            Command::new("kill").args(["-INT", &pid]).status().unwrap();
+            interrupted = true;
+        }
+        lines.push(line);
+        assert!(lines.len() < 10_000, "runaway output");
+    }
+    let status = child.wait().unwrap();
+    let log = lines.join("\n");
+    assert!(interrupted, "{log}");
+    assert!(status.success(), "{log}");
+    let summary = lines
+        .iter()
+        .find(|l| l.starts_with("voltcast demo finished"))
+        .unwrap_or_else(|| panic!("{log}"));
+    let number_before = |word: &str| -> u64 {
+        let at = summary.find(word).unwrap();
+        summary[..at]
+            .split_whitespace()
+            .last()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    assert!(number_before(" alerts raised") > 0, "{summary}");
+    assert_eq!(
+        number_before(" alerts raised"),
+        number_before(" delivered"),
+        "{summary}"
+    );
+}
