@@ -14,7 +14,7 @@ use datafusion::arrow::datatypes::{
 use datafusion::error::Result;
 
 use super::aggregate::DailyAggregator;
-use super::{FastMap, Fleet, ReadingStats};
+use super::{Fleet, ReadingStats};
 
 pub const BATTERY_ID: &str = "battery_id";
 pub const VEHICLE_ID: &str = "vehicle_id";
@@ -80,33 +80,15 @@ pub fn daily_schema() -> SchemaRef {
     SCHEMA.clone()
 }
 
-/// 7- and 30-day trailing means of daily cycles for each closed row, read off the end of
-/// each battery's history (the rows of one battery are its newest history entries).
+/// The 7- and 30-day trailing means of daily cycles as DataFusion window functions over
+/// the tails of the histories.
 ///
-/// Why not DataFusion window functions here: on the stream every battery closes about one
-/// day per day, and a window function re-evaluates its whole frame per output row (~60
-/// frame rows per closed day, ~400 ns each): that alone capped the stage near 35k rows/s.
-/// [`rolling_means_sql`] is the same computation as window functions, kept as the
-/// definition the stream is tested against and for batch scoring over whole series.
-pub(super) fn rolling_means(fleet: &Fleet, rows: &[ClosedDay]) -> Vec<(f64, f64)> {
-    let mut newest: FastMap<u32, usize> = FastMap::default();
-    for r in rows {
-        *newest.entry(r.battery).or_default() += 1;
-    }
-    let mut seen: FastMap<u32, usize> = FastMap::default();
-    rows.iter()
-        .map(|r| {
-            let h = &fleet.histories[r.battery as usize];
-            let k = seen.entry(r.battery).or_default();
-            *k += 1;
-            // This row's position in the history: newest[b] - k entries from the end.
-            let end = h.len() - (newest[&r.battery] - *k).min(h.len());
-            (h.mean_cycles(end, 7), h.mean_cycles(end, 30))
-        })
-        .collect()
-}
-
-/// The same means with DataFusion window functions over the tails of the histories.
+/// The stream does not use this: there every battery closes about one day per day, and a
+/// window function re-evaluates its whole frame per output row (~60 frame rows per closed
+/// day, ~400 ns each), which alone capped the stage near 35k rows/s. The window stage
+/// reads the same means off the end of each history as it closes days; this is the
+/// definition that computation is tested against, and serves batch scoring over whole
+/// series.
 pub async fn rolling_means_sql(
     agg: &DailyAggregator,
     fleet: &Fleet,

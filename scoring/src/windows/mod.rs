@@ -223,7 +223,13 @@ pub struct DailyWindows {
     state: WindowState,
     /// The rows of the most recent close (for cross-checks and diagnostics).
     last_closed: Vec<ClosedDay>,
+    /// Emptied day maps kept for the next day: a day map holds a window per battery,
+    /// and allocating (and page-faulting) tens of MB afresh every day showed in profiles.
+    spare: Vec<FastMap<u32, DayPartial>>,
 }
+
+/// Emptied day maps kept for reuse: about as many days as are open at once.
+const MAX_SPARE_DAYS: usize = 3;
 
 fn day_of(t: EpochMillis) -> i32 {
     t.div_euclid(MILLIS_PER_DAY) as i32
@@ -247,6 +253,7 @@ impl DailyWindows {
             aggregator: DailyAggregator::default(),
             state,
             last_closed: Vec::new(),
+            spare: Vec::new(),
         }
     }
 
@@ -257,6 +264,7 @@ impl DailyWindows {
             aggregator: DailyAggregator::default(),
             state,
             last_closed: Vec::new(),
+            spare: Vec::new(),
         }
     }
 
@@ -318,6 +326,7 @@ impl DailyWindows {
         let ids = column(rows, s::BATTERY_ID)?.as_string::<i32>();
         let vehicles = column(rows, s::VEHICLE_ID)?.as_string::<i32>();
         let times = column(rows, s::EVENT_TIME)?.as_primitive::<TimestampMillisecondType>();
+        let spare = &mut self.spare;
         let st = &mut self.state;
         st.stats.rows_in += rows.num_rows() as u64;
         let mut keep = Vec::with_capacity(rows.num_rows());
@@ -344,7 +353,9 @@ impl DailyWindows {
             // battery, and rehashing moves every (large) window several times.
             let fleet_size = st.fleet.len();
             let day_windows = st.open.entry(day).or_insert_with(|| {
-                FastMap::with_capacity_and_hasher(fleet_size, Default::default())
+                spare.pop().unwrap_or_else(|| {
+                    FastMap::with_capacity_and_hasher(fleet_size, Default::default())
+                })
             });
             let fresh = day_windows.entry(b).or_default().seen.insert(t);
             st.stats.duplicates += u64::from(!fresh);
@@ -406,13 +417,16 @@ impl DailyWindows {
         }
         st.closed_before = Some(day);
         let mut rows: Vec<ClosedDay> = Vec::new();
+        let mut means: Vec<(f64, f64)> = Vec::new();
         let mut values = Vec::new();
         while let Some(entry) = st.open.first_entry() {
             if *entry.key() >= day {
                 break;
             }
-            let (d, windows) = entry.remove_entry();
-            for (b, w) in windows.into_iter().filter(|(_, w)| w.reports > 0) {
+            let (d, mut windows) = entry.remove_entry();
+            rows.reserve(windows.len());
+            means.reserve(windows.len());
+            for (b, w) in windows.drain().filter(|(_, w)| w.reports > 0) {
                 let bi = b as usize;
                 st.fleet.rated[bi] = w.rated;
                 let obs = ObservedDay {
@@ -424,18 +438,27 @@ impl DailyWindows {
                     reported_lifetime: w.lifetime_max,
                 };
                 values.clear();
-                st.fleet.histories[bi].close_day(obs, self.config.retention_days, &mut values);
+                let history = &mut st.fleet.histories[bi];
+                history.close_day(obs, self.config.retention_days, &mut values);
+                // The 7- and 30-day means, read off the history while the new days are
+                // its newest entries.
+                for j in 0..values.len() {
+                    let end = history.len() - (values.len() - 1 - j).min(history.len());
+                    means.push((history.mean_cycles(end, 7), history.mean_cycles(end, 30)));
+                }
                 for v in &values {
                     st.stats.days_closed += 1;
                     st.stats.days_imputed += v.imputed as u64;
                     rows.push(ClosedDay::new(b, v, w.rated, (!v.imputed).then_some(&w)));
                 }
             }
+            if self.spare.len() < MAX_SPARE_DAYS {
+                self.spare.push(windows);
+            }
         }
         if rows.is_empty() {
             return Ok(None);
         }
-        let means = daily::rolling_means(&st.fleet, &rows);
         self.last_closed = rows;
         Ok(Some(daily::to_batch(
             &self.state.fleet,
