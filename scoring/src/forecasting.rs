@@ -275,7 +275,7 @@ impl ForecastStage {
             record.observe(&obs);
             if let Some(m) = &self.metrics {
                 m.forecast_fits
-                    .with_label_values(&[model_label(record.kind())])
+                    .with_label_values(&[record.kind().name()])
                     .inc();
             }
         }
@@ -314,7 +314,7 @@ impl ForecastStage {
         let b = self.batteries.get_mut(&done.battery)?;
         b.selecting = false;
         if let Some(m) = &self.metrics {
-            let kind = model_label(done.record.kind());
+            let kind = done.record.kind().name();
             m.forecast_fits.with_label_values(&[kind]).inc();
             m.model_selections.with_label_values(&[kind]).inc();
             m.fit_seconds
@@ -443,16 +443,4 @@ fn stagger(id: &str, cycle: u32) -> u32 {
     let mut h = foldhash::fast::FixedState::with_seed(7).build_hasher();
     h.write(id.as_bytes());
     (h.finish() % cycle as u64) as u32
-}
-
-/// The model kind as a metric label.
-fn model_label(kind: ModelKind) -> &'static str {
-    match kind {
-        ModelKind::SeasonalNaive => "seasonal_naive",
-        ModelKind::AutoEts => "auto_ets",
-        ModelKind::MstlEts => "mstl_ets",
-        ModelKind::Regression => "regression",
-        ModelKind::Ensemble => "ensemble",
-        ModelKind::Mean => "mean",
-    }
 }

@@ -17,16 +17,7 @@ use prometheus::{
 use voltcast_ingest::{IngestCounters, RejectReason};
 
 use crate::forecasting::RiskUpdate;
-
-/// The `model` label's values (see `forecasting::model_label`).
-pub const MODEL_LABELS: [&str; 6] = [
-    "seasonal_naive",
-    "auto_ets",
-    "mstl_ets",
-    "regression",
-    "ensemble",
-    "mean",
-];
+use voltcast_forecaster::ModelKind;
 
 /// Upper bounds of the days-to-end-of-life histogram.
 pub const EOL_BUCKETS: [f64; 9] = [7.0, 14.0, 30.0, 60.0, 90.0, 180.0, 365.0, 730.0, 1825.0];
@@ -278,7 +269,8 @@ impl Metrics {
             self.records_dead_lettered
                 .with_label_values(&[reason.as_str()]);
         }
-        for model in MODEL_LABELS {
+        let kinds = ModelKind::CANDIDATES.into_iter().chain([ModelKind::Mean]);
+        for model in kinds.map(ModelKind::name) {
             self.forecast_fits.with_label_values(&[model]);
             self.model_selections.with_label_values(&[model]);
             self.fit_seconds.with_label_values(&[model]);

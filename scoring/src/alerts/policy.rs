@@ -204,7 +204,7 @@ fn build_alert(u: &RiskUpdate, episode: u32, severity: Severity, now: DateTime<U
         lifetime_cycles: u.lifetime,
         rated_cycles: u.rated,
         forecast_30d_cycles: u.risk.expected_cycles,
-        model: model_name(u.model),
+        model: u.model.name().to_string(),
         model_version: u.model_version,
         as_of_day: iso_day(u.day),
         created_at: now,
@@ -216,14 +216,6 @@ fn build_alert(u: &RiskUpdate, episode: u32, severity: Severity, now: DateTime<U
         resolution: None,
         delivery: DeliveryStatus::NotSent,
     }
-}
-
-/// The model's name as the JSON everywhere else spells it (`mstl_ets`).
-fn model_name(kind: voltcast_forecaster::ModelKind) -> String {
-    serde_json::to_value(kind)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default()
 }
 
 #[cfg(test)]
