@@ -63,76 +63,80 @@ struct Copied {
     windows: crate::windows::WindowStats,
 }
 
-fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
-    let c = IntCounter::new(name, help).expect("valid metric");
+/// Registers `c` and hands it back. The names are fixed in this file, so a clash or an
+/// invalid name is a bug here, caught by any test that builds `Metrics`.
+fn registered<C: Collector + Clone + 'static>(r: &Registry, c: C) -> C {
     r.register(Box::new(c.clone())).expect("unique metric");
     c
+}
+
+fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
+    registered(r, IntCounter::new(name, help).expect("valid metric"))
 }
 
 fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
-    r.register(Box::new(c.clone())).expect("unique metric");
-    c
+    registered(
+        r,
+        IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"),
+    )
 }
 
 fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
-    let g = IntGauge::new(name, help).expect("valid metric");
-    r.register(Box::new(g.clone())).expect("unique metric");
-    g
+    registered(r, IntGauge::new(name, help).expect("valid metric"))
 }
 
 fn histogram(r: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
-    let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
-        .expect("valid metric");
-    r.register(Box::new(h.clone())).expect("unique metric");
-    h
+    let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets));
+    registered(r, h.expect("valid metric"))
 }
 
 impl Metrics {
     pub fn new(top_k: usize) -> Self {
         let r = Registry::new();
         let seconds = prometheus::exponential_buckets(0.000_1, 4.0, 10).expect("buckets");
-        let fit_seconds = HistogramVec::new(
-            HistogramOpts::new(
-                "voltcast_forecast_fit_duration_seconds",
-                "Time to select and fit a battery's model, by the kind chosen.",
+        let fit_seconds = registered(
+            &r,
+            HistogramVec::new(
+                HistogramOpts::new(
+                    "voltcast_forecast_fit_duration_seconds",
+                    "Time to select and fit a battery's model, by the kind chosen.",
+                )
+                .buckets(seconds.clone()),
+                &["model"],
             )
-            .buckets(seconds.clone()),
-            &["model"],
-        )
-        .expect("valid metric");
-        r.register(Box::new(fit_seconds.clone()))
-            .expect("unique metric");
-        let top_at_risk = IntGaugeVec::new(
+            .expect("valid metric"),
+        );
+        let top_at_risk = registered(
+            &r,
+            IntGaugeVec::new(
             Opts::new(
                 "voltcast_top_at_risk_days_to_eol",
                 "Days to expected end of life of the K batteries most likely to fail (K = metrics.top_k).",
             ),
             &["battery_id", "vehicle_id"],
         )
-        .expect("valid metric");
-        r.register(Box::new(top_at_risk.clone()))
-            .expect("unique metric");
-        let consumer_lag = IntGaugeVec::new(
-            Opts::new(
-                "voltcast_consumer_lag_records",
-                "Records between the consumer's position and the partition's end.",
-            ),
-            &["topic", "partition"],
-        )
-        .expect("valid metric");
-        r.register(Box::new(consumer_lag.clone()))
-            .expect("unique metric");
-        let fleet_daily_cycles = prometheus::Gauge::new(
-            "voltcast_fleet_daily_cycles",
-            "Sum over batteries of the cycles used on each battery's latest closed day.",
-        )
-        .expect("valid metric");
-        r.register(Box::new(fleet_daily_cycles.clone()))
-            .expect("unique metric");
-        let days_to_eol = DaysToEol::default();
-        r.register(Box::new(days_to_eol.clone()))
-            .expect("unique metric");
+            .expect("valid metric"),
+        );
+        let consumer_lag = registered(
+            &r,
+            IntGaugeVec::new(
+                Opts::new(
+                    "voltcast_consumer_lag_records",
+                    "Records between the consumer's position and the partition's end.",
+                ),
+                &["topic", "partition"],
+            )
+            .expect("valid metric"),
+        );
+        let fleet_daily_cycles = registered(
+            &r,
+            prometheus::Gauge::new(
+                "voltcast_fleet_daily_cycles",
+                "Sum over batteries of the cycles used on each battery's latest closed day.",
+            )
+            .expect("valid metric"),
+        );
+        let days_to_eol = registered(&r, DaysToEol::default());
         let m = Self {
             records_consumed: counter(
                 &r,
@@ -287,10 +291,6 @@ impl Metrics {
         for outcome in ["delivered", "retried", "dead_lettered", "no_vehicle"] {
             self.webhook_deliveries.with_label_values(&[outcome]);
         }
-    }
-
-    pub fn observe_risk(&self, _u: &RiskUpdate) {
-        self.risk_updates.inc();
     }
 
     /// Copies the ingest counters in (they are atomics on the hot path).

@@ -406,7 +406,7 @@ impl AlertStage {
         } else {
             Vec::new()
         };
-        self.service.metrics.observe_risk(&update);
+        self.service.metrics.risk_updates.inc();
         for d in decisions {
             if let Err(e) = self.service.apply(d) {
                 tracing::error!(battery = %update.battery_id, error = %e, "alert not recorded");
