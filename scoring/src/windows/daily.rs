@@ -8,13 +8,15 @@ use datafusion::arrow::array::{
     ArrayRef, BooleanArray, Date32Array, Float64Array, Int32Array, Int64Array, RecordBatch,
     StringArray, UInt32Array,
 };
+use datafusion::arrow::buffer::NullBuffer;
 use datafusion::arrow::datatypes::{
     DataType, Field, Float64Type, Int32Type, Int64Type, Schema, SchemaRef,
 };
 use datafusion::error::Result;
 
 use super::aggregate::DailyAggregator;
-use super::{Fleet, ReadingStats};
+use super::history::ClosedValues;
+use super::{DayPartial, Fleet, ReadingStats};
 
 pub const BATTERY_ID: &str = "battery_id";
 pub const VEHICLE_ID: &str = "vehicle_id";
@@ -32,23 +34,6 @@ pub const MEAN_7D: &str = "cycles_mean_7d";
 pub const MEAN_30D: &str = "cycles_mean_30d";
 
 const READING_NAMES: [&str; 3] = ["resting_voltage", "state_of_charge", "temperature_c"];
-
-/// One closed battery-day.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ClosedDay {
-    pub battery: u32,
-    pub day: i32,
-    pub age: i32,
-    pub trips: i64,
-    pub minutes: f64,
-    pub cycles: f64,
-    pub lifetime: f64,
-    pub reported_lifetime: Option<f64>,
-    pub rated: f64,
-    pub reports: u32,
-    pub imputed: bool,
-    pub readings: [ReadingStats; 3],
-}
 
 static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
     let mut fields = vec![
@@ -92,12 +77,20 @@ pub fn daily_schema() -> SchemaRef {
 pub async fn rolling_means_sql(
     agg: &DailyAggregator,
     fleet: &Fleet,
-    rows: &[ClosedDay],
+    closed: &RecordBatch,
 ) -> Result<Vec<(f64, f64)>> {
+    let ids = closed
+        .column_by_name(BATTERY_ID)
+        .map(|c| c.as_string::<i32>());
+    let Some(ids) = ids else {
+        return Ok(Vec::new());
+    };
     // Rows of one battery are the newest entries of its history, in day order.
     let mut new_per_battery: HashMap<u32, Vec<usize>> = HashMap::new();
-    for (i, r) in rows.iter().enumerate() {
-        new_per_battery.entry(r.battery).or_default().push(i);
+    for (i, id) in ids.iter().enumerate() {
+        if let Some(b) = id.and_then(|id| fleet.get(id)) {
+            new_per_battery.entry(b).or_default().push(i);
+        }
     }
     let (mut battery, mut day, mut cycles, mut row) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -133,7 +126,7 @@ pub async fn rolling_means_sql(
         Err(e) => Err(e),
     };
     ctx.deregister_table("closing_tail")?;
-    let mut means = vec![(f64::NAN, f64::NAN); rows.len()];
+    let mut means = vec![(f64::NAN, f64::NAN); closed.num_rows()];
     for b in batches? {
         let (r, m7, m30) = (
             b.column(0).as_primitive::<Int64Type>(),
@@ -149,56 +142,123 @@ pub async fn rolling_means_sql(
     Ok(means)
 }
 
-pub(super) fn to_batch(fleet: &Fleet, rows: &[ClosedDay], means: &[(f64, f64)]) -> RecordBatch {
-    let col_f64 = |f: &dyn Fn(&ClosedDay) -> f64| {
-        Arc::new(Float64Array::from_iter_values(rows.iter().map(f))) as ArrayRef
-    };
-    let mut columns: Vec<ArrayRef> = vec![
-        Arc::new(StringArray::from_iter_values(
-            rows.iter().map(|r| &*fleet.ids[r.battery as usize]),
-        )),
-        Arc::new(StringArray::from_iter(
-            rows.iter()
-                .map(|r| fleet.vehicles[r.battery as usize].as_deref()),
-        )),
-        Arc::new(Date32Array::from_iter_values(rows.iter().map(|r| r.day))),
-        Arc::new(Int32Array::from_iter_values(rows.iter().map(|r| r.age))),
-        Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.trips))),
-        col_f64(&|r| r.minutes),
-        col_f64(&|r| r.cycles),
-        col_f64(&|r| r.lifetime),
-        Arc::new(Float64Array::from_iter(
-            rows.iter().map(|r| r.reported_lifetime),
-        )),
-        col_f64(&|r| r.rated),
-        Arc::new(UInt32Array::from_iter_values(
-            rows.iter().map(|r| r.reports),
-        )),
-        Arc::new(BooleanArray::from_iter(
-            rows.iter().map(|r| Some(r.imputed)),
-        )),
-    ];
-    for k in 0..3 {
-        // Every statistic is null on days without that reading; mean() says which.
-        let stat = |f: &dyn Fn(&ReadingStats) -> f64| {
-            Arc::new(Float64Array::from_iter(
-                rows.iter()
-                    .map(|r| r.readings[k].mean().map(|_| f(&r.readings[k]))),
-            )) as ArrayRef
-        };
-        columns.push(stat(&|s| s.min));
-        columns.push(Arc::new(Float64Array::from_iter(
-            rows.iter().map(|r| r.readings[k].mean()),
-        )));
-        columns.push(stat(&|s| s.max));
+/// Closed days as the window stage produces them, column by column.
+#[derive(Default)]
+pub(super) struct ClosedColumns {
+    battery: Vec<u32>,
+    day: Vec<i32>,
+    age: Vec<i32>,
+    trips: Vec<i64>,
+    minutes: Vec<f64>,
+    cycles: Vec<f64>,
+    lifetime: Vec<f64>,
+    reported_lifetime: Vec<f64>,
+    reported: Vec<bool>,
+    rated: Vec<f64>,
+    reports: Vec<u32>,
+    imputed: Vec<bool>,
+    readings: [ReadingColumns; 3],
+    mean_7d: Vec<f64>,
+    mean_30d: Vec<f64>,
+}
+
+impl ClosedColumns {
+    pub fn len(&self) -> usize {
+        self.battery.len()
     }
-    columns.push(Arc::new(Float64Array::from_iter_values(
-        means.iter().map(|m| m.0),
-    )));
-    columns.push(Arc::new(Float64Array::from_iter_values(
-        means.iter().map(|m| m.1),
-    )));
-    RecordBatch::try_new(daily_schema(), columns).expect("columns match the daily schema")
+
+    /// One closed day: observed (with the window it closed) or imputed.
+    pub fn push(
+        &mut self,
+        battery: u32,
+        v: &ClosedValues,
+        rated: f64,
+        observed: Option<&DayPartial>,
+        means: (f64, f64),
+    ) {
+        self.battery.push(battery);
+        self.day.push(v.day);
+        self.age.push(v.age);
+        self.trips.push(v.trips);
+        self.minutes.push(v.minutes);
+        self.cycles.push(v.cycles);
+        self.lifetime.push(v.lifetime);
+        self.reported_lifetime
+            .push(observed.map_or(0.0, |w| w.lifetime_max));
+        self.reported.push(observed.is_some());
+        self.rated.push(rated);
+        self.reports.push(observed.map_or(0, |w| w.reports));
+        self.imputed.push(v.imputed);
+        for (k, columns) in self.readings.iter_mut().enumerate() {
+            let stats = observed.map_or(ReadingStats::default(), |w| w.readings[k]);
+            columns.push(&stats);
+        }
+        self.mean_7d.push(means.0);
+        self.mean_30d.push(means.1);
+    }
+
+    /// The batch in [`daily_schema`]; None when nothing closed.
+    pub fn finish(self, fleet: &Fleet) -> Option<RecordBatch> {
+        if self.battery.is_empty() {
+            return None;
+        }
+        let ids =
+            StringArray::from_iter_values(self.battery.iter().map(|b| &*fleet.ids[*b as usize]));
+        let vehicles = StringArray::from_iter(
+            self.battery
+                .iter()
+                .map(|b| fleet.vehicles[*b as usize].as_deref()),
+        );
+        let mut columns: Vec<ArrayRef> = vec![
+            Arc::new(ids),
+            Arc::new(vehicles),
+            Arc::new(Date32Array::from(self.day)),
+            Arc::new(Int32Array::from(self.age)),
+            Arc::new(Int64Array::from(self.trips)),
+            Arc::new(Float64Array::from(self.minutes)),
+            Arc::new(Float64Array::from(self.cycles)),
+            Arc::new(Float64Array::from(self.lifetime)),
+            Arc::new(Float64Array::new(
+                self.reported_lifetime.into(),
+                Some(NullBuffer::from(self.reported)),
+            )),
+            Arc::new(Float64Array::from(self.rated)),
+            Arc::new(UInt32Array::from(self.reports)),
+            Arc::new(BooleanArray::from(self.imputed)),
+        ];
+        for r in self.readings {
+            columns.extend(r.finish());
+        }
+        columns.push(Arc::new(Float64Array::from(self.mean_7d)));
+        columns.push(Arc::new(Float64Array::from(self.mean_30d)));
+        Some(RecordBatch::try_new(daily_schema(), columns).expect("columns match the daily schema"))
+    }
+}
+
+/// One reading's min, mean and max columns. Every statistic is null on days without
+/// that reading, so the three share one validity mask.
+#[derive(Default)]
+struct ReadingColumns {
+    min: Vec<f64>,
+    mean: Vec<f64>,
+    max: Vec<f64>,
+    valid: Vec<bool>,
+}
+
+impl ReadingColumns {
+    fn push(&mut self, s: &ReadingStats) {
+        let mean = s.mean();
+        self.min.push(s.min);
+        self.mean.push(mean.unwrap_or_default());
+        self.max.push(s.max);
+        self.valid.push(mean.is_some());
+    }
+
+    fn finish(self) -> [ArrayRef; 3] {
+        let nulls = NullBuffer::from(self.valid);
+        [self.min, self.mean, self.max]
+            .map(|v| Arc::new(Float64Array::new(v.into(), Some(nulls.clone()))) as ArrayRef)
+    }
 }
 
 /// One closed day as the forecast stages read it.

@@ -155,8 +155,19 @@ impl BatteryHistory {
     /// Mean daily cycles over the `n` days ending at position `end` (exclusive).
     pub fn mean_cycles(&self, end: usize, n: usize) -> f64 {
         let start = end.saturating_sub(n);
-        let sum: f64 = self.cycles.range(start..end).map(|c| *c as f64).sum();
-        sum / (end - start).max(1) as f64
+        // Over the ring's two contiguous halves: a VecDeque range iterator checks for
+        // the wrap on every step, and this runs for every day closed.
+        let (front, back) = self.cycles.as_slices();
+        let sum = |s: &[f32], from: usize, to: usize| -> f64 {
+            s[from.min(s.len())..to.min(s.len())]
+                .iter()
+                .map(|c| *c as f64)
+                .sum()
+        };
+        let split = front.len();
+        let total = sum(front, start, end)
+            + sum(back, start.saturating_sub(split), end.saturating_sub(split));
+        total / (end - start).max(1) as f64
     }
 
     /// Daily cycles, oldest first, with their day numbers.
@@ -246,6 +257,27 @@ mod tests {
         assert_eq!(h.len(), 730);
         assert_eq!(h.cycles().next().unwrap().0, 270);
         assert!(h.footprint() <= 8 * 1024, "{} bytes", h.footprint());
+    }
+
+    #[test]
+    fn trailing_means_are_right_across_the_ring_wrap() {
+        let mut h = BatteryHistory::default();
+        let mut out = Vec::new();
+        // 1000 days through a 730-day ring: the retained days wrap around its end.
+        for d in 0..1000 {
+            h.close_day(obs(d, d as f64, 0.0), 730, &mut out);
+        }
+        let naive = |end: usize, n: usize| {
+            let days: Vec<f64> = h.cycles().map(|(_, c)| c as f64).collect();
+            let start = end.saturating_sub(n);
+            days[start..end].iter().sum::<f64>() / (end - start).max(1) as f64
+        };
+        for end in [1, 5, 29, 30, 400, 729, 730] {
+            for n in [7, 30] {
+                assert_eq!(h.mean_cycles(end, n), naive(end, n), "end {end}, n {n}");
+            }
+        }
+        assert_eq!(h.mean_cycles(730, 7), 996.0);
     }
 
     #[test]

@@ -15,15 +15,16 @@
 pub mod aggregate;
 pub mod daily;
 pub mod history;
+pub mod open;
 pub mod watermark;
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 /// Battery ids and indexes are not attacker-chosen keys that need SipHash's DoS
 /// resistance; foldhash is several times faster on the per-row path.
 pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::FixedState>;
 
+use compact_str::CompactString;
 use datafusion::arrow::array::UInt32Array;
 use datafusion::arrow::array::{
     Array, AsArray, BooleanArray, Float64Array, Int32Array, RecordBatch, StringArray,
@@ -42,12 +43,14 @@ use voltcast_ingest::time::{EpochMillis, MILLIS_PER_DAY};
 use voltcast_ingest::{MicroBatch, RejectReason};
 
 pub use aggregate::DailyAggregator;
-pub use daily::{ClosedDay, daily_schema};
+pub use daily::daily_schema;
 pub use history::BatteryHistory;
+pub use open::OpenWindows;
 pub use watermark::Watermarks;
 
 use aggregate::out;
-use history::{ClosedValues, ObservedDay};
+use daily::ClosedColumns;
+use history::ObservedDay;
 
 /// `[windows]` in the config file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -170,12 +173,59 @@ pub enum WindowError {
 
 /// Battery ids interned to dense indexes, with their histories.
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
+#[serde(from = "FleetRecord")]
 pub struct Fleet {
-    index: FastMap<String, u32>,
+    /// Ids are short; keys stored inline in the table (up to 24 bytes) spare every
+    /// lookup a second cache miss through a pointer, and one lookup runs per row.
+    #[serde(skip)]
+    index: FastMap<CompactString, u32>,
     pub ids: Vec<Arc<str>>,
     pub vehicles: Vec<Option<Arc<str>>>,
+    /// A hash of each battery's vehicle id: a car reports its vehicle with every row,
+    /// and comparing a dense hash spares the cache miss of reading the stored id.
+    #[serde(skip)]
+    vehicle_hashes: Vec<u64>,
     pub rated: Vec<f64>,
     pub histories: Vec<BatteryHistory>,
+}
+
+fn vehicle_hash(id: Option<&str>) -> u64 {
+    use std::hash::BuildHasher;
+    id.map_or(0, |id| {
+        foldhash::fast::FixedState::default().hash_one(id) | 1
+    })
+}
+
+/// A checkpointed fleet: the same fields, without the index rebuilt from the ids.
+#[derive(Deserialize)]
+struct FleetRecord {
+    ids: Vec<Arc<str>>,
+    vehicles: Vec<Option<Arc<str>>>,
+    rated: Vec<f64>,
+    histories: Vec<BatteryHistory>,
+}
+
+impl From<FleetRecord> for Fleet {
+    fn from(r: FleetRecord) -> Self {
+        let index = r
+            .ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| (CompactString::from(&**id), i as u32))
+            .collect();
+        Self {
+            index,
+            ids: r.ids,
+            vehicle_hashes: r
+                .vehicles
+                .iter()
+                .map(|v| vehicle_hash(v.as_deref()))
+                .collect(),
+            vehicles: r.vehicles,
+            rated: r.rated,
+            histories: r.histories,
+        }
+    }
 }
 
 impl Fleet {
@@ -184,12 +234,23 @@ impl Fleet {
             return *i;
         }
         let i = self.ids.len() as u32;
-        self.index.insert(id.to_string(), i);
+        self.index.insert(CompactString::from(id), i);
         self.ids.push(Arc::from(id));
         self.vehicles.push(None);
+        self.vehicle_hashes.push(0);
         self.rated.push(0.0);
         self.histories.push(BatteryHistory::default());
         i
+    }
+
+    /// Records the battery's vehicle when it is new or changed.
+    fn set_vehicle(&mut self, battery: u32, vehicle: &str) {
+        let hash = vehicle_hash(Some(vehicle));
+        let b = battery as usize;
+        if self.vehicle_hashes[b] != hash {
+            self.vehicle_hashes[b] = hash;
+            self.vehicles[b] = Some(Arc::from(vehicle));
+        }
     }
 
     pub fn get(&self, id: &str) -> Option<u32> {
@@ -209,8 +270,7 @@ impl Fleet {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct WindowState {
     pub fleet: Fleet,
-    /// Open windows by day, then battery index.
-    pub open: BTreeMap<i32, FastMap<u32, DayPartial>>,
+    pub open: OpenWindows,
     /// Days before this one have closed.
     pub closed_before: Option<i32>,
     pub watermarks: Watermarks,
@@ -221,15 +281,9 @@ pub struct DailyWindows {
     config: WindowConfig,
     aggregator: DailyAggregator,
     state: WindowState,
-    /// The rows of the most recent close (for cross-checks and diagnostics).
-    last_closed: Vec<ClosedDay>,
-    /// Emptied day maps kept for the next day: a day map holds a window per battery,
-    /// and allocating (and page-faulting) tens of MB afresh every day showed in profiles.
-    spare: Vec<FastMap<u32, DayPartial>>,
+    /// The most recent close (for cross-checks and diagnostics).
+    last_closed: Option<RecordBatch>,
 }
-
-/// Emptied day maps kept for reuse: about as many days as are open at once.
-const MAX_SPARE_DAYS: usize = 3;
 
 fn day_of(t: EpochMillis) -> i32 {
     t.div_euclid(MILLIS_PER_DAY) as i32
@@ -243,7 +297,7 @@ impl DailyWindows {
         );
         let state = WindowState {
             fleet: Fleet::default(),
-            open: BTreeMap::new(),
+            open: OpenWindows::default(),
             closed_before: None,
             watermarks,
             stats: WindowStats::default(),
@@ -252,8 +306,7 @@ impl DailyWindows {
             config,
             aggregator: DailyAggregator::default(),
             state,
-            last_closed: Vec::new(),
-            spare: Vec::new(),
+            last_closed: None,
         }
     }
 
@@ -263,18 +316,19 @@ impl DailyWindows {
             config,
             aggregator: DailyAggregator::default(),
             state,
-            last_closed: Vec::new(),
-            spare: Vec::new(),
+            last_closed: None,
         }
     }
 
     /// Trailing means of the most recent close, recomputed with DataFusion window
     /// functions: the definition the streaming computation must agree with.
     pub async fn last_close_means_sql(&self) -> Result<Vec<(f64, f64)>, WindowError> {
-        Ok(
-            daily::rolling_means_sql(&self.aggregator, &self.state.fleet, &self.last_closed)
-                .await?,
-        )
+        match &self.last_closed {
+            Some(closed) => {
+                Ok(daily::rolling_means_sql(&self.aggregator, &self.state.fleet, closed).await?)
+            }
+            None => Ok(Vec::new()),
+        }
     }
 
     pub fn state(&self) -> &WindowState {
@@ -310,7 +364,7 @@ impl DailyWindows {
 
     /// Closes every open window (end of a finite input: a file replay or a test).
     pub async fn close_all(&mut self) -> Result<Option<RecordBatch>, WindowError> {
-        match self.state.open.keys().next_back() {
+        match self.state.open.last_day() {
             Some(last) => self.close_before(last + 1).await,
             None => Ok(None),
         }
@@ -326,7 +380,6 @@ impl DailyWindows {
         let ids = column(rows, s::BATTERY_ID)?.as_string::<i32>();
         let vehicles = column(rows, s::VEHICLE_ID)?.as_string::<i32>();
         let times = column(rows, s::EVENT_TIME)?.as_primitive::<TimestampMillisecondType>();
-        let spare = &mut self.spare;
         let st = &mut self.state;
         st.stats.rows_in += rows.num_rows() as u64;
         let mut keep = Vec::with_capacity(rows.num_rows());
@@ -344,20 +397,11 @@ impl DailyWindows {
             }
             let b = st.fleet.intern(ids.value(i));
             index.push(b);
-            if vehicles.is_valid(i)
-                && st.fleet.vehicles[b as usize].as_deref() != Some(vehicles.value(i))
-            {
-                st.fleet.vehicles[b as usize] = Some(Arc::from(vehicles.value(i)));
+            if vehicles.is_valid(i) {
+                st.fleet.set_vehicle(b, vehicles.value(i));
             }
-            // Sized for the whole fleet up front: a day map grows to about one window per
-            // battery, and rehashing moves every (large) window several times.
             let fleet_size = st.fleet.len();
-            let day_windows = st.open.entry(day).or_insert_with(|| {
-                spare.pop().unwrap_or_else(|| {
-                    FastMap::with_capacity_and_hasher(fleet_size, Default::default())
-                })
-            });
-            let fresh = day_windows.entry(b).or_default().seen.insert(t);
+            let fresh = st.open.day_mut(day).window(b, fleet_size).seen.insert(t);
             st.stats.duplicates += u64::from(!fresh);
             keep.push(fresh);
         }
@@ -375,17 +419,19 @@ impl DailyWindows {
         let rated = column(p, out::RATED)?.as_primitive::<Float64Type>();
         let reports = column(p, out::REPORTS)?.as_primitive::<Int64Type>();
         let readings = out::READINGS.map(|r| {
-            let get = |suffix: &str| p.column_by_name(&format!("{r}_{suffix}")).cloned();
-            (get("min"), get("max"), get("sum"), get("n"))
+            let f64s = |suffix: &str| {
+                p.column_by_name(&format!("{r}_{suffix}"))
+                    .and_then(|c| c.as_primitive_opt::<Float64Type>())
+            };
+            let n = p
+                .column_by_name(&format!("{r}_n"))
+                .and_then(|c| c.as_primitive_opt::<Int64Type>());
+            (f64s("min"), f64s("max"), f64s("sum"), n)
         });
         let st = &mut self.state;
         for i in 0..p.num_rows() {
             // screen() opened this window; the partial only fills it.
-            let Some(w) = st
-                .open
-                .get_mut(&(days.value(i) as i32))
-                .and_then(|d| d.get_mut(&batteries.value(i)))
-            else {
+            let Some(w) = st.open.get_mut(days.value(i) as i32, batteries.value(i)) else {
                 continue;
             };
             w.trips += trips.value(i);
@@ -399,10 +445,9 @@ impl DailyWindows {
                 let (Some(min), Some(max), Some(sum), Some(n)) = (min, max, sum, n) else {
                     continue;
                 };
-                let n = n.as_primitive::<Int64Type>().value(i) as u32;
+                let n = n.value(i) as u32;
                 if n > 0 {
-                    let f = |a: &Arc<dyn Array>| a.as_primitive::<Float64Type>().value(i);
-                    w.readings[k].merge(f(min), f(max), f(sum), n);
+                    w.readings[k].merge(min.value(i), max.value(i), sum.value(i), n);
                 }
             }
         }
@@ -416,21 +461,14 @@ impl DailyWindows {
             return Ok(None);
         }
         st.closed_before = Some(day);
-        let mut rows: Vec<ClosedDay> = Vec::new();
-        let mut means: Vec<(f64, f64)> = Vec::new();
+        let mut closed = ClosedColumns::default();
         let mut values = Vec::new();
-        while let Some(entry) = st.open.first_entry() {
-            if *entry.key() >= day {
-                break;
-            }
-            let (d, mut windows) = entry.remove_entry();
-            rows.reserve(windows.len());
-            means.reserve(windows.len());
-            for (b, w) in windows.drain().filter(|(_, w)| w.reports > 0) {
+        while let Some(open_day) = st.open.pop_before(day) {
+            for (b, w) in open_day.iter().filter(|(_, w)| w.reports > 0) {
                 let bi = b as usize;
                 st.fleet.rated[bi] = w.rated;
                 let obs = ObservedDay {
-                    day: d,
+                    day: open_day.day(),
                     cycles: w.cycles,
                     minutes: w.minutes,
                     trips: w.trips,
@@ -440,31 +478,20 @@ impl DailyWindows {
                 values.clear();
                 let history = &mut st.fleet.histories[bi];
                 history.close_day(obs, self.config.retention_days, &mut values);
-                // The 7- and 30-day means, read off the history while the new days are
-                // its newest entries.
-                for j in 0..values.len() {
+                for (j, v) in values.iter().enumerate() {
+                    // The 7- and 30-day means, read off the history while the new days
+                    // are its newest entries.
                     let end = history.len() - (values.len() - 1 - j).min(history.len());
-                    means.push((history.mean_cycles(end, 7), history.mean_cycles(end, 30)));
+                    let means = (history.mean_cycles(end, 7), history.mean_cycles(end, 30));
+                    closed.push(b, v, w.rated, (!v.imputed).then_some(w), means);
                 }
-                for v in &values {
-                    st.stats.days_closed += 1;
-                    st.stats.days_imputed += v.imputed as u64;
-                    rows.push(ClosedDay::new(b, v, w.rated, (!v.imputed).then_some(&w)));
-                }
+                st.stats.days_imputed += values.iter().filter(|v| v.imputed).count() as u64;
             }
-            if self.spare.len() < MAX_SPARE_DAYS {
-                self.spare.push(windows);
-            }
+            st.open.recycle(open_day);
         }
-        if rows.is_empty() {
-            return Ok(None);
-        }
-        self.last_closed = rows;
-        Ok(Some(daily::to_batch(
-            &self.state.fleet,
-            &self.last_closed,
-            &means,
-        )))
+        st.stats.days_closed += closed.len() as u64;
+        self.last_closed = closed.finish(&st.fleet);
+        Ok(self.last_closed.clone())
     }
 }
 
@@ -533,24 +560,5 @@ fn late_letter(rows: &RecordBatch, i: usize, closed_before: i32) -> DeadLetter {
             partition: -1,
             offset: -1,
         },
-    }
-}
-
-impl ClosedDay {
-    fn new(battery: u32, v: &ClosedValues, rated: f64, observed: Option<&DayPartial>) -> Self {
-        Self {
-            battery,
-            day: v.day,
-            age: v.age,
-            trips: v.trips,
-            minutes: v.minutes,
-            cycles: v.cycles,
-            lifetime: v.lifetime,
-            reported_lifetime: observed.map(|w| w.lifetime_max),
-            rated,
-            reports: observed.map_or(0, |w| w.reports),
-            imputed: v.imputed,
-            readings: observed.map_or([ReadingStats::default(); 3], |w| w.readings),
-        }
     }
 }
