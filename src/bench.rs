@@ -320,7 +320,7 @@ fn windows(batteries: usize, days: u32, batch_rows: usize) -> anyhow::Result<()>
         }
     }
     let state = windows.state();
-    let history_bytes: usize = state.fleet.histories.iter().map(|h| h.footprint()).sum();
+    let history_bytes: usize = state.batteries().map(|b| b.history.footprint()).sum();
     let rss_growth = resident_bytes().saturating_sub(rss_before);
     println!(
         "bench windows: {batteries} batteries x {days} days, {rows} rows in micro-batches of {batch_rows}: {:.0} rows/s ({:.1} s in the window stage), {closed_rows} battery-days closed",
@@ -344,12 +344,12 @@ fn checkpoint(state: &voltcast_scoring::windows::WindowState) -> anyhow::Result<
     let bytes = store.save(state, &[])?;
     let saved = started.elapsed();
     let started = Instant::now();
-    let loaded = store.load()?.map_or(0, |c| c.windows.fleet.len());
+    let loaded = store.load()?.map_or(0, |c| c.windows.battery_count());
     let load = started.elapsed();
     std::fs::remove_dir_all(&dir)?;
     println!(
         "bench windows checkpoint: {bytes} bytes ({:.0} per battery), saved in {:.2} s, loaded {loaded} batteries in {:.2} s",
-        bytes as f64 / state.fleet.len().max(1) as f64,
+        bytes as f64 / state.battery_count().max(1) as f64,
         saved.as_secs_f64(),
         load.as_secs_f64()
     );

@@ -40,7 +40,7 @@ pub async fn run(args: ForecastArgs, config: &VoltcastConfig) -> anyhow::Result<
     .await?;
     let stats = state.stats.clone();
     let cleansed = started.elapsed();
-    let batteries = state.fleet.len();
+    let batteries = state.battery_count();
     let threads = args
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));

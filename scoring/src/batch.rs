@@ -28,7 +28,7 @@ use voltcast_ingest::{
 };
 
 use crate::pipeline::WindowStage;
-use crate::windows::{DailyWindows, WindowConfig, WindowError, WindowState};
+use crate::windows::{BatteryView, DailyWindows, WindowConfig, WindowError, WindowState};
 
 #[derive(Debug, Error)]
 pub enum BatchError {
@@ -196,8 +196,8 @@ async fn read_parquet(path: &Path, stage: &mut WindowStage) -> Result<(), BatchE
     Ok(())
 }
 
-/// Forecasts every battery of `state` on `threads` threads; `progress` is called once
-/// per battery done.
+/// Forecasts every battery of `state` on `threads` threads, in battery id order;
+/// `progress` is called once per battery done.
 pub fn forecast_fleet(
     state: &WindowState,
     selection: &SelectionConfig,
@@ -205,7 +205,8 @@ pub fn forecast_fleet(
     threads: usize,
     progress: &(dyn Fn() + Sync),
 ) -> Vec<BatteryForecast> {
-    let fleet = &state.fleet;
+    let mut fleet: Vec<BatteryView> = state.batteries().collect();
+    fleet.sort_unstable_by(|a, b| a.id.cmp(b.id));
     let next = AtomicUsize::new(0);
     let mut out: Vec<(usize, BatteryForecast)> = std::thread::scope(|scope| {
         let workers: Vec<_> = (0..threads.max(1))
@@ -217,7 +218,7 @@ pub fn forecast_fleet(
                         if i >= fleet.len() {
                             return done;
                         }
-                        if let Some(f) = forecast_one(state, i, selection, risk) {
+                        if let Some(f) = forecast_one(&fleet[i], selection, risk) {
                             done.push((i, f));
                         }
                         progress();
@@ -235,13 +236,11 @@ pub fn forecast_fleet(
 }
 
 fn forecast_one(
-    state: &WindowState,
-    i: usize,
+    battery: &BatteryView,
     selection: &SelectionConfig,
     risk: &RiskConfig,
 ) -> Option<BatteryForecast> {
-    let fleet = &state.fleet;
-    let history = &fleet.histories[i];
+    let history = battery.history;
     let mut series = DailySeries {
         first_day: history.days().next()?.0,
         ..Default::default()
@@ -255,12 +254,12 @@ fn forecast_one(
     }
     let record = select(&series, selection, None).ok()?;
     let lifetime = history.lifetime()?;
-    let rated = fleet.rated[i];
+    let rated = battery.rated;
     let f = record.model.predict(risk.horizon_days);
     let (lower, upper) = (0..f.horizon()).map(|k| f.interval(k, 0.9)).unzip();
     Some(BatteryForecast {
-        battery_id: fleet.ids[i].to_string(),
-        vehicle_id: fleet.vehicles[i].as_deref().map(str::to_string),
+        battery_id: battery.id.to_string(),
+        vehicle_id: battery.vehicle.map(|v| v.to_string()),
         first_day: series.end_day(),
         risk: failure_risk(&record, lifetime, rated, risk),
         sum_sd: f.sum_sd,

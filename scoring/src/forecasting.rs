@@ -154,8 +154,8 @@ impl ForecastStage {
     /// every battery with history gets a selection right away.
     pub fn seed(&mut self, state: &crate::windows::WindowState) {
         let reselect = self.selection.reselect_every_days.max(1);
-        for (i, id) in state.fleet.ids.iter().enumerate() {
-            let history = &state.fleet.histories[i];
+        for battery in state.batteries() {
+            let (id, history) = (battery.id, battery.history);
             let Some(last_day) = history.last_day() else {
                 continue;
             };
@@ -170,10 +170,10 @@ impl ForecastStage {
                 BatteryModel {
                     days,
                     last_day,
-                    vehicle: state.fleet.vehicles[i].clone(),
+                    vehicle: battery.vehicle.cloned(),
                     age: history.last_age().unwrap_or_default(),
                     lifetime: history.lifetime().unwrap_or_default(),
-                    rated: state.fleet.rated[i],
+                    rated: battery.rated,
                     record: None,
                     selecting: true,
                     stagger: stagger(id, reselect),

@@ -209,7 +209,7 @@ impl BatchSink for WindowStage {
         if let Some(m) = &self.metrics {
             m.batch_rows.observe(batch.rows.num_rows() as f64);
             m.batch_seconds.observe(started.elapsed().as_secs_f64());
-            m.refresh_windows(self.windows.stats(), self.windows.state().fleet.ids.len());
+            m.refresh_windows(self.windows.stats(), self.windows.state().battery_count());
         }
         let positions = self.tally.accept(batch).await?;
         self.durable(positions)
@@ -465,7 +465,7 @@ fn restore(
         Some(ckpt) => {
             tracing::info!(
                 path = %store.file().display(),
-                batteries = ckpt.windows.fleet.len(),
+                batteries = ckpt.windows.battery_count(),
                 "resuming from checkpoint"
             );
             let windows = DailyWindows::from_state(config.windows.clone(), ckpt.windows);

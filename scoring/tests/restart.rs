@@ -96,16 +96,24 @@ struct Incarnation {
     checkpoints: usize,
 }
 
-/// Runs one life of the pipeline: restores from `ckpt`, consumes, and either is killed
-/// once `kill_at` offsets have been read or (None) runs to the end and closes all days.
-async fn live(kafka: &KafkaConfig, ckpt: &Path, total: i64, kill_at: Option<i64>) -> Incarnation {
+/// Runs one life of the pipeline with the window stage in `shards` shards: restores
+/// from `ckpt`, consumes, and either is killed once `kill_at` offsets have been read or
+/// (None) runs to the end and closes all days.
+async fn live(
+    kafka: &KafkaConfig,
+    ckpt: &Path,
+    total: i64,
+    kill_at: Option<i64>,
+    shards: usize,
+) -> Incarnation {
     let store = CheckpointStore::new(ckpt);
+    let config = WindowConfig {
+        shards,
+        ..Default::default()
+    };
     let (windows, resumed) = match store.load().unwrap() {
-        Some(c) => (
-            DailyWindows::from_state(WindowConfig::default(), c.windows),
-            c.positions,
-        ),
-        None => (DailyWindows::new(WindowConfig::default()), Vec::new()),
+        Some(c) => (DailyWindows::from_state(config, c.windows), c.positions),
+        None => (DailyWindows::new(config), Vec::new()),
     };
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let (late_queue, _late) = DeadLetterQueue::memory();
@@ -250,7 +258,7 @@ async fn killed_and_restarted_runs_equal_an_uninterrupted_one() {
         group_id: "uninterrupted".into(),
         ..kafka.clone()
     };
-    let want = live(&whole, &dir.path().join("whole"), total, None).await;
+    let want = live(&whole, &dir.path().join("whole"), total, None, 1).await;
     let want_stats = want.stats.clone().unwrap();
     assert!(
         want.series.len() > 250 * 80,
@@ -260,25 +268,27 @@ async fn killed_and_restarted_runs_equal_an_uninterrupted_one() {
     assert_eq!(want_stats.late, 0, "a backlog must not turn rows late");
     assert!(want.checkpoints > 2, "checkpoints: {}", want.checkpoints);
 
-    // The same stream, killed at 20%, 45% and 70% of it and restarted each time.
+    // The same stream, killed at 20%, 45% and 70% of it and restarted each time, with
+    // another shard count each life: a checkpoint re-splits to the shards it meets.
     let killed = KafkaConfig {
         group_id: "killed".into(),
         ..kafka.clone()
     };
     let ckpt = dir.path().join("killed");
     let mut got = Series::new();
-    for fraction in [0.20, 0.45, 0.70] {
+    for (fraction, shards) in [(0.20, 2), (0.45, 3), (0.70, 2)] {
         let life = live(
             &killed,
             &ckpt,
             total,
             Some((total as f64 * fraction) as i64),
+            shards,
         )
         .await;
         assert!(life.stats.is_none());
         merge(&mut got, life.series);
     }
-    let last = live(&killed, &ckpt, total, None).await;
+    let last = live(&killed, &ckpt, total, None, 1).await;
     merge(&mut got, last.series);
 
     assert_eq!(

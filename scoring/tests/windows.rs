@@ -101,7 +101,22 @@ async fn run(
     Vec<RecordBatch>,
     Vec<voltcast_ingest::DeadLetter>,
 ) {
-    let mut w = DailyWindows::new(WindowConfig::default());
+    run_sharded(batches, 0).await
+}
+
+async fn run_sharded(
+    batches: Vec<MicroBatch>,
+    shards: usize,
+) -> (
+    DailyWindows,
+    Vec<RecordBatch>,
+    Vec<voltcast_ingest::DeadLetter>,
+) {
+    let config = WindowConfig {
+        shards,
+        ..Default::default()
+    };
+    let mut w = DailyWindows::new(config);
     let (mut closed, mut late) = (Vec::new(), Vec::new());
     for b in &batches {
         let out = w.apply(b, 0).await.unwrap();
@@ -248,4 +263,73 @@ async fn rolling_means_cover_the_trailing_week() {
             "row {i}"
         );
     }
+}
+
+#[tokio::test]
+async fn shards_on_their_own_threads_close_the_same_days_as_one() {
+    // 400 batteries x 30 days with a duplicate and a 12-hourly pair every few rows, fed
+    // in batches of 15 days (over 4,096 rows: each shard runs on its own thread).
+    let ids: Vec<String> = (0..400).map(|b| format!("B{b:04}")).collect();
+    let mut batches = Vec::new();
+    for half in 0..2 {
+        let mut records = Vec::new();
+        for d in half * 15..(half + 1) * 15 {
+            let day = voltcast_ingest::time::format_day(15_706 + d);
+            for (b, id) in ids.iter().enumerate() {
+                let cycles = 0.1 + (b % 7) as f64 * 0.01 + d as f64 * 0.001;
+                let r = report(id, &day, 40.0, cycles, cycles * (d + 1) as f64, 3);
+                if (b + d as usize).is_multiple_of(5) {
+                    records.push(r.clone());
+                }
+                if (b + d as usize).is_multiple_of(11) {
+                    let mut noon = report(id, &format!("{day}T12:00:00Z"), 5.0, 0.01, 0.0, 1);
+                    noon.lifetime_cycles_used = r.lifetime_cycles_used;
+                    records.push(noon);
+                }
+                records.push(r);
+            }
+        }
+        batches.push(batch(&records));
+    }
+    assert!(batches.iter().all(|b| b.rows.num_rows() > 4_096));
+    let (one, one_closed, _) = run_sharded(batches.clone(), 1).await;
+    let (three, three_closed, _) = run_sharded(batches, 3).await;
+    assert_eq!(one.state().shards.len(), 1);
+    assert_eq!(three.state().shards.len(), 3);
+    assert!(
+        three.state().shards.iter().all(|s| s.fleet.len() > 50),
+        "every shard holds batteries"
+    );
+    assert_eq!(three.state().battery_count(), 400);
+    assert_eq!(one.stats(), three.stats());
+    assert!(one.stats().duplicates > 1_000, "{:?}", one.stats());
+    for id in &ids {
+        let want = series(&one_closed, id);
+        assert_eq!(want.len(), 30, "{id}");
+        assert_eq!(series(&three_closed, id), want, "{id}");
+    }
+}
+
+#[tokio::test]
+async fn a_battery_moved_to_another_vehicle_is_reported_with_the_new_one() {
+    let mut first = report("A", "2013-01-01", 60.0, 0.15, 0.15, 4);
+    let mut second = report("A", "2013-01-02", 60.0, 0.15, 0.30, 4);
+    first.vehicle_id = Some("V-1".into());
+    second.vehicle_id = Some("V-2".into());
+    let (w, closed, _) = run(vec![batch(&[first]), batch(&[second])]).await;
+    let vehicles: Vec<Option<String>> = closed
+        .iter()
+        .flat_map(|b| {
+            let v = b
+                .column_by_name(daily::VEHICLE_ID)
+                .unwrap()
+                .as_string::<i32>();
+            (0..b.num_rows())
+                .map(|i| v.is_valid(i).then(|| v.value(i).to_string()))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert_eq!(vehicles.last(), Some(&Some("V-2".to_string())));
+    let battery = w.state().battery("A").unwrap();
+    assert_eq!(battery.vehicle.map(|v| &**v), Some("V-2"));
 }

@@ -181,7 +181,11 @@ async fn streamed_daily_series_equal_the_reference_battery_by_battery() {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let (late_queue, late) = DeadLetterQueue::memory();
     let mut stage = WindowStage::new(
-        DailyWindows::new(WindowConfig::default()),
+        // Two shards, each on its own thread for the larger batches of the backlog.
+        DailyWindows::new(WindowConfig {
+            shards: 2,
+            ..Default::default()
+        }),
         late_queue,
         Some(tx),
     );

@@ -14,8 +14,9 @@ use datafusion::arrow::datatypes::{
 };
 use datafusion::error::Result;
 
-use super::aggregate::DailyAggregator;
-use super::history::ClosedValues;
+use datafusion::prelude::SessionContext;
+
+use super::history::{BatteryHistory, ClosedValues};
 use super::{DayPartial, Fleet, ReadingStats};
 
 pub const BATTERY_ID: &str = "battery_id";
@@ -74,9 +75,9 @@ pub fn daily_schema() -> SchemaRef {
 /// reads the same means off the end of each history as it closes days; this is the
 /// definition that computation is tested against, and serves batch scoring over whole
 /// series.
-pub async fn rolling_means_sql(
-    agg: &DailyAggregator,
-    fleet: &Fleet,
+pub async fn rolling_means_sql<'a>(
+    ctx: &SessionContext,
+    history_of: &dyn Fn(&str) -> Option<&'a BatteryHistory>,
     closed: &RecordBatch,
 ) -> Result<Vec<(f64, f64)>> {
     let ids = closed
@@ -86,20 +87,22 @@ pub async fn rolling_means_sql(
         return Ok(Vec::new());
     };
     // Rows of one battery are the newest entries of its history, in day order.
-    let mut new_per_battery: HashMap<u32, Vec<usize>> = HashMap::new();
+    let mut new_per_battery: HashMap<&str, Vec<usize>> = HashMap::new();
     for (i, id) in ids.iter().enumerate() {
-        if let Some(b) = id.and_then(|id| fleet.get(id)) {
-            new_per_battery.entry(b).or_default().push(i);
+        if let Some(id) = id {
+            new_per_battery.entry(id).or_default().push(i);
         }
     }
     let (mut battery, mut day, mut cycles, mut row) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for (b, idx) in &new_per_battery {
-        let history = &fleet.histories[*b as usize];
+    for (b, (id, idx)) in new_per_battery.iter().enumerate() {
+        let Some(history) = history_of(id) else {
+            continue;
+        };
         let take = (idx.len() + 29).min(history.len());
         let first_new = history.len() - idx.len().min(history.len());
         for (k, (d, c)) in history.cycles().enumerate().skip(history.len() - take) {
-            battery.push(*b);
+            battery.push(b as u32);
             day.push(d);
             cycles.push(c as f64);
             row.push((k >= first_new).then(|| idx[k - first_new] as i64));
@@ -111,7 +114,6 @@ pub async fn rolling_means_sql(
         ("cycles", Arc::new(Float64Array::from(cycles)) as ArrayRef),
         ("new_row", Arc::new(Int64Array::from(row)) as ArrayRef),
     ])?;
-    let ctx = agg.context();
     ctx.register_batch("closing_tail", tail)?;
     let result = ctx
         .sql(

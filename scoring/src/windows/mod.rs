@@ -11,11 +11,16 @@
 //!    [`BatteryHistory`], missing days before it are interpolated, and the closed days
 //!    leave as one Arrow batch with 7- and 30-day rolling means (DataFusion window
 //!    functions).
+//!
+//! Steps 1, 2 and the closing in 3 are per battery, so batteries are split into
+//! [`shard`]s that run on their own cores; only the watermark is shared.
 
 pub mod aggregate;
 pub mod daily;
+pub mod fleet;
 pub mod history;
 pub mod open;
+pub mod shard;
 pub mod watermark;
 
 use std::sync::Arc;
@@ -24,33 +29,24 @@ use std::sync::Arc;
 /// resistance; foldhash is several times faster on the per-row path.
 pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::FixedState>;
 
-use compact_str::CompactString;
-use datafusion::arrow::array::UInt32Array;
-use datafusion::arrow::array::{
-    Array, AsArray, BooleanArray, Float64Array, Int32Array, RecordBatch, StringArray,
-};
-use datafusion::arrow::compute::filter_record_batch;
-use datafusion::arrow::datatypes::{
-    DataType, Field, Float64Type, Int32Type, Int64Type, Schema, TimestampMillisecondType,
-    UInt32Type,
-};
+use datafusion::arrow::array::{Array, RecordBatch};
+use datafusion::arrow::compute::concat_batches;
 use datafusion::error::DataFusionError;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
-use voltcast_ingest::dead_letter::{DeadLetter, Origin};
-use voltcast_ingest::schema as s;
+use voltcast_ingest::MicroBatch;
+use voltcast_ingest::dead_letter::DeadLetter;
 use voltcast_ingest::time::{EpochMillis, MILLIS_PER_DAY};
-use voltcast_ingest::{MicroBatch, RejectReason};
 
 pub use aggregate::DailyAggregator;
 pub use daily::daily_schema;
+pub use fleet::{BatteryView, Fleet};
 pub use history::BatteryHistory;
 pub use open::OpenWindows;
+pub use shard::ShardState;
 pub use watermark::Watermarks;
 
-use aggregate::out;
-use daily::ClosedColumns;
-use history::ObservedDay;
+use shard::{ShardOutput, ShardTask, route};
 
 /// `[windows]` in the config file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -62,6 +58,19 @@ pub struct WindowConfig {
     pub idle_partition_seconds: i64,
     /// Closed days kept per battery.
     pub retention_days: usize,
+    /// Batteries are split into this many shards, each worked on its own thread;
+    /// 0: one per core.
+    pub shards: usize,
+}
+
+impl WindowConfig {
+    /// The shard count `shards` stands for on this machine.
+    pub fn shard_count(&self) -> usize {
+        match self.shards {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
 }
 
 impl Default for WindowConfig {
@@ -70,6 +79,7 @@ impl Default for WindowConfig {
             allowed_lateness_hours: 36,
             idle_partition_seconds: 60,
             retention_days: 730,
+            shards: 0,
         }
     }
 }
@@ -154,6 +164,16 @@ pub struct WindowStats {
     pub days_imputed: u64,
 }
 
+impl WindowStats {
+    fn add(&mut self, o: &WindowStats) {
+        self.rows_in += o.rows_in;
+        self.duplicates += o.duplicates;
+        self.late += o.late;
+        self.days_closed += o.days_closed;
+        self.days_imputed += o.days_imputed;
+    }
+}
+
 /// What one micro-batch produced.
 #[derive(Debug, Default)]
 pub struct WindowOutput {
@@ -171,122 +191,82 @@ pub enum WindowError {
     Column(&'static str),
 }
 
-/// Battery ids interned to dense indexes, with their histories.
-#[derive(Debug, Default, Clone, Serialize, Deserialize)]
-#[serde(from = "FleetRecord")]
-pub struct Fleet {
-    /// Ids are short; keys stored inline in the table (up to 24 bytes) spare every
-    /// lookup a second cache miss through a pointer, and one lookup runs per row.
-    #[serde(skip)]
-    index: FastMap<CompactString, u32>,
-    pub ids: Vec<Arc<str>>,
-    pub vehicles: Vec<Option<Arc<str>>>,
-    /// A hash of each battery's vehicle id: a car reports its vehicle with every row,
-    /// and comparing a dense hash spares the cache miss of reading the stored id.
-    #[serde(skip)]
-    vehicle_hashes: Vec<u64>,
-    pub rated: Vec<f64>,
-    pub histories: Vec<BatteryHistory>,
-}
-
-fn vehicle_hash(id: Option<&str>) -> u64 {
-    use std::hash::BuildHasher;
-    id.map_or(0, |id| {
-        foldhash::fast::FixedState::default().hash_one(id) | 1
-    })
-}
-
-/// A checkpointed fleet: the same fields, without the index rebuilt from the ids.
-#[derive(Deserialize)]
-struct FleetRecord {
-    ids: Vec<Arc<str>>,
-    vehicles: Vec<Option<Arc<str>>>,
-    rated: Vec<f64>,
-    histories: Vec<BatteryHistory>,
-}
-
-impl From<FleetRecord> for Fleet {
-    fn from(r: FleetRecord) -> Self {
-        let index = r
-            .ids
-            .iter()
-            .enumerate()
-            .map(|(i, id)| (CompactString::from(&**id), i as u32))
-            .collect();
-        Self {
-            index,
-            ids: r.ids,
-            vehicle_hashes: r
-                .vehicles
-                .iter()
-                .map(|v| vehicle_hash(v.as_deref()))
-                .collect(),
-            vehicles: r.vehicles,
-            rated: r.rated,
-            histories: r.histories,
-        }
-    }
-}
-
-impl Fleet {
-    fn intern(&mut self, id: &str) -> u32 {
-        if let Some(i) = self.index.get(id) {
-            return *i;
-        }
-        let i = self.ids.len() as u32;
-        self.index.insert(CompactString::from(id), i);
-        self.ids.push(Arc::from(id));
-        self.vehicles.push(None);
-        self.vehicle_hashes.push(0);
-        self.rated.push(0.0);
-        self.histories.push(BatteryHistory::default());
-        i
-    }
-
-    /// Records the battery's vehicle when it is new or changed.
-    fn set_vehicle(&mut self, battery: u32, vehicle: &str) {
-        let hash = vehicle_hash(Some(vehicle));
-        let b = battery as usize;
-        if self.vehicle_hashes[b] != hash {
-            self.vehicle_hashes[b] = hash;
-            self.vehicles[b] = Some(Arc::from(vehicle));
-        }
-    }
-
-    pub fn get(&self, id: &str) -> Option<u32> {
-        self.index.get(id).copied()
-    }
-
-    pub fn len(&self) -> usize {
-        self.ids.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.ids.is_empty()
-    }
-}
-
 /// The window stage's whole state (what a checkpoint saves).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct WindowState {
-    pub fleet: Fleet,
-    pub open: OpenWindows,
+    /// Batteries by [`shard::route`] of their id.
+    pub shards: Vec<ShardState>,
     /// Days before this one have closed.
     pub closed_before: Option<i32>,
     pub watermarks: Watermarks,
     pub stats: WindowStats,
 }
 
+impl WindowState {
+    pub fn battery_count(&self) -> usize {
+        self.shards.iter().map(|s| s.fleet.len()).sum()
+    }
+
+    /// Every battery, shard by shard.
+    pub fn batteries(&self) -> impl Iterator<Item = BatteryView<'_>> {
+        self.shards.iter().flat_map(|s| s.fleet.iter())
+    }
+
+    pub fn battery(&self, id: &str) -> Option<BatteryView<'_>> {
+        let fleet = &self.shards.get(route(id, self.shards.len()))?.fleet;
+        fleet.view(fleet.get(id)? as usize)
+    }
+
+    /// The same batteries and open windows in `n` shards (a checkpoint written with
+    /// another shard count).
+    fn reshard(self, n: usize) -> Self {
+        let n = n.max(1);
+        if self.shards.len() == n {
+            return self;
+        }
+        let mut shards = vec![ShardState::default(); n];
+        for old in self.shards {
+            let mut moved = Vec::with_capacity(old.fleet.len());
+            let mut fleet = old.fleet;
+            for i in 0..fleet.len() {
+                let id = fleet.ids[i].clone();
+                let to = route(&id, n);
+                let b = shards[to].fleet.adopt(&mut fleet, i);
+                moved.push((to, b));
+            }
+            for day in old.open.days() {
+                for (b, w) in day.iter() {
+                    let (to, nb) = moved[b as usize];
+                    let size = shards[to].fleet.len();
+                    *shards[to].open.day_mut(day.day()).window(nb, size) = w.clone();
+                }
+            }
+        }
+        Self { shards, ..self }
+    }
+}
+
 pub struct DailyWindows {
     config: WindowConfig,
-    aggregator: DailyAggregator,
     state: WindowState,
+    /// One per shard.
+    aggregators: Vec<DailyAggregator>,
     /// The most recent close (for cross-checks and diagnostics).
     last_closed: Option<RecordBatch>,
 }
 
+/// Below this many rows a batch is not worth a thread: shards run one after another.
+const PARALLEL_MIN_ROWS: usize = 4_096;
+
 fn day_of(t: EpochMillis) -> i32 {
     t.div_euclid(MILLIS_PER_DAY) as i32
+}
+
+fn column<'a>(
+    batch: &'a RecordBatch,
+    name: &'static str,
+) -> Result<&'a Arc<dyn Array>, WindowError> {
+    batch.column_by_name(name).ok_or(WindowError::Column(name))
 }
 
 impl DailyWindows {
@@ -296,26 +276,26 @@ impl DailyWindows {
             config.idle_partition_seconds * 1000,
         );
         let state = WindowState {
-            fleet: Fleet::default(),
-            open: OpenWindows::default(),
+            shards: vec![ShardState::default(); config.shard_count()],
             closed_before: None,
             watermarks,
             stats: WindowStats::default(),
         };
-        Self {
-            config,
-            aggregator: DailyAggregator::default(),
-            state,
-            last_closed: None,
-        }
+        Self::from_state(config, state)
     }
 
-    /// Resumes from a checkpointed state.
+    /// Resumes from a checkpointed state (re-split when the shard count changed).
     pub fn from_state(config: WindowConfig, state: WindowState) -> Self {
+        let state = state.reshard(config.shard_count());
+        let aggregators = state
+            .shards
+            .iter()
+            .map(|_| DailyAggregator::default())
+            .collect();
         Self {
             config,
-            aggregator: DailyAggregator::default(),
             state,
+            aggregators,
             last_closed: None,
         }
     }
@@ -323,12 +303,12 @@ impl DailyWindows {
     /// Trailing means of the most recent close, recomputed with DataFusion window
     /// functions: the definition the streaming computation must agree with.
     pub async fn last_close_means_sql(&self) -> Result<Vec<(f64, f64)>, WindowError> {
-        match &self.last_closed {
-            Some(closed) => {
-                Ok(daily::rolling_means_sql(&self.aggregator, &self.state.fleet, closed).await?)
-            }
-            None => Ok(Vec::new()),
-        }
+        let Some(closed) = &self.last_closed else {
+            return Ok(Vec::new());
+        };
+        let history = |id: &str| self.state.battery(id).map(|b| b.history);
+        let ctx = self.aggregators[0].context();
+        Ok(daily::rolling_means_sql(ctx, &history, closed).await?)
     }
 
     pub fn state(&self) -> &WindowState {
@@ -345,220 +325,128 @@ impl DailyWindows {
         batch: &MicroBatch,
         now: EpochMillis,
     ) -> Result<WindowOutput, WindowError> {
-        let (keep, index, late) = self.screen(&batch.rows)?;
-        let fresh = filter_record_batch(&with_battery_index(&batch.rows, index)?, &keep)
-            .map_err(DataFusionError::from)?;
-        for partial in self.aggregator.partials(fresh).await? {
-            self.merge(&partial)?;
-        }
-        self.state
-            .watermarks
+        // Rows are judged against the days closed before this batch; the days its
+        // positions push the watermark past close after its rows are in.
+        let late_before = self.state.closed_before;
+        let st = &mut self.state;
+        st.watermarks
             .observe(&batch.positions, &batch.assigned, now);
-        let closed = match self.state.watermarks.advance(now) {
-            // A day closes when the watermark passes its end.
-            Some(w) => self.close_before(day_of(w + 1)).await?,
-            None => None,
-        };
-        Ok(WindowOutput { closed, late })
+        // A day closes when the watermark passes its end.
+        let close = st.watermarks.advance(now).map(|w| day_of(w + 1));
+        self.run_shards(&batch.rows, late_before, close).await
     }
 
     /// Closes every open window (end of a finite input: a file replay or a test).
     pub async fn close_all(&mut self) -> Result<Option<RecordBatch>, WindowError> {
-        match self.state.open.last_day() {
-            Some(last) => self.close_before(last + 1).await,
-            None => Ok(None),
-        }
+        let last = self
+            .state
+            .shards
+            .iter()
+            .filter_map(|s| s.open.last_day())
+            .max();
+        let Some(last) = last else {
+            return Ok(None);
+        };
+        let empty = RecordBatch::new_empty(voltcast_ingest::schema::telemetry_schema());
+        let late_before = self.state.closed_before;
+        Ok(self
+            .run_shards(&empty, late_before, Some(last + 1))
+            .await?
+            .closed)
     }
 
-    /// Splits a batch's rows into fresh ones (mask) and late ones (dead letters),
-    /// registers fresh rows' event times in their windows so copies are recognised, and
-    /// interns each row's battery (the index column DataFusion groups by).
-    fn screen(
+    async fn run_shards(
         &mut self,
         rows: &RecordBatch,
-    ) -> Result<(BooleanArray, UInt32Array, Vec<DeadLetter>), WindowError> {
-        let ids = column(rows, s::BATTERY_ID)?.as_string::<i32>();
-        let vehicles = column(rows, s::VEHICLE_ID)?.as_string::<i32>();
-        let times = column(rows, s::EVENT_TIME)?.as_primitive::<TimestampMillisecondType>();
-        let st = &mut self.state;
-        st.stats.rows_in += rows.num_rows() as u64;
-        let mut keep = Vec::with_capacity(rows.num_rows());
-        let mut index = Vec::with_capacity(rows.num_rows());
+        late_before: Option<i32>,
+        close: Option<i32>,
+    ) -> Result<WindowOutput, WindowError> {
+        let close = close.filter(|d| late_before.is_none_or(|c| *d > c));
+        let shards = self.state.shards.len();
+        let tasks: Vec<ShardTask> = (0..shards)
+            .map(|shard| ShardTask {
+                rows,
+                shard,
+                shards,
+                closed_before: late_before,
+                close_before: close,
+                retention_days: self.config.retention_days,
+            })
+            .collect();
+        let work = self
+            .state
+            .shards
+            .iter_mut()
+            .zip(&mut self.aggregators)
+            .zip(&tasks);
+        let outputs: Vec<Result<ShardOutput, WindowError>> =
+            if shards == 1 || rows.num_rows() < PARALLEL_MIN_ROWS {
+                let mut outputs = Vec::with_capacity(shards);
+                for ((shard, aggregator), task) in work {
+                    outputs.push(shard.run(aggregator, task).await);
+                }
+                outputs
+            } else {
+                in_parallel(work)
+            };
+        if close.is_some() {
+            self.state.closed_before = close;
+        }
+        self.combine(outputs)
+    }
+
+    fn combine(
+        &mut self,
+        outputs: Vec<Result<ShardOutput, WindowError>>,
+    ) -> Result<WindowOutput, WindowError> {
         let mut late = Vec::new();
-        for i in 0..rows.num_rows() {
-            let t = times.value(i);
-            let day = day_of(t);
-            if st.closed_before.is_some_and(|c| day < c) {
-                st.stats.late += 1;
-                late.push(late_letter(rows, i, st.closed_before.unwrap_or_default()));
-                keep.push(false);
-                index.push(0);
-                continue;
-            }
-            let b = st.fleet.intern(ids.value(i));
-            index.push(b);
-            if vehicles.is_valid(i) {
-                st.fleet.set_vehicle(b, vehicles.value(i));
-            }
-            let fleet_size = st.fleet.len();
-            let fresh = st.open.day_mut(day).window(b, fleet_size).seen.insert(t);
-            st.stats.duplicates += u64::from(!fresh);
-            keep.push(fresh);
+        let mut closed = Vec::new();
+        for output in outputs {
+            let output = output?;
+            self.state.stats.add(&output.stats);
+            late.extend(output.late);
+            closed.extend(output.closed);
         }
-        Ok((BooleanArray::from(keep), UInt32Array::from(index), late))
-    }
-
-    fn merge(&mut self, p: &RecordBatch) -> Result<(), WindowError> {
-        let batteries = column(p, out::BATTERY)?.as_primitive::<UInt32Type>();
-        let days = column(p, out::DAY)?.as_primitive::<Int64Type>();
-        let trips = column(p, out::TRIPS)?.as_primitive::<Int64Type>();
-        let minutes = column(p, out::MINUTES)?.as_primitive::<Float64Type>();
-        let cycles = column(p, out::CYCLES)?.as_primitive::<Float64Type>();
-        let age = column(p, out::AGE)?.as_primitive::<Int32Type>();
-        let lifetime = column(p, out::LIFETIME)?.as_primitive::<Float64Type>();
-        let rated = column(p, out::RATED)?.as_primitive::<Float64Type>();
-        let reports = column(p, out::REPORTS)?.as_primitive::<Int64Type>();
-        let readings = out::READINGS.map(|r| {
-            let f64s = |suffix: &str| {
-                p.column_by_name(&format!("{r}_{suffix}"))
-                    .and_then(|c| c.as_primitive_opt::<Float64Type>())
-            };
-            let n = p
-                .column_by_name(&format!("{r}_n"))
-                .and_then(|c| c.as_primitive_opt::<Int64Type>());
-            (f64s("min"), f64s("max"), f64s("sum"), n)
-        });
-        let st = &mut self.state;
-        for i in 0..p.num_rows() {
-            // screen() opened this window; the partial only fills it.
-            let Some(w) = st.open.get_mut(days.value(i) as i32, batteries.value(i)) else {
-                continue;
-            };
-            w.trips += trips.value(i);
-            w.minutes += minutes.value(i);
-            w.cycles += cycles.value(i);
-            w.age_min = Some(w.age_min.map_or(age.value(i), |a| a.min(age.value(i))));
-            w.lifetime_max = w.lifetime_max.max(lifetime.value(i));
-            w.rated = w.rated.max(rated.value(i));
-            w.reports += reports.value(i) as u32;
-            for (k, (min, max, sum, n)) in readings.iter().enumerate() {
-                let (Some(min), Some(max), Some(sum), Some(n)) = (min, max, sum, n) else {
-                    continue;
-                };
-                let n = n.value(i) as u32;
-                if n > 0 {
-                    w.readings[k].merge(min.value(i), max.value(i), sum.value(i), n);
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Closes every open day before `day`, in day order.
-    async fn close_before(&mut self, day: i32) -> Result<Option<RecordBatch>, WindowError> {
-        let st = &mut self.state;
-        if st.closed_before.is_some_and(|c| c >= day) {
-            return Ok(None);
-        }
-        st.closed_before = Some(day);
-        let mut closed = ClosedColumns::default();
-        let mut values = Vec::new();
-        while let Some(open_day) = st.open.pop_before(day) {
-            for (b, w) in open_day.iter().filter(|(_, w)| w.reports > 0) {
-                let bi = b as usize;
-                st.fleet.rated[bi] = w.rated;
-                let obs = ObservedDay {
-                    day: open_day.day(),
-                    cycles: w.cycles,
-                    minutes: w.minutes,
-                    trips: w.trips,
-                    age: w.age_min.unwrap_or_default(),
-                    reported_lifetime: w.lifetime_max,
-                };
-                values.clear();
-                let history = &mut st.fleet.histories[bi];
-                history.close_day(obs, self.config.retention_days, &mut values);
-                for (j, v) in values.iter().enumerate() {
-                    // The 7- and 30-day means, read off the history while the new days
-                    // are its newest entries.
-                    let end = history.len() - (values.len() - 1 - j).min(history.len());
-                    let means = (history.mean_cycles(end, 7), history.mean_cycles(end, 30));
-                    closed.push(b, v, w.rated, (!v.imputed).then_some(w), means);
-                }
-                st.stats.days_imputed += values.iter().filter(|v| v.imputed).count() as u64;
-            }
-            st.open.recycle(open_day);
-        }
-        st.stats.days_closed += closed.len() as u64;
-        self.last_closed = closed.finish(&st.fleet);
-        Ok(self.last_closed.clone())
+        let closed = match closed.len() {
+            0 | 1 => closed.pop(),
+            _ => Some(concat_batches(&daily_schema(), &closed).map_err(DataFusionError::from)?),
+        };
+        self.last_closed = closed.clone();
+        Ok(WindowOutput { closed, late })
     }
 }
 
-/// The batch with the interned battery index as an extra column.
-fn with_battery_index(rows: &RecordBatch, index: UInt32Array) -> Result<RecordBatch, WindowError> {
-    let mut fields = rows.schema().fields().to_vec();
-    fields.push(Arc::new(Field::new(out::BATTERY, DataType::UInt32, false)));
-    let mut columns = rows.columns().to_vec();
-    columns.push(Arc::new(index));
-    RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
-        .map_err(|e| WindowError::DataFusion(e.into()))
-}
-
-fn column<'a>(
-    batch: &'a RecordBatch,
-    name: &'static str,
-) -> Result<&'a Arc<dyn Array>, WindowError> {
-    batch.column_by_name(name).ok_or(WindowError::Column(name))
-}
-
-/// A late row as a dead letter: its values re-rendered as the JSON wire format (the
-/// original bytes are not kept past decoding).
-fn late_letter(rows: &RecordBatch, i: usize, closed_before: i32) -> DeadLetter {
-    let str_at = |name: &str| {
-        rows.column_by_name(name)
-            .and_then(|c| c.as_any().downcast_ref::<StringArray>())
-            .and_then(|a| a.is_valid(i).then(|| a.value(i).to_string()))
-    };
-    let f64_at = |name: &str| {
-        rows.column_by_name(name)
-            .and_then(|c| c.as_any().downcast_ref::<Float64Array>())
-            .and_then(|a| a.is_valid(i).then(|| a.value(i)))
-    };
-    let i32_at = |name: &str| {
-        rows.column_by_name(name)
-            .and_then(|c| c.as_any().downcast_ref::<Int32Array>())
-            .map_or(0, |a| a.value(i) as i64)
-    };
-    let t = rows
-        .column_by_name(s::EVENT_TIME)
-        .map_or(0, |c| c.as_primitive::<TimestampMillisecondType>().value(i));
-    let record = voltcast_ingest::TelemetryRecord {
-        battery_id: str_at(s::BATTERY_ID).unwrap_or_default().into(),
-        vehicle_id: str_at(s::VEHICLE_ID).map(Into::into),
-        event_time: t,
-        battery_age_days: i32_at(s::BATTERY_AGE_DAYS),
-        number_of_trips: i32_at(s::NUMBER_OF_TRIPS),
-        daily_trip_duration: f64_at(s::DAILY_TRIP_DURATION).unwrap_or_default(),
-        daily_cycles_used: f64_at(s::DAILY_CYCLES_USED).unwrap_or_default(),
-        lifetime_cycles_used: f64_at(s::LIFETIME_CYCLES_USED).unwrap_or_default(),
-        battery_rated_cycles: f64_at(s::BATTERY_RATED_CYCLES).unwrap_or_default(),
-        resting_voltage: f64_at(s::RESTING_VOLTAGE),
-        state_of_charge: f64_at(s::STATE_OF_CHARGE),
-        temperature_c: f64_at(s::TEMPERATURE_C),
-    };
-    DeadLetter {
-        payload: record.to_json().into_bytes(),
-        reason: RejectReason::Late,
-        detail: format!(
-            "day {} closed: the watermark has passed {}",
-            voltcast_ingest::time::format_day(day_of(t) as i64),
-            voltcast_ingest::time::format_day(closed_before as i64)
+/// Runs each shard's task on its own thread (the first on this one).
+///
+/// The shard's DataFusion plan reads one in-memory batch on one partition and spawns no
+/// tasks, so driving it with a plain executor off the async runtime is safe.
+fn in_parallel<'a>(
+    work: impl Iterator<
+        Item = (
+            (&'a mut ShardState, &'a mut DailyAggregator),
+            &'a ShardTask<'a>,
         ),
-        origin: Origin {
-            source: Arc::from("voltcast.windows"),
-            partition: -1,
-            offset: -1,
-        },
-    }
+    >,
+) -> Vec<Result<ShardOutput, WindowError>> {
+    std::thread::scope(|scope| {
+        let mut work = work;
+        let first = work.next();
+        let others: Vec<_> = work
+            .map(|((shard, aggregator), task)| {
+                scope.spawn(move || futures::executor::block_on(shard.run(aggregator, task)))
+            })
+            .collect();
+        let mut outputs: Vec<_> = first
+            .map(|((shard, aggregator), task)| {
+                futures::executor::block_on(shard.run(aggregator, task))
+            })
+            .into_iter()
+            .collect();
+        outputs.extend(
+            others
+                .into_iter()
+                .map(|h| h.join().expect("window shard thread panicked")),
+        );
+        outputs
+    })
 }

@@ -1,0 +1,283 @@
+//! One shard of the window stage: the batteries whose id routes to it, with their open
+//! windows and histories.
+//!
+//! Why shards: every step of the stage is per battery (dedupe, the day aggregate,
+//! closing into the history), so batteries split by a hash of their id share nothing
+//! and each shard runs a micro-batch on its own core. Every shard reads the whole
+//! batch and takes its own rows, so splitting costs no serial pass.
+
+use std::hash::BuildHasher;
+use std::sync::Arc;
+
+use datafusion::arrow::array::{
+    Array, AsArray, BooleanArray, Float64Array, Int32Array, RecordBatch, StringArray, UInt32Array,
+};
+use datafusion::arrow::compute::filter_record_batch;
+use datafusion::arrow::datatypes::{
+    DataType, Field, Float64Type, Int32Type, Int64Type, Schema, TimestampMillisecondType,
+    UInt32Type,
+};
+use datafusion::error::DataFusionError;
+use serde::{Deserialize, Serialize};
+use voltcast_ingest::RejectReason;
+use voltcast_ingest::dead_letter::{DeadLetter, Origin};
+use voltcast_ingest::schema as s;
+
+use super::aggregate::{DailyAggregator, out};
+use super::daily::ClosedColumns;
+use super::fleet::Fleet;
+use super::history::ObservedDay;
+use super::open::OpenWindows;
+use super::{WindowError, WindowStats, column, day_of};
+
+/// Which shard a battery belongs to. The seed differs from the id index's hasher, whose
+/// low bits would otherwise be the same for every battery of a shard.
+pub fn route(id: &str, shards: usize) -> usize {
+    if shards <= 1 {
+        return 0;
+    }
+    (foldhash::fast::FixedState::with_seed(0x5eed_ba77).hash_one(id) % shards as u64) as usize
+}
+
+/// A shard's part of the state (checkpointed).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ShardState {
+    pub fleet: Fleet,
+    pub open: OpenWindows,
+}
+
+/// What a shard does with one micro-batch.
+pub(super) struct ShardTask<'a> {
+    pub rows: &'a RecordBatch,
+    pub shard: usize,
+    pub shards: usize,
+    /// Days before this one had closed when the batch arrived: their rows are late.
+    pub closed_before: Option<i32>,
+    /// After taking the rows in, close every open day before this one.
+    pub close_before: Option<i32>,
+    pub retention_days: usize,
+}
+
+#[derive(Default)]
+pub(super) struct ShardOutput {
+    pub closed: Option<RecordBatch>,
+    pub late: Vec<DeadLetter>,
+    pub stats: WindowStats,
+}
+
+impl ShardState {
+    pub(super) async fn run(
+        &mut self,
+        aggregator: &mut DailyAggregator,
+        task: &ShardTask<'_>,
+    ) -> Result<ShardOutput, WindowError> {
+        let mut output = ShardOutput::default();
+        if task.rows.num_rows() > 0 {
+            let (keep, index) = self.screen(task, &mut output)?;
+            if keep.true_count() > 0 {
+                let fresh = filter_record_batch(&with_battery_index(task.rows, index)?, &keep)
+                    .map_err(DataFusionError::from)?;
+                for partial in aggregator.partials(fresh).await? {
+                    self.merge(&partial)?;
+                }
+            }
+        }
+        if let Some(day) = task.close_before {
+            output.closed = self.close_before(day, task.retention_days, &mut output.stats);
+        }
+        Ok(output)
+    }
+
+    /// Takes this shard's rows of the batch: late ones become dead letters, fresh ones
+    /// have their event times registered in their windows so copies are recognised
+    /// (the mask keeps first copies only), and each row's battery is interned (the
+    /// index column DataFusion groups by).
+    fn screen(
+        &mut self,
+        task: &ShardTask<'_>,
+        output: &mut ShardOutput,
+    ) -> Result<(BooleanArray, UInt32Array), WindowError> {
+        let rows = task.rows;
+        let ids = column(rows, s::BATTERY_ID)?.as_string::<i32>();
+        let vehicles = column(rows, s::VEHICLE_ID)?.as_string::<i32>();
+        let times = column(rows, s::EVENT_TIME)?.as_primitive::<TimestampMillisecondType>();
+        let mut keep = Vec::with_capacity(rows.num_rows());
+        let mut index = Vec::with_capacity(rows.num_rows());
+        let stats = &mut output.stats;
+        for i in 0..rows.num_rows() {
+            let id = ids.value(i);
+            if route(id, task.shards) != task.shard {
+                keep.push(false);
+                index.push(0);
+                continue;
+            }
+            stats.rows_in += 1;
+            let t = times.value(i);
+            let day = day_of(t);
+            if let Some(closed) = task.closed_before.filter(|c| day < *c) {
+                stats.late += 1;
+                output.late.push(late_letter(rows, i, closed));
+                keep.push(false);
+                index.push(0);
+                continue;
+            }
+            let b = self.fleet.intern(id);
+            index.push(b);
+            if vehicles.is_valid(i) {
+                self.fleet.set_vehicle(b, vehicles.value(i));
+            }
+            let fleet_size = self.fleet.len();
+            let fresh = self.open.day_mut(day).window(b, fleet_size).seen.insert(t);
+            stats.duplicates += u64::from(!fresh);
+            keep.push(fresh);
+        }
+        Ok((BooleanArray::from(keep), UInt32Array::from(index)))
+    }
+
+    /// Adds DataFusion's partial aggregates to the open windows.
+    fn merge(&mut self, p: &RecordBatch) -> Result<(), WindowError> {
+        let batteries = column(p, out::BATTERY)?.as_primitive::<UInt32Type>();
+        let days = column(p, out::DAY)?.as_primitive::<Int64Type>();
+        let trips = column(p, out::TRIPS)?.as_primitive::<Int64Type>();
+        let minutes = column(p, out::MINUTES)?.as_primitive::<Float64Type>();
+        let cycles = column(p, out::CYCLES)?.as_primitive::<Float64Type>();
+        let age = column(p, out::AGE)?.as_primitive::<Int32Type>();
+        let lifetime = column(p, out::LIFETIME)?.as_primitive::<Float64Type>();
+        let rated = column(p, out::RATED)?.as_primitive::<Float64Type>();
+        let reports = column(p, out::REPORTS)?.as_primitive::<Int64Type>();
+        let readings = out::READINGS.map(|r| {
+            let f64s = |suffix: &str| {
+                p.column_by_name(&format!("{r}_{suffix}"))
+                    .and_then(|c| c.as_primitive_opt::<Float64Type>())
+            };
+            let n = p
+                .column_by_name(&format!("{r}_n"))
+                .and_then(|c| c.as_primitive_opt::<Int64Type>());
+            (f64s("min"), f64s("max"), f64s("sum"), n)
+        });
+        for i in 0..p.num_rows() {
+            // screen() opened this window; the partial only fills it.
+            let Some(w) = self.open.get_mut(days.value(i) as i32, batteries.value(i)) else {
+                continue;
+            };
+            w.trips += trips.value(i);
+            w.minutes += minutes.value(i);
+            w.cycles += cycles.value(i);
+            w.age_min = Some(w.age_min.map_or(age.value(i), |a| a.min(age.value(i))));
+            w.lifetime_max = w.lifetime_max.max(lifetime.value(i));
+            w.rated = w.rated.max(rated.value(i));
+            w.reports += reports.value(i) as u32;
+            for (k, (min, max, sum, n)) in readings.iter().enumerate() {
+                let (Some(min), Some(max), Some(sum), Some(n)) = (min, max, sum, n) else {
+                    continue;
+                };
+                let n = n.value(i) as u32;
+                if n > 0 {
+                    w.readings[k].merge(min.value(i), max.value(i), sum.value(i), n);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Closes every open day before `day`, in day order: each battery's day goes into
+    /// its history (gaps before it interpolated) and out as a closed-day row.
+    fn close_before(
+        &mut self,
+        day: i32,
+        retention_days: usize,
+        stats: &mut WindowStats,
+    ) -> Option<RecordBatch> {
+        let mut closed = ClosedColumns::default();
+        let mut values = Vec::new();
+        while let Some(open_day) = self.open.pop_before(day) {
+            for (b, w) in open_day.iter().filter(|(_, w)| w.reports > 0) {
+                let bi = b as usize;
+                self.fleet.rated[bi] = w.rated;
+                let obs = ObservedDay {
+                    day: open_day.day(),
+                    cycles: w.cycles,
+                    minutes: w.minutes,
+                    trips: w.trips,
+                    age: w.age_min.unwrap_or_default(),
+                    reported_lifetime: w.lifetime_max,
+                };
+                values.clear();
+                let history = &mut self.fleet.histories[bi];
+                history.close_day(obs, retention_days, &mut values);
+                for (j, v) in values.iter().enumerate() {
+                    // The 7- and 30-day means, read off the history while the new days
+                    // are its newest entries.
+                    let end = history.len() - (values.len() - 1 - j).min(history.len());
+                    let means = (history.mean_cycles(end, 7), history.mean_cycles(end, 30));
+                    closed.push(b, v, w.rated, (!v.imputed).then_some(w), means);
+                }
+                stats.days_imputed += values.iter().filter(|v| v.imputed).count() as u64;
+            }
+            self.open.recycle(open_day);
+        }
+        stats.days_closed += closed.len() as u64;
+        closed.finish(&self.fleet)
+    }
+}
+
+/// The batch with the interned battery index as an extra column.
+fn with_battery_index(rows: &RecordBatch, index: UInt32Array) -> Result<RecordBatch, WindowError> {
+    let mut fields = rows.schema().fields().to_vec();
+    fields.push(Arc::new(Field::new(out::BATTERY, DataType::UInt32, false)));
+    let mut columns = rows.columns().to_vec();
+    columns.push(Arc::new(index));
+    RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
+        .map_err(|e| WindowError::DataFusion(e.into()))
+}
+
+/// A late row as a dead letter: its values re-rendered as the JSON wire format (the
+/// original bytes are not kept past decoding).
+fn late_letter(rows: &RecordBatch, i: usize, closed_before: i32) -> DeadLetter {
+    let str_at = |name: &str| {
+        rows.column_by_name(name)
+            .and_then(|c| c.as_any().downcast_ref::<StringArray>())
+            .and_then(|a| a.is_valid(i).then(|| a.value(i).to_string()))
+    };
+    let f64_at = |name: &str| {
+        rows.column_by_name(name)
+            .and_then(|c| c.as_any().downcast_ref::<Float64Array>())
+            .and_then(|a| a.is_valid(i).then(|| a.value(i)))
+    };
+    let i32_at = |name: &str| {
+        rows.column_by_name(name)
+            .and_then(|c| c.as_any().downcast_ref::<Int32Array>())
+            .map_or(0, |a| a.value(i) as i64)
+    };
+    let t = rows
+        .column_by_name(s::EVENT_TIME)
+        .map_or(0, |c| c.as_primitive::<TimestampMillisecondType>().value(i));
+    let record = voltcast_ingest::TelemetryRecord {
+        battery_id: str_at(s::BATTERY_ID).unwrap_or_default().into(),
+        vehicle_id: str_at(s::VEHICLE_ID).map(Into::into),
+        event_time: t,
+        battery_age_days: i32_at(s::BATTERY_AGE_DAYS),
+        number_of_trips: i32_at(s::NUMBER_OF_TRIPS),
+        daily_trip_duration: f64_at(s::DAILY_TRIP_DURATION).unwrap_or_default(),
+        daily_cycles_used: f64_at(s::DAILY_CYCLES_USED).unwrap_or_default(),
+        lifetime_cycles_used: f64_at(s::LIFETIME_CYCLES_USED).unwrap_or_default(),
+        battery_rated_cycles: f64_at(s::BATTERY_RATED_CYCLES).unwrap_or_default(),
+        resting_voltage: f64_at(s::RESTING_VOLTAGE),
+        state_of_charge: f64_at(s::STATE_OF_CHARGE),
+        temperature_c: f64_at(s::TEMPERATURE_C),
+    };
+    DeadLetter {
+        payload: record.to_json().into_bytes(),
+        reason: RejectReason::Late,
+        detail: format!(
+            "day {} closed: the watermark has passed {}",
+            voltcast_ingest::time::format_day(day_of(t) as i64),
+            voltcast_ingest::time::format_day(closed_before as i64)
+        ),
+        origin: Origin {
+            source: Arc::from("voltcast.windows"),
+            partition: -1,
+            offset: -1,
+        },
+    }
+}
