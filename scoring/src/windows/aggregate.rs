@@ -45,6 +45,20 @@ pub mod out {
     ];
 }
 
+/// The telemetry columns the aggregation reads.
+pub const INPUTS: [&str; 10] = [
+    s::EVENT_TIME,
+    s::NUMBER_OF_TRIPS,
+    s::DAILY_TRIP_DURATION,
+    s::DAILY_CYCLES_USED,
+    s::BATTERY_AGE_DAYS,
+    s::LIFETIME_CYCLES_USED,
+    s::BATTERY_RATED_CYCLES,
+    s::RESTING_VOLTAGE,
+    s::STATE_OF_CHARGE,
+    s::TEMPERATURE_C,
+];
+
 pub struct DailyAggregator {
     ctx: SessionContext,
     /// The planned query and the slot it reads, for batches of one schema.

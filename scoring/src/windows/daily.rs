@@ -145,7 +145,6 @@ pub async fn rolling_means_sql<'a>(
 }
 
 /// Closed days as the window stage produces them, column by column.
-#[derive(Default)]
 pub(super) struct ClosedColumns {
     battery: Vec<u32>,
     day: Vec<i32>,
@@ -165,6 +164,34 @@ pub(super) struct ClosedColumns {
 }
 
 impl ClosedColumns {
+    /// Room for `n` days: growing twenty columns by doubling copied each of them
+    /// several times per close.
+    pub fn with_capacity(n: usize) -> Self {
+        let reading = || ReadingColumns {
+            min: Vec::with_capacity(n),
+            mean: Vec::with_capacity(n),
+            max: Vec::with_capacity(n),
+            valid: Vec::with_capacity(n),
+        };
+        Self {
+            battery: Vec::with_capacity(n),
+            day: Vec::with_capacity(n),
+            age: Vec::with_capacity(n),
+            trips: Vec::with_capacity(n),
+            minutes: Vec::with_capacity(n),
+            cycles: Vec::with_capacity(n),
+            lifetime: Vec::with_capacity(n),
+            reported_lifetime: Vec::with_capacity(n),
+            reported: Vec::with_capacity(n),
+            rated: Vec::with_capacity(n),
+            reports: Vec::with_capacity(n),
+            imputed: Vec::with_capacity(n),
+            readings: [reading(), reading(), reading()],
+            mean_7d: Vec::with_capacity(n),
+            mean_30d: Vec::with_capacity(n),
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.battery.len()
     }
@@ -204,13 +231,8 @@ impl ClosedColumns {
         if self.battery.is_empty() {
             return None;
         }
-        let ids =
-            StringArray::from_iter_values(self.battery.iter().map(|b| &*fleet.ids[*b as usize]));
-        let vehicles = StringArray::from_iter(
-            self.battery
-                .iter()
-                .map(|b| fleet.vehicles[*b as usize].as_deref()),
-        );
+        let ids = StringArray::from_iter_values(self.battery.iter().map(|b| fleet.id_of(*b)));
+        let vehicles = StringArray::from_iter(self.battery.iter().map(|b| fleet.vehicle_of(*b)));
         let mut columns: Vec<ArrayRef> = vec![
             Arc::new(ids),
             Arc::new(vehicles),
@@ -239,7 +261,6 @@ impl ClosedColumns {
 
 /// One reading's min, mean and max columns. Every statistic is null on days without
 /// that reading, so the three share one validity mask.
-#[derive(Default)]
 struct ReadingColumns {
     min: Vec<f64>,
     mean: Vec<f64>,

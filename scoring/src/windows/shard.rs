@@ -23,7 +23,7 @@ use voltcast_ingest::RejectReason;
 use voltcast_ingest::dead_letter::{DeadLetter, Origin};
 use voltcast_ingest::schema as s;
 
-use super::aggregate::{DailyAggregator, out};
+use super::aggregate::{self, DailyAggregator, out};
 use super::daily::ClosedColumns;
 use super::fleet::Fleet;
 use super::history::ObservedDay;
@@ -75,7 +75,7 @@ impl ShardState {
         if task.rows.num_rows() > 0 {
             let (keep, index) = self.screen(task, &mut output)?;
             if keep.true_count() > 0 {
-                let fresh = filter_record_batch(&with_battery_index(task.rows, index)?, &keep)
+                let fresh = filter_record_batch(&aggregate_input(task.rows, index)?, &keep)
                     .map_err(DataFusionError::from)?;
                 for partial in aggregator.partials(fresh).await? {
                     self.merge(&partial)?;
@@ -188,7 +188,8 @@ impl ShardState {
         retention_days: usize,
         stats: &mut WindowStats,
     ) -> Option<RecordBatch> {
-        let mut closed = ClosedColumns::default();
+        let closing = self.open.days().take_while(|d| d.day() < day);
+        let mut closed = ClosedColumns::with_capacity(closing.map(|d| d.len()).sum());
         let mut values = Vec::new();
         while let Some(open_day) = self.open.pop_before(day) {
             for (b, w) in open_day.iter().filter(|(_, w)| w.reports > 0) {
@@ -221,11 +222,20 @@ impl ShardState {
     }
 }
 
-/// The batch with the interned battery index as an extra column.
-fn with_battery_index(rows: &RecordBatch, index: UInt32Array) -> Result<RecordBatch, WindowError> {
-    let mut fields = rows.schema().fields().to_vec();
-    fields.push(Arc::new(Field::new(out::BATTERY, DataType::UInt32, false)));
-    let mut columns = rows.columns().to_vec();
+/// The columns the aggregation reads, with the interned battery index in place of the
+/// id strings (which filtering would otherwise copy for nothing).
+fn aggregate_input(rows: &RecordBatch, index: UInt32Array) -> Result<RecordBatch, WindowError> {
+    let schema = rows.schema();
+    let mut fields = Vec::with_capacity(aggregate::INPUTS.len() + 1);
+    let mut columns = Vec::with_capacity(aggregate::INPUTS.len() + 1);
+    for name in aggregate::INPUTS {
+        let (i, field) = schema
+            .column_with_name(name)
+            .ok_or(WindowError::Column(name))?;
+        fields.push(field.clone());
+        columns.push(rows.column(i).clone());
+    }
+    fields.push(Field::new(out::BATTERY, DataType::UInt32, false));
     columns.push(Arc::new(index));
     RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
         .map_err(|e| WindowError::DataFusion(e.into()))
