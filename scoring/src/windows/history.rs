@@ -1,10 +1,13 @@
 //! A battery's closed daily series, kept compact because there is one per battery and
 //! fleets have hundreds of thousands.
 //!
-//! Layout: three ring buffers (`f32` cycles, `f32` minutes, `u8` trips with the imputed
-//! flag in bit 7), 9 bytes a day, about 6.6 KB for 730 days. `f32` keeps 7 significant
+//! Layout: one ring buffer of 9-byte days (`f32` cycles, `f32` minutes, `u8` trips with
+//! the imputed flag in bit 7), about 6.6 KB for 730 days. `f32` keeps 7 significant
 //! digits, far below the day-to-day noise of driving; the exact (`f64`) values of the
 //! most recent day are kept aside because interpolation and lifetime build on them.
+//!
+//! One ring rather than one per field: a fleet's histories are far larger than the
+//! caches, and closing a day then touches one cold place instead of three.
 
 use std::collections::VecDeque;
 
@@ -41,10 +44,27 @@ pub struct ClosedValues {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct BatteryHistory {
     first_day: i32,
-    cycles: VecDeque<f32>,
-    minutes: VecDeque<f32>,
-    trips: VecDeque<u8>,
+    days: VecDeque<PackedDay>,
     last: Option<LastDay>,
+}
+
+/// cycles (`f32`, little-endian), minutes (`f32`), trips | imputed flag.
+type PackedDay = [u8; 9];
+
+fn pack(cycles: f64, minutes: f64, trips: u8) -> PackedDay {
+    let mut d = [0; 9];
+    d[..4].copy_from_slice(&(cycles as f32).to_le_bytes());
+    d[4..8].copy_from_slice(&(minutes as f32).to_le_bytes());
+    d[8] = trips;
+    d
+}
+
+fn cycles_of(d: &PackedDay) -> f32 {
+    f32::from_le_bytes([d[0], d[1], d[2], d[3]])
+}
+
+fn minutes_of(d: &PackedDay) -> f32 {
+    f32::from_le_bytes([d[4], d[5], d[6], d[7]])
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -99,27 +119,21 @@ impl BatteryHistory {
     }
 
     fn push(&mut self, v: &ClosedValues, retention: usize) {
-        if self.cycles.is_empty() {
+        if self.days.is_empty() {
             self.first_day = v.day;
         }
-        if self.cycles.len() == self.cycles.capacity() {
+        if self.days.len() == self.days.capacity() {
             // Double as usual, but never past the retention: doubling 730 days would
             // reserve 1024 and put a full history over its 8 KB budget.
             let want =
-                (self.cycles.capacity() * 2).clamp(8, retention.max(1) + 1) - self.cycles.len();
-            self.cycles.reserve_exact(want);
-            self.minutes.reserve_exact(want);
-            self.trips.reserve_exact(want);
+                (self.days.capacity() * 2).clamp(8, retention.max(1) + 1) - self.days.len();
+            self.days.reserve_exact(want);
         }
-        self.cycles.push_back(v.cycles as f32);
-        self.minutes.push_back(v.minutes as f32);
         let trips = v.trips.clamp(0, TRIPS_MAX as i64) as u8;
-        self.trips
-            .push_back(if v.imputed { trips | IMPUTED } else { trips });
-        while self.cycles.len() > retention.max(1) {
-            self.cycles.pop_front();
-            self.minutes.pop_front();
-            self.trips.pop_front();
+        let flagged = if v.imputed { trips | IMPUTED } else { trips };
+        self.days.push_back(pack(v.cycles, v.minutes, flagged));
+        while self.days.len() > retention.max(1) {
+            self.days.pop_front();
             self.first_day += 1;
         }
         self.last = Some(LastDay {
@@ -133,11 +147,11 @@ impl BatteryHistory {
     }
 
     pub fn len(&self) -> usize {
-        self.cycles.len()
+        self.days.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.cycles.is_empty()
+        self.days.is_empty()
     }
 
     pub fn last_day(&self) -> Option<i32> {
@@ -157,11 +171,11 @@ impl BatteryHistory {
         let start = end.saturating_sub(n);
         // Over the ring's two contiguous halves: a VecDeque range iterator checks for
         // the wrap on every step, and this runs for every day closed.
-        let (front, back) = self.cycles.as_slices();
-        let sum = |s: &[f32], from: usize, to: usize| -> f64 {
+        let (front, back) = self.days.as_slices();
+        let sum = |s: &[PackedDay], from: usize, to: usize| -> f64 {
             s[from.min(s.len())..to.min(s.len())]
                 .iter()
-                .map(|c| *c as f64)
+                .map(|d| cycles_of(d) as f64)
                 .sum()
         };
         let split = front.len();
@@ -172,20 +186,20 @@ impl BatteryHistory {
 
     /// Daily cycles, oldest first, with their day numbers.
     pub fn cycles(&self) -> impl ExactSizeIterator<Item = (i32, f32)> + '_ {
-        self.cycles
+        self.days
             .iter()
             .enumerate()
-            .map(|(i, c)| (self.first_day + i as i32, *c))
+            .map(|(i, d)| (self.first_day + i as i32, cycles_of(d)))
     }
 
     /// (day, cycles, minutes, trips, imputed) of every retained day, oldest first.
     pub fn days(&self) -> impl Iterator<Item = (i32, f32, f32, u8, bool)> + '_ {
-        (0..self.len()).map(|i| {
-            let t = self.trips[i];
+        self.days.iter().enumerate().map(|(i, d)| {
+            let t = d[8];
             (
                 self.first_day + i as i32,
-                self.cycles[i],
-                self.minutes[i],
+                cycles_of(d),
+                minutes_of(d),
                 t & TRIPS_MAX,
                 t & IMPUTED != 0,
             )
@@ -194,10 +208,7 @@ impl BatteryHistory {
 
     /// Bytes this history occupies, heap included.
     pub fn footprint(&self) -> usize {
-        std::mem::size_of::<Self>()
-            + self.cycles.capacity() * 4
-            + self.minutes.capacity() * 4
-            + self.trips.capacity()
+        std::mem::size_of::<Self>() + self.days.capacity() * std::mem::size_of::<PackedDay>()
     }
 }
 
