@@ -203,7 +203,6 @@ impl ClosedColumns {
         v: &ClosedValues,
         rated: f64,
         observed: Option<&DayPartial>,
-        means: (f64, f64),
     ) {
         self.battery.push(battery);
         self.day.push(v.day);
@@ -222,8 +221,8 @@ impl ClosedColumns {
             let stats = observed.map_or(ReadingStats::default(), |w| w.readings[k]);
             columns.push(&stats);
         }
-        self.mean_7d.push(means.0);
-        self.mean_30d.push(means.1);
+        self.mean_7d.push(v.mean_7d);
+        self.mean_30d.push(v.mean_30d);
     }
 
     /// The batch in [`daily_schema`]; None when nothing closed.

@@ -39,13 +39,80 @@ pub struct ClosedValues {
     /// Running sum of daily cycles, re-anchored to the car's figure on reported days.
     pub lifetime: f64,
     pub imputed: bool,
+    /// Mean daily cycles over the 7 and 30 retained days ending with this one.
+    pub mean_7d: f64,
+    pub mean_30d: f64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(from = "HistoryRecord")]
 pub struct BatteryHistory {
     first_day: i32,
     days: VecDeque<PackedDay>,
     last: Option<LastDay>,
+    /// The newest days' cycles again, beside the struct: the trailing means read them for
+    /// every day closed, and reading them off the ring (cold, a fleet's histories being
+    /// far larger than the caches) was a fifth of the window stage's time.
+    #[serde(skip)]
+    recent: RecentCycles,
+}
+
+/// The newest [`RECENT`] days' cycles, newest at `next - 1`.
+#[derive(Debug, Clone, PartialEq)]
+struct RecentCycles {
+    cycles: [f32; RECENT],
+    next: u8,
+}
+
+const RECENT: usize = 30;
+
+impl Default for RecentCycles {
+    fn default() -> Self {
+        Self {
+            cycles: [0.0; RECENT],
+            next: 0,
+        }
+    }
+}
+
+impl RecentCycles {
+    fn push(&mut self, c: f32) {
+        self.cycles[self.next as usize] = c;
+        self.next = ((self.next as usize + 1) % RECENT) as u8;
+    }
+
+    /// Mean of the newest `n` (at most [`RECENT`]), oldest first as the ring holds them.
+    fn mean(&self, n: usize) -> f64 {
+        let n = n.min(RECENT);
+        let next = self.next as usize;
+        let sum: f64 = (RECENT + next - n..RECENT + next)
+            .map(|i| self.cycles[i % RECENT] as f64)
+            .sum();
+        sum / n.max(1) as f64
+    }
+}
+
+/// A checkpointed history: the same fields, without the copy of the newest days.
+#[derive(Deserialize)]
+struct HistoryRecord {
+    first_day: i32,
+    days: VecDeque<PackedDay>,
+    last: Option<LastDay>,
+}
+
+impl From<HistoryRecord> for BatteryHistory {
+    fn from(r: HistoryRecord) -> Self {
+        let mut recent = RecentCycles::default();
+        for d in r.days.iter().skip(r.days.len().saturating_sub(RECENT)) {
+            recent.push(cycles_of(d));
+        }
+        Self {
+            first_day: r.first_day,
+            days: r.days,
+            last: r.last,
+            recent,
+        }
+    }
 }
 
 /// cycles (`f32`, little-endian), minutes (`f32`), trips | imputed flag.
@@ -92,7 +159,7 @@ impl BatteryHistory {
                 let f = k as f64 / steps;
                 let cycles = last.cycles + (obs.cycles - last.cycles) * f;
                 lifetime += cycles;
-                let v = ClosedValues {
+                let mut v = ClosedValues {
                     day: last.day + k,
                     cycles,
                     minutes: last.minutes + (obs.minutes - last.minutes) * f,
@@ -100,12 +167,14 @@ impl BatteryHistory {
                     age: last.age + k,
                     lifetime,
                     imputed: true,
+                    mean_7d: 0.0,
+                    mean_30d: 0.0,
                 };
-                self.push(&v, retention);
+                self.push(&mut v, retention);
                 out.push(v);
             }
         }
-        let v = ClosedValues {
+        let mut v = ClosedValues {
             day: obs.day,
             cycles: obs.cycles,
             minutes: obs.minutes,
@@ -113,20 +182,22 @@ impl BatteryHistory {
             age: obs.age,
             lifetime: obs.reported_lifetime,
             imputed: false,
+            mean_7d: 0.0,
+            mean_30d: 0.0,
         };
-        self.push(&v, retention);
+        self.push(&mut v, retention);
         out.push(v);
     }
 
-    fn push(&mut self, v: &ClosedValues, retention: usize) {
+    /// Appends `v` and fills in its trailing means.
+    fn push(&mut self, v: &mut ClosedValues, retention: usize) {
         if self.days.is_empty() {
             self.first_day = v.day;
         }
         if self.days.len() == self.days.capacity() {
             // Double as usual, but never past the retention: doubling 730 days would
             // reserve 1024 and put a full history over its 8 KB budget.
-            let want =
-                (self.days.capacity() * 2).clamp(8, retention.max(1) + 1) - self.days.len();
+            let want = (self.days.capacity() * 2).clamp(8, retention.max(1) + 1) - self.days.len();
             self.days.reserve_exact(want);
         }
         let trips = v.trips.clamp(0, TRIPS_MAX as i64) as u8;
@@ -136,6 +207,9 @@ impl BatteryHistory {
             self.days.pop_front();
             self.first_day += 1;
         }
+        self.recent.push(v.cycles as f32);
+        v.mean_7d = self.recent.mean(7.min(self.days.len()));
+        v.mean_30d = self.recent.mean(30.min(self.days.len()));
         self.last = Some(LastDay {
             day: v.day,
             cycles: v.cycles,
@@ -289,6 +363,28 @@ mod tests {
             }
         }
         assert_eq!(h.mean_cycles(730, 7), 996.0);
+    }
+
+    #[test]
+    fn emitted_means_equal_the_means_over_the_retained_days() {
+        let mut h = BatteryHistory::default();
+        let mut out = Vec::new();
+        for d in (0..200).filter(|d| d % 9 != 4) {
+            out.clear();
+            h.close_day(obs(d, 0.1 + (d % 13) as f64 * 0.01, 0.0), 40, &mut out);
+            for (j, v) in out.iter().enumerate() {
+                let end = h.len() - (out.len() - 1 - j);
+                assert_eq!(v.mean_7d, h.mean_cycles(end, 7), "day {}", v.day);
+                assert_eq!(v.mean_30d, h.mean_cycles(end, 30), "day {}", v.day);
+            }
+        }
+        // A checkpointed history goes on with the same means.
+        let mut back: BatteryHistory =
+            postcard::from_bytes(&postcard::to_allocvec(&h).unwrap()).unwrap();
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        h.close_day(obs(300, 0.3, 0.0), 40, &mut a);
+        back.close_day(obs(300, 0.3, 0.0), 40, &mut b);
+        assert_eq!(a, b);
     }
 
     #[test]

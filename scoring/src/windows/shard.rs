@@ -206,12 +206,8 @@ impl ShardState {
                 values.clear();
                 let history = &mut self.fleet.histories[bi];
                 history.close_day(obs, retention_days, &mut values);
-                for (j, v) in values.iter().enumerate() {
-                    // The 7- and 30-day means, read off the history while the new days
-                    // are its newest entries.
-                    let end = history.len() - (values.len() - 1 - j).min(history.len());
-                    let means = (history.mean_cycles(end, 7), history.mean_cycles(end, 30));
-                    closed.push(b, v, w.rated, (!v.imputed).then_some(w), means);
+                for v in &values {
+                    closed.push(b, v, w.rated, (!v.imputed).then_some(w));
                 }
                 stats.days_imputed += values.iter().filter(|v| v.imputed).count() as u64;
             }
