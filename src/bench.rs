@@ -316,7 +316,7 @@ fn windows(batteries: usize, days: u32, batch_rows: usize) -> anyhow::Result<()>
             let started = Instant::now();
             let out = runtime.block_on(windows.apply(&batch, 0))?;
             busy += started.elapsed();
-            closed_rows += out.closed.map_or(0, |c| c.num_rows());
+            closed_rows += out.closed.iter().map(|c| c.num_rows()).sum::<usize>();
         }
     }
     let state = windows.state();

@@ -212,7 +212,7 @@ async fn latency(
         tick.tick().await;
         let records: Vec<_> = day.messages.into_iter().filter_map(|m| m.record).collect();
         let batch = MicroBatch::from_records(&records, Arc::from("bench"));
-        if let Some(closed) = windows.apply(&batch, 0).await?.closed {
+        for closed in windows.apply(&batch, 0).await?.closed {
             let now = Instant::now();
             if let Some(rows) = voltcast_scoring::windows::daily::closed_rows(&closed) {
                 for r in rows {

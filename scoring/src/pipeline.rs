@@ -179,13 +179,15 @@ impl WindowStage {
         Ok(())
     }
 
-    fn emit(&mut self, closed: Option<RecordBatch>) -> Result<(), ArchiveError> {
-        if let (Some(batch), Some(archive)) = (&closed, &mut self.archive) {
-            archive.daily(batch)?;
-        }
-        if let (Some(batch), Some(tx)) = (closed, &self.closed) {
-            // A listener that went away is not our failure: the days are in the history.
-            let _ = tx.send(batch);
+    fn emit(&mut self, closed: Vec<RecordBatch>) -> Result<(), ArchiveError> {
+        for batch in closed {
+            if let Some(archive) = &mut self.archive {
+                archive.daily(&batch)?;
+            }
+            if let Some(tx) = &self.closed {
+                // A listener that went away is not our failure: the days are in the history.
+                let _ = tx.send(batch);
+            }
         }
         Ok(())
     }

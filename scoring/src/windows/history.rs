@@ -224,6 +224,13 @@ impl BatteryHistory {
         self.days.len()
     }
 
+    /// Starts loading the newest day's cache line, where the next day goes.
+    pub(super) fn prefetch_newest(&self) {
+        if let Some(d) = self.days.back() {
+            super::shard::prefetch(d);
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.days.is_empty()
     }

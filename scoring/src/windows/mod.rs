@@ -177,8 +177,9 @@ impl WindowStats {
 /// What one micro-batch produced.
 #[derive(Debug, Default)]
 pub struct WindowOutput {
-    /// Days closed by this batch (schema [`daily_schema`]), if any.
-    pub closed: Option<RecordBatch>,
+    /// Days closed by this batch (schema [`daily_schema`]): a batch per shard that
+    /// closed any, as joining them would copy every closed day once more.
+    pub closed: Vec<RecordBatch>,
     /// Rows for days that had already closed.
     pub late: Vec<DeadLetter>,
 }
@@ -252,7 +253,7 @@ pub struct DailyWindows {
     /// One per shard.
     aggregators: Vec<DailyAggregator>,
     /// The most recent close (for cross-checks and diagnostics).
-    last_closed: Option<RecordBatch>,
+    last_closed: Vec<RecordBatch>,
 }
 
 /// Below this many rows a batch is not worth a thread: shards run one after another.
@@ -296,19 +297,21 @@ impl DailyWindows {
             config,
             state,
             aggregators,
-            last_closed: None,
+            last_closed: Vec::new(),
         }
     }
 
     /// Trailing means of the most recent close, recomputed with DataFusion window
     /// functions: the definition the streaming computation must agree with.
     pub async fn last_close_means_sql(&self) -> Result<Vec<(f64, f64)>, WindowError> {
-        let Some(closed) = &self.last_closed else {
+        if self.last_closed.is_empty() {
             return Ok(Vec::new());
-        };
+        }
+        let closed =
+            concat_batches(&daily_schema(), &self.last_closed).map_err(DataFusionError::from)?;
         let history = |id: &str| self.state.battery(id).map(|b| b.history);
         let ctx = self.aggregators[0].context();
-        Ok(daily::rolling_means_sql(ctx, &history, closed).await?)
+        Ok(daily::rolling_means_sql(ctx, &history, &closed).await?)
     }
 
     pub fn state(&self) -> &WindowState {
@@ -337,7 +340,7 @@ impl DailyWindows {
     }
 
     /// Closes every open window (end of a finite input: a file replay or a test).
-    pub async fn close_all(&mut self) -> Result<Option<RecordBatch>, WindowError> {
+    pub async fn close_all(&mut self) -> Result<Vec<RecordBatch>, WindowError> {
         let last = self
             .state
             .shards
@@ -345,7 +348,7 @@ impl DailyWindows {
             .filter_map(|s| s.open.last_day())
             .max();
         let Some(last) = last else {
-            return Ok(None);
+            return Ok(Vec::new());
         };
         let empty = RecordBatch::new_empty(voltcast_ingest::schema::telemetry_schema());
         let late_before = self.state.closed_before;
@@ -407,11 +410,9 @@ impl DailyWindows {
             late.extend(output.late);
             closed.extend(output.closed);
         }
-        let closed = match closed.len() {
-            0 | 1 => closed.pop(),
-            _ => Some(concat_batches(&daily_schema(), &closed).map_err(DataFusionError::from)?),
-        };
-        self.last_closed = closed.clone();
+        if !closed.is_empty() {
+            self.last_closed = closed.clone();
+        }
         Ok(WindowOutput { closed, late })
     }
 }

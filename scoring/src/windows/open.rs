@@ -70,6 +70,11 @@ impl OpenDay {
         self.windows.get_mut(slot as usize)
     }
 
+    /// The batteries with a window, in the order the windows opened.
+    pub fn batteries(&self) -> &[u32] {
+        &self.batteries
+    }
+
     /// (battery, window) in the order the windows opened.
     pub fn iter(&self) -> impl ExactSizeIterator<Item = (u32, &DayPartial)> {
         self.batteries.iter().copied().zip(&self.windows)

@@ -192,7 +192,12 @@ impl ShardState {
         let mut closed = ClosedColumns::with_capacity(closing.map(|d| d.len()).sum());
         let mut values = Vec::new();
         while let Some(open_day) = self.open.pop_before(day) {
-            for (b, w) in open_day.iter().filter(|(_, w)| w.reports > 0) {
+            let batteries = open_day.batteries();
+            for (k, (b, w)) in open_day.iter().enumerate() {
+                self.prefetch_history(batteries, k);
+                if w.reports == 0 {
+                    continue;
+                }
                 let bi = b as usize;
                 self.fleet.rated[bi] = w.rated;
                 let obs = ObservedDay {
@@ -216,6 +221,36 @@ impl ShardState {
         stats.days_closed += closed.len() as u64;
         closed.finish(&self.fleet)
     }
+}
+
+/// How far ahead of the battery being closed its successors' histories are fetched.
+const HISTORY_AHEAD: usize = 8;
+
+impl ShardState {
+    /// Starts loading what closing the `k + HISTORY_AHEAD`th window will touch: a
+    /// fleet's histories are far larger than the caches, and waiting for each battery's
+    /// in turn left closing bound by memory latency.
+    fn prefetch_history(&self, batteries: &[u32], k: usize) {
+        if let Some(b) = batteries.get(k + 2 * HISTORY_AHEAD) {
+            prefetch(&self.fleet.histories[*b as usize]);
+        }
+        if let Some(b) = batteries.get(k + HISTORY_AHEAD) {
+            self.fleet.histories[*b as usize].prefetch_newest();
+        }
+    }
+}
+
+/// Asks the CPU to start loading `p`'s cache line.
+#[inline]
+pub(super) fn prefetch<T>(p: *const T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch is a hint: it never faults, whatever the address, and reads
+    // nothing into the program.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast())
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
 }
 
 /// The columns the aggregation reads, with the interned battery index in place of the
