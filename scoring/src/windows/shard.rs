@@ -26,7 +26,7 @@ use voltcast_ingest::schema as s;
 use super::aggregate::{self, DailyAggregator, out};
 use super::daily::ClosedColumns;
 use super::fleet::Fleet;
-use super::history::ObservedDay;
+use super::history::{BatteryHistory, ObservedDay};
 use super::open::OpenWindows;
 use super::{WindowError, WindowStats, column, day_of};
 
@@ -232,7 +232,11 @@ impl ShardState {
     /// in turn left closing bound by memory latency.
     fn prefetch_history(&self, batteries: &[u32], k: usize) {
         if let Some(b) = batteries.get(k + 2 * HISTORY_AHEAD) {
-            prefetch(&self.fleet.histories[*b as usize]);
+            // The whole struct: its ring header, last day and newest cycles span lines.
+            let history: *const BatteryHistory = &self.fleet.histories[*b as usize];
+            for line in (0..std::mem::size_of::<BatteryHistory>()).step_by(64) {
+                prefetch(history.cast::<u8>().wrapping_add(line));
+            }
         }
         if let Some(b) = batteries.get(k + HISTORY_AHEAD) {
             self.fleet.histories[*b as usize].prefetch_newest();
