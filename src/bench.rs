@@ -330,7 +330,10 @@ fn windows(batteries: usize, days: u32, batch_rows: usize) -> anyhow::Result<()>
     let history_bytes: usize = state.batteries().map(|b| b.history.footprint()).sum();
     let rss_growth = resident_bytes().saturating_sub(rss_before);
     batch_rates.sort_by(f64::total_cmp);
-    let median = batch_rates.get(batch_rates.len() / 2).copied().unwrap_or(0.0);
+    let median = batch_rates
+        .get(batch_rates.len() / 2)
+        .copied()
+        .unwrap_or(0.0);
     println!(
         "bench windows: {batteries} batteries x {days} days, {rows} rows in micro-batches of {batch_rows}: {:.0} rows/s ({:.1} s in the window stage; median micro-batch {median:.0} rows/s), {closed_rows} battery-days closed",
         rows as f64 / busy.as_secs_f64(),

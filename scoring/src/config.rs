@@ -191,6 +191,12 @@ impl VoltcastConfig {
                 "must be positive",
             ));
         }
+        if w.shards > 256 {
+            return Err(ConfigError::new(
+                "windows.shards",
+                "must be at most 256 (0: one per core)",
+            ));
+        }
         if w.retention_days < 30 {
             return Err(ConfigError::new(
                 "windows.retention_days",
@@ -463,6 +469,10 @@ mod tests {
             .unwrap_err();
         assert_eq!(e.key, "batch.max_rows");
         assert!(e.to_string().contains("VOLTCAST_BATCH__MAX_ROWS"), "{e}");
+
+        let e = VoltcastConfig::load_from(None, vars(&[("VOLTCAST_WINDOWS__SHARDS", "5000")]))
+            .unwrap_err();
+        assert_eq!(e.key, "windows.shards");
 
         let e = VoltcastConfig::load_from(None, vars(&[("VOLTCAST_BATCH__MAX_ROWS", "0")]))
             .unwrap_err();
