@@ -247,22 +247,16 @@ impl BatteryHistory {
         self.last.map(|l| l.age)
     }
 
-    /// Mean daily cycles over the `n` days ending at position `end` (exclusive).
+    /// Mean daily cycles over the `n` days ending at position `end` (exclusive): the
+    /// definition the means emitted on close (from the newest-days copy) must equal.
     pub fn mean_cycles(&self, end: usize, n: usize) -> f64 {
         let start = end.saturating_sub(n);
-        // Over the ring's two contiguous halves: a VecDeque range iterator checks for
-        // the wrap on every step, and this runs for every day closed.
-        let (front, back) = self.days.as_slices();
-        let sum = |s: &[PackedDay], from: usize, to: usize| -> f64 {
-            s[from.min(s.len())..to.min(s.len())]
-                .iter()
-                .map(|d| cycles_of(d) as f64)
-                .sum()
-        };
-        let split = front.len();
-        let total = sum(front, start, end)
-            + sum(back, start.saturating_sub(split), end.saturating_sub(split));
-        total / (end - start).max(1) as f64
+        let sum: f64 = self
+            .days
+            .range(start..end)
+            .map(|d| cycles_of(d) as f64)
+            .sum();
+        sum / (end - start).max(1) as f64
     }
 
     /// Daily cycles, oldest first, with their day numbers.

@@ -119,10 +119,6 @@ impl OpenWindows {
             .get_mut(battery)
     }
 
-    pub fn first_day(&self) -> Option<i32> {
-        self.days.front().map(|d| d.day)
-    }
-
     pub fn last_day(&self) -> Option<i32> {
         self.days.back().map(|d| d.day)
     }
