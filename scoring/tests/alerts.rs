@@ -284,6 +284,7 @@ async fn a_replayed_fleet_alerts_its_worn_batteries_once_each_on_their_head_unit
     config.file.path = input;
     config.api.listen = String::new();
     config.alerts.store_path = dir.path().join("alerts");
+    config.archive.path = dir.path().join("archive");
     config.webhook = webhook(port, dir.path());
     config.check().unwrap();
     let report = voltcast_scoring::pipeline::run(&config, std::future::pending())

@@ -1,0 +1,197 @@
+//! Battery ids interned to dense indexes, with what the stage keeps per battery.
+
+use std::sync::Arc;
+
+use compact_str::CompactString;
+use serde::{Deserialize, Serialize};
+
+use super::FastMap;
+use super::history::BatteryHistory;
+
+/// Battery ids interned to dense indexes, with their histories.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+#[serde(from = "FleetRecord")]
+pub struct Fleet {
+    /// Ids are short; keys stored inline in the table (up to 24 bytes) spare every
+    /// lookup a second cache miss through a pointer, and one lookup runs per row.
+    #[serde(skip)]
+    index: FastMap<CompactString, u32>,
+    pub ids: Vec<Arc<str>>,
+    pub vehicles: Vec<Option<Arc<str>>>,
+    /// A hash of each battery's vehicle id: a car reports its vehicle with every row,
+    /// and comparing a dense hash spares the cache miss of reading the stored id.
+    #[serde(skip)]
+    vehicle_hashes: Vec<u64>,
+    /// Ids and vehicles again, packed: every closed day copies both into its batch, and
+    /// reading them from 100,000 separate allocations missed the cache each time.
+    #[serde(skip)]
+    packed_ids: PackedStrings,
+    #[serde(skip)]
+    packed_vehicles: PackedStrings,
+    pub rated: Vec<f64>,
+    pub histories: Vec<BatteryHistory>,
+}
+
+/// Strings by index, in one buffer. A replaced string is appended anew (vehicles change
+/// rarely, so the bytes it leaves behind stay few).
+#[derive(Debug, Default, Clone)]
+struct PackedStrings {
+    bytes: String,
+    /// (start, len) by index; len `u32::MAX` is no string.
+    spans: Vec<(u32, u32)>,
+}
+
+impl PackedStrings {
+    fn set(&mut self, i: usize, s: Option<&str>) {
+        let span = match s {
+            Some(s) => {
+                self.bytes.push_str(s);
+                ((self.bytes.len() - s.len()) as u32, s.len() as u32)
+            }
+            None => (0, u32::MAX),
+        };
+        if i == self.spans.len() {
+            self.spans.push(span);
+        } else {
+            self.spans[i] = span;
+        }
+    }
+
+    fn get(&self, i: usize) -> Option<&str> {
+        let (start, len) = self.spans[i];
+        (len != u32::MAX).then(|| &self.bytes[start as usize..(start + len) as usize])
+    }
+}
+
+fn vehicle_hash(id: Option<&str>) -> u64 {
+    use std::hash::BuildHasher;
+    id.map_or(0, |id| {
+        foldhash::fast::FixedState::default().hash_one(id) | 1
+    })
+}
+
+/// A checkpointed fleet: the same fields, without the index rebuilt from the ids.
+#[derive(Deserialize)]
+struct FleetRecord {
+    ids: Vec<Arc<str>>,
+    vehicles: Vec<Option<Arc<str>>>,
+    rated: Vec<f64>,
+    histories: Vec<BatteryHistory>,
+}
+
+impl From<FleetRecord> for Fleet {
+    fn from(r: FleetRecord) -> Self {
+        let index = r
+            .ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| (CompactString::from(&**id), i as u32))
+            .collect();
+        let mut packed_ids = PackedStrings::default();
+        let mut packed_vehicles = PackedStrings::default();
+        for (i, (id, vehicle)) in r.ids.iter().zip(&r.vehicles).enumerate() {
+            packed_ids.set(i, Some(id));
+            packed_vehicles.set(i, vehicle.as_deref());
+        }
+        Self {
+            index,
+            packed_ids,
+            packed_vehicles,
+            ids: r.ids,
+            vehicle_hashes: r
+                .vehicles
+                .iter()
+                .map(|v| vehicle_hash(v.as_deref()))
+                .collect(),
+            vehicles: r.vehicles,
+            rated: r.rated,
+            histories: r.histories,
+        }
+    }
+}
+
+impl Fleet {
+    pub(super) fn intern(&mut self, id: &str) -> u32 {
+        if let Some(i) = self.index.get(id) {
+            return *i;
+        }
+        let i = self.ids.len() as u32;
+        self.index.insert(CompactString::from(id), i);
+        self.ids.push(Arc::from(id));
+        self.vehicles.push(None);
+        self.vehicle_hashes.push(0);
+        self.packed_ids.set(i as usize, Some(id));
+        self.packed_vehicles.set(i as usize, None);
+        self.rated.push(0.0);
+        self.histories.push(BatteryHistory::default());
+        i
+    }
+
+    /// Records the battery's vehicle when it is new or changed.
+    pub(super) fn set_vehicle(&mut self, battery: u32, vehicle: &str) {
+        let hash = vehicle_hash(Some(vehicle));
+        let b = battery as usize;
+        if self.vehicle_hashes[b] != hash {
+            self.vehicle_hashes[b] = hash;
+            self.vehicles[b] = Some(Arc::from(vehicle));
+            self.packed_vehicles.set(b, Some(vehicle));
+        }
+    }
+
+    /// Moves battery `i` of `from` into this fleet (re-sharding); returns its index here.
+    pub(super) fn adopt(&mut self, from: &mut Fleet, i: usize) -> u32 {
+        let b = self.intern(&from.ids[i]);
+        let bi = b as usize;
+        self.vehicles[bi] = from.vehicles[i].take();
+        self.vehicle_hashes[bi] = vehicle_hash(self.vehicles[bi].as_deref());
+        self.packed_vehicles.set(bi, self.vehicles[bi].as_deref());
+        self.rated[bi] = from.rated[i];
+        self.histories[bi] = std::mem::take(&mut from.histories[i]);
+        b
+    }
+
+    /// The id of battery `b` (from the packed copy, for the per-row paths).
+    pub(super) fn id_of(&self, b: u32) -> &str {
+        self.packed_ids.get(b as usize).unwrap_or_default()
+    }
+
+    pub(super) fn vehicle_of(&self, b: u32) -> Option<&str> {
+        self.packed_vehicles.get(b as usize)
+    }
+
+    pub fn get(&self, id: &str) -> Option<u32> {
+        self.index.get(id).copied()
+    }
+
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+}
+
+/// One battery as the stages after the windows see it.
+#[derive(Debug, Clone, Copy)]
+pub struct BatteryView<'a> {
+    pub id: &'a Arc<str>,
+    pub vehicle: Option<&'a Arc<str>>,
+    pub rated: f64,
+    pub history: &'a BatteryHistory,
+}
+
+impl Fleet {
+    pub fn view(&self, i: usize) -> Option<BatteryView<'_>> {
+        Some(BatteryView {
+            id: self.ids.get(i)?,
+            vehicle: self.vehicles.get(i)?.as_ref(),
+            rated: *self.rated.get(i)?,
+            history: self.histories.get(i)?,
+        })
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = BatteryView<'_>> {
+        (0..self.len()).filter_map(|i| self.view(i))
+    }
+}
