@@ -327,7 +327,7 @@ fn windows(batteries: usize, days: u32, batch_rows: usize) -> anyhow::Result<()>
         }
     }
     let state = windows.state();
-    let history_bytes: usize = state.batteries().map(|b| b.history.footprint()).sum();
+    let held = state.footprint();
     let rss_growth = resident_bytes().saturating_sub(rss_before);
     batch_rates.sort_by(f64::total_cmp);
     let median = batch_rates
@@ -339,11 +339,14 @@ fn windows(batteries: usize, days: u32, batch_rows: usize) -> anyhow::Result<()>
         rows as f64 / busy.as_secs_f64(),
         busy.as_secs_f64()
     );
+    let per_battery = |bytes: usize| bytes as f64 / batteries as f64;
     println!(
-        "bench windows memory: {:.0} bytes per battery of history ({} days retained), {:.0} bytes per battery resident growth (histories, open windows, id index)",
-        history_bytes as f64 / batteries as f64,
+        "bench windows memory: {:.0} bytes per battery resident (process growth); held: {:.0} history ({} days retained), {:.0} open windows, {:.0} ids and index",
+        per_battery(rss_growth),
+        per_battery(held.histories),
         WindowConfig::default().retention_days,
-        rss_growth as f64 / batteries as f64
+        per_battery(held.open_windows),
+        per_battery(held.fleet),
     );
     checkpoint(state)
 }

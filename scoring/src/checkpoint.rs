@@ -22,7 +22,7 @@ use voltcast_ingest::SourcePosition;
 use crate::windows::WindowState;
 
 /// Identifies the file format; bumped whenever the state's layout changes.
-const MAGIC: &[u8; 8] = b"VCKPT002";
+const MAGIC: &[u8; 8] = b"VCKPT003";
 const FILE_NAME: &str = "windows.ckpt";
 
 /// `[checkpoint]` in the config file.

@@ -255,7 +255,7 @@ async fn rolling_means_cover_the_trailing_week() {
     );
     assert!(!m7.is_null(0));
     // The stream's incremental means agree with DataFusion window functions.
-    let sql = w.last_close_means_sql().await.unwrap();
+    let sql = w.rolling_means_sql(b).await.unwrap();
     assert_eq!(sql.len(), b.num_rows());
     for (i, (s7, s30)) in sql.iter().enumerate() {
         assert!(

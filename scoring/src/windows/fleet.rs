@@ -42,6 +42,10 @@ struct PackedStrings {
 }
 
 impl PackedStrings {
+    fn footprint(&self) -> usize {
+        self.bytes.capacity() + self.spans.capacity() * 8
+    }
+
     fn set(&mut self, i: usize, s: Option<&str>) {
         let span = match s {
             Some(s) => {
@@ -165,6 +169,26 @@ impl Fleet {
 
     pub fn len(&self) -> usize {
         self.ids.len()
+    }
+
+    /// Bytes held for the batteries themselves, histories apart: the index, ids,
+    /// vehicles and ratings (shared strings counted with their allocation header).
+    pub fn footprint(&self) -> usize {
+        let shared = |s: &str| 16 + s.len().next_multiple_of(8);
+        let index = self.index.capacity() * (std::mem::size_of::<(CompactString, u32)>() + 1);
+        let ids: usize = self.ids.iter().map(|id| shared(id)).sum();
+        let vehicles: usize = self.vehicles.iter().flatten().map(|v| shared(v)).sum();
+        index
+            + ids
+            + vehicles
+            + self.ids.capacity() * std::mem::size_of::<Arc<str>>()
+            + self.vehicles.capacity() * std::mem::size_of::<Option<Arc<str>>>()
+            + self.vehicle_hashes.capacity() * 8
+            + self.rated.capacity() * 8
+            + self.packed_ids.footprint()
+            + self.packed_vehicles.footprint()
+            + (self.histories.capacity() - self.histories.len())
+                * std::mem::size_of::<BatteryHistory>()
     }
 
     pub fn is_empty(&self) -> bool {

@@ -30,7 +30,6 @@ use std::sync::Arc;
 pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::FixedState>;
 
 use datafusion::arrow::array::{Array, RecordBatch};
-use datafusion::arrow::compute::concat_batches;
 use datafusion::error::DataFusionError;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -114,41 +113,81 @@ impl ReadingStats {
 }
 
 /// An open day window: what a battery reported on one UTC day so far.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+///
+/// A fleet keeps two or three days of these open, one per battery per day, so the
+/// layout is kept tight (168 bytes): sentinels instead of `Option` tags and a boxed
+/// overflow for the rare extra reports.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DayPartial {
     pub trips: i64,
     pub minutes: f64,
     pub cycles: f64,
-    pub age_min: Option<i32>,
     pub lifetime_max: f64,
     pub rated: f64,
-    pub reports: u32,
     pub readings: [ReadingStats; 3],
+    /// The day's youngest reported age; [`NO_AGE`] until a report merges.
+    pub age_min: i32,
+    pub reports: u32,
     /// Event times already counted: the dedupe key within the day.
     pub seen: SeenTimes,
 }
 
+/// `DayPartial::age_min` before any report.
+pub const NO_AGE: i32 = i32::MAX;
+
+impl Default for DayPartial {
+    fn default() -> Self {
+        Self {
+            trips: 0,
+            minutes: 0.0,
+            cycles: 0.0,
+            lifetime_max: 0.0,
+            rated: 0.0,
+            readings: Default::default(),
+            age_min: NO_AGE,
+            reports: 0,
+            seen: SeenTimes::default(),
+        }
+    }
+}
+
 /// The event times of a window's reports. A day has one report, or two when the car
 /// reports 12-hourly: those live inline, so opening a window allocates nothing.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SeenTimes {
+    /// [`SeenTimes::EMPTY`] marks a free slot.
     inline: [EpochMillis; 2],
-    len: u8,
-    spill: Vec<EpochMillis>,
+    #[expect(
+        clippy::box_collection,
+        reason = "a thin pointer: a third report in a day is rare, and an unboxed Vec \
+                  would add 16 bytes to every open window"
+    )]
+    spill: Option<Box<Vec<EpochMillis>>>,
+}
+
+impl Default for SeenTimes {
+    fn default() -> Self {
+        Self {
+            inline: [Self::EMPTY; 2],
+            spill: None,
+        }
+    }
 }
 
 impl SeenTimes {
+    /// No parsed timestamp is this far in the past; one that is still takes the spill.
+    const EMPTY: EpochMillis = EpochMillis::MIN;
+
     /// Records `t`; false when it was already there.
     pub fn insert(&mut self, t: EpochMillis) -> bool {
-        let n = (self.len as usize).min(2);
-        if self.inline[..n].contains(&t) || self.spill.contains(&t) {
+        let spilled = self.spill.as_deref();
+        if (t != Self::EMPTY && self.inline.contains(&t)) || spilled.is_some_and(|s| s.contains(&t))
+        {
             return false;
         }
-        if n < 2 {
-            self.inline[n] = t;
-            self.len += 1;
-        } else {
-            self.spill.push(t);
+        match self.inline.iter_mut().find(|slot| **slot == Self::EMPTY) {
+            Some(slot) if t != Self::EMPTY => *slot = t,
+            _ => self.spill.get_or_insert_default().push(t),
         }
         true
     }
@@ -192,6 +231,16 @@ pub enum WindowError {
     Column(&'static str),
 }
 
+/// What the window state holds in memory, in bytes.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct StateFootprint {
+    pub histories: usize,
+    /// Ids, vehicles, the id index and ratings.
+    pub fleet: usize,
+    /// Open day windows, with the emptied days kept for reuse.
+    pub open_windows: usize,
+}
+
 /// The window stage's whole state (what a checkpoint saves).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct WindowState {
@@ -206,6 +255,22 @@ pub struct WindowState {
 impl WindowState {
     pub fn battery_count(&self) -> usize {
         self.shards.iter().map(|s| s.fleet.len()).sum()
+    }
+
+    /// Bytes held, by part.
+    pub fn footprint(&self) -> StateFootprint {
+        let mut f = StateFootprint::default();
+        for shard in &self.shards {
+            f.histories += shard
+                .fleet
+                .histories
+                .iter()
+                .map(BatteryHistory::footprint)
+                .sum::<usize>();
+            f.fleet += shard.fleet.footprint();
+            f.open_windows += shard.open.footprint();
+        }
+        f
     }
 
     /// Every battery, shard by shard.
@@ -252,8 +317,6 @@ pub struct DailyWindows {
     state: WindowState,
     /// One per shard.
     aggregators: Vec<DailyAggregator>,
-    /// The most recent close (for cross-checks and diagnostics).
-    last_closed: Vec<RecordBatch>,
 }
 
 /// Below this many rows a batch is not worth a thread: shards run one after another.
@@ -297,21 +360,19 @@ impl DailyWindows {
             config,
             state,
             aggregators,
-            last_closed: Vec::new(),
         }
     }
 
-    /// Trailing means of the most recent close, recomputed with DataFusion window
-    /// functions: the definition the streaming computation must agree with.
-    pub async fn last_close_means_sql(&self) -> Result<Vec<(f64, f64)>, WindowError> {
-        if self.last_closed.is_empty() {
-            return Ok(Vec::new());
-        }
-        let closed =
-            concat_batches(&daily_schema(), &self.last_closed).map_err(DataFusionError::from)?;
+    /// Trailing means of the days in `closed` (a closed-day batch this stage emitted),
+    /// recomputed with DataFusion window functions: the definition the streaming
+    /// computation must agree with.
+    pub async fn rolling_means_sql(
+        &self,
+        closed: &RecordBatch,
+    ) -> Result<Vec<(f64, f64)>, WindowError> {
         let history = |id: &str| self.state.battery(id).map(|b| b.history);
         let ctx = self.aggregators[0].context();
-        Ok(daily::rolling_means_sql(ctx, &history, &closed).await?)
+        Ok(daily::rolling_means_sql(ctx, &history, closed).await?)
     }
 
     pub fn state(&self) -> &WindowState {
@@ -410,9 +471,6 @@ impl DailyWindows {
             late.extend(output.late);
             closed.extend(output.closed);
         }
-        if !closed.is_empty() {
-            self.last_closed = closed.clone();
-        }
         Ok(WindowOutput { closed, late })
     }
 }
@@ -450,4 +508,33 @@ fn in_parallel<'a>(
         );
         outputs
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seen_times_count_each_time_once_past_the_inline_two() {
+        let mut seen = SeenTimes::default();
+        for t in [10, 20, 30, 40] {
+            assert!(seen.insert(t), "{t} is new");
+        }
+        for t in [10, 20, 30, 40] {
+            assert!(!seen.insert(t), "{t} was seen");
+        }
+        // The sentinel itself is a time like any other, kept in the spill.
+        assert!(seen.insert(SeenTimes::EMPTY));
+        assert!(!seen.insert(SeenTimes::EMPTY));
+        let mut fresh = SeenTimes::default();
+        assert!(fresh.insert(SeenTimes::EMPTY));
+        assert!(!fresh.insert(SeenTimes::EMPTY));
+        assert!(fresh.insert(5) && !fresh.insert(5));
+    }
+
+    #[test]
+    fn an_open_window_stays_small() {
+        // Two or three of these per battery are open at any time.
+        assert!(std::mem::size_of::<DayPartial>() <= 168);
+    }
 }

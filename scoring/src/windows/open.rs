@@ -57,12 +57,25 @@ impl OpenDay {
         }
         let mut slot = self.slots[b];
         if slot == NO_WINDOW {
+            if self.windows.len() == self.windows.capacity() {
+                self.grow(fleet_size);
+            }
             slot = self.windows.len() as u32;
             self.slots[b] = slot;
             self.batteries.push(battery);
             self.windows.push(DayPartial::default());
         }
         &mut self.windows[slot as usize]
+    }
+
+    /// Room for the rest of the fleet at once: nearly every battery reports every day,
+    /// and doubling would leave up to half a day's windows allocated and unused.
+    #[cold]
+    fn grow(&mut self, fleet_size: usize) {
+        let len = self.windows.len();
+        let more = fleet_size.saturating_sub(len).max(len / 8).max(16);
+        self.windows.reserve_exact(more);
+        self.batteries.reserve_exact(more);
     }
 
     pub fn get_mut(&mut self, battery: u32) -> Option<&mut DayPartial> {
@@ -148,6 +161,19 @@ impl OpenWindows {
 
     pub fn days(&self) -> impl Iterator<Item = &OpenDay> {
         self.days.iter()
+    }
+
+    /// Bytes held, spare days included.
+    pub fn footprint(&self) -> usize {
+        self.days
+            .iter()
+            .chain(&self.spare)
+            .map(|d| {
+                d.slots.capacity() * 4
+                    + d.batteries.capacity() * 4
+                    + d.windows.capacity() * std::mem::size_of::<DayPartial>()
+            })
+            .sum()
     }
 }
 

@@ -163,7 +163,7 @@ impl ShardState {
             w.trips += trips.value(i);
             w.minutes += minutes.value(i);
             w.cycles += cycles.value(i);
-            w.age_min = Some(w.age_min.map_or(age.value(i), |a| a.min(age.value(i))));
+            w.age_min = w.age_min.min(age.value(i));
             w.lifetime_max = w.lifetime_max.max(lifetime.value(i));
             w.rated = w.rated.max(rated.value(i));
             w.reports += reports.value(i) as u32;
@@ -205,7 +205,7 @@ impl ShardState {
                     cycles: w.cycles,
                     minutes: w.minutes,
                     trips: w.trips,
-                    age: w.age_min.unwrap_or_default(),
+                    age: w.age_min,
                     reported_lifetime: w.lifetime_max,
                 };
                 values.clear();
