@@ -138,6 +138,7 @@ impl CheckpointStore {
         File::open(&self.dir)
             .and_then(|d| d.sync_all())
             .map_err(io(&self.dir))?;
+        crate::memory::release_free_pages();
         Ok(bytes)
     }
 }

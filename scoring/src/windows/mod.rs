@@ -25,10 +25,6 @@ pub mod watermark;
 
 use std::sync::Arc;
 
-/// Battery ids and indexes are not attacker-chosen keys that need SipHash's DoS
-/// resistance; foldhash is several times faster on the per-row path.
-pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::FixedState>;
-
 use datafusion::arrow::array::{Array, RecordBatch};
 use datafusion::error::DataFusionError;
 use serde::{Deserialize, Serialize};

@@ -30,13 +30,26 @@ use super::history::{BatteryHistory, ObservedDay};
 use super::open::OpenWindows;
 use super::{WindowError, WindowStats, column, day_of};
 
-/// Which shard a battery belongs to. The seed differs from the id index's hasher, whose
-/// low bits would otherwise be the same for every battery of a shard.
+/// The hash of a battery id: it routes the battery to its shard and finds it in the
+/// shard's index, so each row's id is hashed once. The seed is fixed because routes
+/// must survive restarts; ids come from the fleet's own cars, not from strangers, so
+/// foldhash's speed is worth more here than SipHash's resistance to chosen keys.
+pub fn id_hash(id: &str) -> u64 {
+    foldhash::fast::FixedState::with_seed(0x5eed_ba77).hash_one(id)
+}
+
+/// Which shard a battery belongs to.
 pub fn route(id: &str, shards: usize) -> usize {
+    route_hash(id_hash(id), shards)
+}
+
+/// The shard from the id's hash: its high half, because the index's buckets come from
+/// the low bits, which would otherwise be alike for every battery of a shard.
+fn route_hash(hash: u64, shards: usize) -> usize {
     if shards <= 1 {
         return 0;
     }
-    (foldhash::fast::FixedState::with_seed(0x5eed_ba77).hash_one(id) % shards as u64) as usize
+    ((hash >> 32) % shards as u64) as usize
 }
 
 /// A shard's part of the state (checkpointed).
@@ -106,7 +119,8 @@ impl ShardState {
         let stats = &mut output.stats;
         for i in 0..rows.num_rows() {
             let id = ids.value(i);
-            if route(id, task.shards) != task.shard {
+            let hash = id_hash(id);
+            if route_hash(hash, task.shards) != task.shard {
                 keep.push(false);
                 index.push(0);
                 continue;
@@ -121,7 +135,7 @@ impl ShardState {
                 index.push(0);
                 continue;
             }
-            let b = self.fleet.intern(id);
+            let b = self.fleet.intern(id, hash);
             index.push(b);
             if vehicles.is_valid(i) {
                 self.fleet.set_vehicle(b, vehicles.value(i));
