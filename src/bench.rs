@@ -280,6 +280,26 @@ fn decode_pass(
     Ok(messages.len() as f64 / seconds)
 }
 
+/// (steal, total) CPU ticks so far, over all cores: on a shared VM the hypervisor's
+/// share of the run says how much of a slow figure was the host's.
+fn cpu_ticks() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|t| t.parse().ok())
+        .collect();
+    (ticks.get(7).copied().unwrap_or(0), ticks.iter().take(8).sum())
+}
+
+fn steal_share(since: (u64, u64)) -> f64 {
+    let now = cpu_ticks();
+    (now.0 - since.0) as f64 / (now.1 - since.1).max(1) as f64
+}
+
 fn resident_bytes() -> usize {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
     let pages: usize = statm
@@ -306,6 +326,7 @@ fn windows(batteries: usize, days: u32, batch_rows: usize) -> anyhow::Result<()>
     let mut sim = FleetSimulator::new(config, WireFormat::Json)?.without_payloads();
     let mut windows = DailyWindows::new(WindowConfig::default());
     let rss_before = resident_bytes();
+    let ticks_before = cpu_ticks();
     let (mut rows, mut busy, mut closed_rows) = (0u64, std::time::Duration::ZERO, 0usize);
     // Per full batch, rows/s: the machine is shared, and the median shows the stage's
     // own speed through other tenants' bursts.
@@ -335,9 +356,10 @@ fn windows(batteries: usize, days: u32, batch_rows: usize) -> anyhow::Result<()>
         .copied()
         .unwrap_or(0.0);
     println!(
-        "bench windows: {batteries} batteries x {days} days, {rows} rows in micro-batches of {batch_rows}: {:.0} rows/s ({:.1} s in the window stage; median micro-batch {median:.0} rows/s), {closed_rows} battery-days closed",
+        "bench windows: {batteries} batteries x {days} days, {rows} rows in micro-batches of {batch_rows}: {:.0} rows/s ({:.1} s in the window stage; median micro-batch {median:.0} rows/s), {closed_rows} battery-days closed; CPU stolen by the host: {:.1}%",
         rows as f64 / busy.as_secs_f64(),
-        busy.as_secs_f64()
+        busy.as_secs_f64(),
+        100.0 * steal_share(ticks_before)
     );
     // The service checkpoints every few seconds and hands freed pages back after each
     // checkpoint: what stays resident is measured after one.
