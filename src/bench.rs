@@ -292,7 +292,10 @@ fn cpu_ticks() -> (u64, u64) {
         .skip(1)
         .filter_map(|t| t.parse().ok())
         .collect();
-    (ticks.get(7).copied().unwrap_or(0), ticks.iter().take(8).sum())
+    (
+        ticks.get(7).copied().unwrap_or(0),
+        ticks.iter().take(8).sum(),
+    )
 }
 
 fn steal_share(since: (u64, u64)) -> f64 {
