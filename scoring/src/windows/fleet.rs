@@ -69,11 +69,9 @@ impl PackedStrings {
     }
 }
 
+/// Nonzero for a vehicle, so no vehicle matches "none yet".
 fn vehicle_hash(id: Option<&str>) -> u64 {
-    use std::hash::BuildHasher;
-    id.map_or(0, |id| {
-        foldhash::fast::FixedState::default().hash_one(id) | 1
-    })
+    id.map_or(0, |id| id_hash(id) | 1)
 }
 
 /// A checkpointed fleet: the same fields, without the index rebuilt from the ids.
