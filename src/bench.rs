@@ -62,6 +62,7 @@ pub enum BenchTarget {
 }
 
 pub fn run(target: BenchTarget) -> anyhow::Result<()> {
+    println!("bench build: {}", build_profile());
     match target {
         BenchTarget::Ingest {
             records,
@@ -84,6 +85,16 @@ pub fn run(target: BenchTarget) -> anyhow::Result<()> {
             days,
             day_ms,
         } => crate::bench_alerts::run(alerts, concurrency, batteries, days, day_ms),
+    }
+}
+
+/// Figures depend on the build: `cargo run` builds with debug assertions and overflow
+/// checks in every crate, the shipped binary (`--release`, the Dockerfile's) without.
+fn build_profile() -> &'static str {
+    if cfg!(debug_assertions) {
+        "dev profile (debug assertions and overflow checks on; `cargo run --release` for the shipped build)"
+    } else {
+        "release (as shipped)"
     }
 }
 

@@ -84,15 +84,31 @@ impl RecentCycles {
         self.next = ((self.next as usize + 1) % RECENT) as u8;
     }
 
-    /// Mean of the newest `n` (at most [`RECENT`]), oldest first as the ring holds them.
+    /// Mean of the newest `n` (at most [`RECENT`]).
     fn mean(&self, n: usize) -> f64 {
         let n = n.min(RECENT);
         let next = self.next as usize;
-        let sum: f64 = (RECENT + next - n..RECENT + next)
-            .map(|i| self.cycles[i % RECENT] as f64)
-            .sum();
+        let sum = if n <= next {
+            lane_sum(&self.cycles[next - n..next])
+        } else {
+            lane_sum(&self.cycles[RECENT - (n - next)..]) + lane_sum(&self.cycles[..next])
+        };
         sum / n.max(1) as f64
     }
+}
+
+/// Sum in four independent lanes: one running sum made every closed day wait out 37
+/// dependent additions, a visible share of closing.
+fn lane_sum(values: &[f32]) -> f64 {
+    let mut lanes = [0.0f64; 4];
+    let mut quads = values.chunks_exact(4);
+    for q in &mut quads {
+        for (lane, v) in lanes.iter_mut().zip(q) {
+            *lane += f64::from(*v);
+        }
+    }
+    let rest: f64 = quads.remainder().iter().map(|v| f64::from(*v)).sum();
+    (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]) + rest
 }
 
 /// Packed days as 8 little-endian bytes each: postcard writes a `u64` as a varint, and
@@ -404,8 +420,17 @@ mod tests {
             h.close_day(obs(d, 0.1 + (d % 13) as f64 * 0.01, 0.0), 40, &mut out);
             for (j, v) in out.iter().enumerate() {
                 let end = h.len() - (out.len() - 1 - j);
-                assert_eq!(v.mean_7d, h.mean_cycles(end, 7), "day {}", v.day);
-                assert_eq!(v.mean_30d, h.mean_cycles(end, 30), "day {}", v.day);
+                // Summed in another order: equal up to rounding.
+                assert!(
+                    (v.mean_7d - h.mean_cycles(end, 7)).abs() < 1e-15,
+                    "day {}",
+                    v.day
+                );
+                assert!(
+                    (v.mean_30d - h.mean_cycles(end, 30)).abs() < 1e-15,
+                    "day {}",
+                    v.day
+                );
             }
         }
         // A checkpointed history goes on with the same means.
