@@ -13,6 +13,10 @@ use voltcast_scoring::ingest::{
 
 #[derive(Subcommand)]
 pub enum BenchTarget {
+    /// The whole pipeline as `voltcast run` runs it, on a backlog: a fleet produced into
+    /// Kafka (or a file with --input), consumed, decoded, windowed, forecast and alerted.
+    /// Prints events/s, time per stage and resident memory.
+    Pipeline(crate::bench_pipeline::PipelineArgs),
     /// Signed webhook deliveries/s to a local head unit, and window close -> webhook
     /// received latency through forecasts and the alert policy.
     Alerts {
@@ -62,8 +66,11 @@ pub enum BenchTarget {
 }
 
 pub fn run(target: BenchTarget) -> anyhow::Result<()> {
-    println!("bench build: {}", build_profile());
+    if !matches!(target, BenchTarget::Pipeline(_)) {
+        println!("bench build: {}", build_profile());
+    }
     match target {
+        BenchTarget::Pipeline(args) => crate::bench_pipeline::run(args),
         BenchTarget::Ingest {
             records,
             batch_rows,
@@ -90,7 +97,7 @@ pub fn run(target: BenchTarget) -> anyhow::Result<()> {
 
 /// Figures depend on the build: `cargo run` builds with debug assertions and overflow
 /// checks in every crate, the shipped binary (`--release`, the Dockerfile's) without.
-fn build_profile() -> &'static str {
+pub(crate) fn build_profile() -> &'static str {
     if cfg!(debug_assertions) {
         "dev profile (debug assertions and overflow checks on; `cargo run --release` for the shipped build)"
     } else {
@@ -330,7 +337,6 @@ fn windows(batteries: usize, days: u32, batch_rows: usize) -> anyhow::Result<()>
     use voltcast_scoring::ingest::MicroBatch;
     use voltcast_scoring::windows::{DailyWindows, WindowConfig};
 
-    let runtime = tokio::runtime::Builder::new_current_thread().build()?;
     let config = SimulatorConfig {
         batteries,
         days,
@@ -352,7 +358,7 @@ fn windows(batteries: usize, days: u32, batch_rows: usize) -> anyhow::Result<()>
             let batch = MicroBatch::from_records(chunk, source.clone());
             rows += chunk.len() as u64;
             let started = Instant::now();
-            let out = runtime.block_on(windows.apply(&batch, 0))?;
+            let out = windows.apply(&batch, 0)?;
             let took = started.elapsed();
             busy += took;
             if chunk.len() == batch_rows {

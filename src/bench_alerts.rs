@@ -199,8 +199,8 @@ async fn latency(
         RiskConfig::default(),
         fit_threads,
     );
-    let (closed_tx, closed_rx) = mpsc::unbounded_channel();
-    let (risk_tx, risk_rx) = mpsc::unbounded_channel();
+    let (closed_tx, closed_rx) = mpsc::channel(64);
+    let (risk_tx, risk_rx) = mpsc::channel(64);
     let forecasts = tokio::spawn(stage.run(closed_rx, risk_tx));
     let alerts =
         tokio::spawn(AlertStage::new(&AlertConfig::default(), c.service.clone()).run(risk_rx));
@@ -212,14 +212,14 @@ async fn latency(
         tick.tick().await;
         let records: Vec<_> = day.messages.into_iter().filter_map(|m| m.record).collect();
         let batch = MicroBatch::from_records(&records, Arc::from("bench"));
-        for closed in windows.apply(&batch, 0).await?.closed {
+        for closed in windows.apply(&batch, 0)?.closed {
             let now = Instant::now();
             if let Some(rows) = voltcast_scoring::windows::daily::closed_rows(&closed) {
                 for r in rows {
                     closed_at.entry(r.day).or_insert(now);
                 }
             }
-            let _ = closed_tx.send(closed);
+            let _ = closed_tx.send(closed).await;
         }
         while let Ok(r) = c.received.try_recv() {
             received.push(r);

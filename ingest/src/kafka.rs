@@ -10,6 +10,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::{FutureExt, StreamExt};
 use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::message::Message;
 use rdkafka::producer::FutureProducer;
@@ -260,88 +261,124 @@ impl KafkaSource {
         self
     }
 
-    /// The partitions this consumer reads now, as batch partition ids.
-    fn assigned(&mut self) -> Vec<crate::batcher::PartitionId> {
-        let Ok(list) = self.consumer.assignment() else {
-            return Vec::new();
-        };
-        list.elements()
-            .iter()
-            .map(|e| {
-                let topic = self
-                    .topic_names
-                    .entry(e.topic().to_string())
-                    .or_insert_with(|| Arc::from(e.topic()))
-                    .clone();
-                (topic, e.partition())
-            })
-            .collect()
-    }
-
     /// Runs until `shutdown` completes or a stage fails. On shutdown the open batch is
     /// handed on and committed first.
+    ///
+    /// Why the loop looks like this: on a backlog librdkafka has thousands of messages
+    /// ready, so after the first message of a round the rest are drained as they are
+    /// (one poll each, no timer, no `select!`), until the batch is full or nothing is
+    /// ready. Only an idle consumer waits, and then on the batch's deadline.
     pub async fn run<S: BatchSink>(
-        mut self,
+        self,
         sink: &mut S,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), IngestError> {
+        let Self {
+            consumer,
+            mut batcher,
+            mut dlq,
+            mut topic_names,
+        } = self;
+        let mut stream = consumer.stream();
         tokio::pin!(shutdown);
         let idle_wait = Duration::from_millis(200);
         loop {
-            let wait = self.batcher.time_left().unwrap_or(idle_wait);
-            tokio::select! {
+            let wait = batcher.time_left().unwrap_or(idle_wait);
+            let first = tokio::select! {
                 biased;
                 _ = &mut shutdown => break,
-                received = tokio::time::timeout(wait, self.consumer.recv()) => match received {
-                    Ok(Ok(msg)) => {
-                        let source = self
-                            .topic_names
-                            .entry(msg.topic().to_string())
-                            .or_insert_with(|| Arc::from(msg.topic()))
-                            .clone();
-                        let origin = Origin { source, partition: msg.partition(), offset: msg.offset() };
-                        let now = crate::now_millis();
-                        self.batcher.push_json(msg.payload().unwrap_or_default(), &origin, now, &mut self.dlq)?;
+                received = tokio::time::timeout(wait, stream.next()) => received.ok().flatten(),
+            };
+            if let Some(first) = first {
+                let now = crate::now_millis();
+                let mut next = Some(first);
+                let mut drained = 0u32;
+                while let Some(received) = next.take() {
+                    match received {
+                        Ok(msg) => {
+                            let origin = Origin {
+                                source: topic_name(&mut topic_names, msg.topic()),
+                                partition: msg.partition(),
+                                offset: msg.offset(),
+                            };
+                            let payload = msg.payload().unwrap_or_default();
+                            batcher.push_json(payload, &origin, now, &mut dlq)?;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "kafka consumer error; retrying");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            break;
+                        }
                     }
-                    Ok(Err(e)) => {
-                        tracing::warn!(error = %e, "kafka consumer error; retrying");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    drained = drained.wrapping_add(1);
+                    // A flood of refused messages never fills a batch: keep its deadline.
+                    if batcher.is_full() || (drained.is_multiple_of(1024) && batcher.is_due()) {
+                        break;
                     }
-                    Err(_elapsed) => {}
-                },
+                    next = stream.next().now_or_never().flatten();
+                }
             }
-            if self.batcher.is_full() || self.batcher.is_due() {
-                self.flush(sink).await?;
+            if batcher.is_full() || batcher.is_due() {
+                flush(&consumer, &mut topic_names, &mut batcher, &mut dlq, sink).await?;
+                // A backlog keeps every poll ready: let the runtime's other tasks in.
+                tokio::task::yield_now().await;
             }
-            // recv() is always ready on a backlog: without this the loop would never
-            // yield, starving the runtime's other tasks (and ignoring cancellation).
-            tokio::task::consume_budget().await;
         }
-        self.flush(sink).await
+        flush(&consumer, &mut topic_names, &mut batcher, &mut dlq, sink).await
     }
+}
 
-    async fn flush<S: BatchSink>(&mut self, sink: &mut S) -> Result<(), IngestError> {
-        if self.batcher.is_empty() {
-            return Ok(());
-        }
-        let assigned = self.assigned();
-        let Some(batch) = self.batcher.take_assigned(assigned) else {
-            return Ok(());
-        };
-        let durable = hand_on(batch, &mut self.dlq, sink).await?;
-        if durable.is_empty() {
-            return Ok(());
-        }
-        let mut offsets = TopicPartitionList::new();
-        for p in &durable {
-            offsets
-                .add_partition_offset(&p.source, p.partition, Offset::Offset(p.next_offset))
-                .map_err(IngestError::kafka("building the offset list"))?;
-        }
-        self.consumer
-            .commit(&offsets, CommitMode::Sync)
-            .map_err(IngestError::kafka("committing offsets"))
+/// The shared name of `topic` (one allocation per topic, not per message).
+fn topic_name(names: &mut HashMap<String, Arc<str>>, topic: &str) -> Arc<str> {
+    if let Some(name) = names.get(topic) {
+        return name.clone();
     }
+    let name: Arc<str> = Arc::from(topic);
+    names.insert(topic.to_string(), name.clone());
+    name
+}
+
+/// The partitions `consumer` reads now, as batch partition ids.
+fn assigned(
+    consumer: &StreamConsumer<SourceContext>,
+    names: &mut HashMap<String, Arc<str>>,
+) -> Vec<crate::batcher::PartitionId> {
+    let Ok(list) = consumer.assignment() else {
+        return Vec::new();
+    };
+    list.elements()
+        .iter()
+        .map(|e| (topic_name(names, e.topic()), e.partition()))
+        .collect()
+}
+
+/// Hands the open batch on and commits what the sink made durable.
+async fn flush<S: BatchSink>(
+    consumer: &StreamConsumer<SourceContext>,
+    names: &mut HashMap<String, Arc<str>>,
+    batcher: &mut MicroBatcher,
+    dlq: &mut DeadLetterQueue,
+    sink: &mut S,
+) -> Result<(), IngestError> {
+    if batcher.is_empty() {
+        return Ok(());
+    }
+    let Some(batch) = batcher.take_assigned(assigned(consumer, names)) else {
+        return Ok(());
+    };
+    let durable = hand_on(batch, dlq, sink).await?;
+    if durable.is_empty() {
+        return Ok(());
+    }
+    let mut offsets = TopicPartitionList::new();
+    for p in &durable {
+        offsets
+            .add_partition_offset(&p.source, p.partition, Offset::Offset(p.next_offset))
+            .map_err(IngestError::kafka("building the offset list"))?;
+    }
+    consumer
+        .commit(&offsets, CommitMode::Sync)
+        .map_err(IngestError::kafka("committing offsets"))
 }
 
 #[cfg(test)]

@@ -169,11 +169,11 @@ async fn cleansed_fleet(sim: &SimulatorConfig) -> Result<BTreeMap<String, Batter
         }
         let records: Vec<_> = day.messages.into_iter().filter_map(|m| m.record).collect();
         let batch = MicroBatch::from_records(&records, source.clone());
-        for closed in windows.apply(&batch, 0).await?.closed {
+        for closed in windows.apply(&batch, 0)?.closed {
             append(&mut fleet, &closed);
         }
     }
-    for closed in windows.close_all().await? {
+    for closed in windows.close_all()? {
         append(&mut fleet, &closed);
     }
     Ok(fleet)

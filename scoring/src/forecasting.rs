@@ -88,6 +88,8 @@ pub struct ForecastStage {
     /// Days a battery keeps: enough for every backtest fold plus the fit window.
     keep_days: usize,
     metrics: Option<Arc<crate::metrics::Metrics>>,
+    /// Daily updates per model kind not yet added to the metrics.
+    fits_pending: HashMap<ModelKind, u64>,
     pub stats: ForecastStats,
 }
 
@@ -97,6 +99,10 @@ pub struct ForecastStats {
     pub repeated_days: u64,
     pub updates: u64,
     pub selections: u64,
+    /// Time the stage's task spent on closed days (daily updates, risk, drivers).
+    pub update_seconds: f64,
+    /// Thread time the finished selections took on the pool.
+    pub selection_seconds: f64,
 }
 
 impl ForecastStage {
@@ -113,6 +119,7 @@ impl ForecastStage {
             done_rx,
             keep_days,
             metrics: None,
+            fits_pending: HashMap::new(),
             stats: ForecastStats::default(),
         }
     }
@@ -124,11 +131,15 @@ impl ForecastStage {
     }
 
     /// Consumes closed-day batches until the channel closes and every selection in
-    /// flight has come back; sends each battery's fresh risk to `out`.
+    /// flight has come back; sends each batch's fresh risks to `out`, together.
+    ///
+    /// Both channels are bounded: on a backlog the window stage outruns this one, and
+    /// closed days waiting in an unbounded queue held gigabytes. A full `out` holds this
+    /// stage back, and so the window stage and the source behind it.
     pub async fn run(
         mut self,
-        mut closed: mpsc::UnboundedReceiver<RecordBatch>,
-        out: mpsc::UnboundedSender<RiskUpdate>,
+        mut closed: mpsc::Receiver<RecordBatch>,
+        out: mpsc::Sender<Vec<RiskUpdate>>,
     ) -> Self {
         let mut open = true;
         loop {
@@ -138,12 +149,20 @@ impl ForecastStage {
             }
             tokio::select! {
                 batch = closed.recv(), if open => match batch {
-                    Some(batch) => self.take_batch(&batch, &out),
+                    Some(batch) => {
+                        let started = std::time::Instant::now();
+                        let updates = self.take_batch(&batch);
+                        self.stats.update_seconds += started.elapsed().as_secs_f64();
+                        if !updates.is_empty() {
+                            // A listener that went away is not our failure.
+                            let _ = out.send(updates).await;
+                        }
+                    }
                     None => open = false,
                 },
                 Some(done) = self.done_rx.recv() => {
                     if let Some(u) = self.install(done) {
-                        let _ = out.send(u);
+                        let _ = out.send(vec![u]).await;
                     }
                 }
             }
@@ -191,16 +210,17 @@ impl ForecastStage {
         }
     }
 
-    /// Waits for every selection in flight and installs it.
-    pub async fn settle(&mut self, out: &mpsc::UnboundedSender<RiskUpdate>) {
+    /// Waits for every selection in flight and installs it; returns the risks the
+    /// installed models give.
+    pub async fn settle(&mut self) -> Vec<RiskUpdate> {
+        let mut updates = Vec::new();
         while self.batteries.values().any(|b| b.selecting) {
             let Some(done) = self.done_rx.recv().await else {
-                return;
+                break;
             };
-            if let Some(u) = self.install(done) {
-                let _ = out.send(u);
-            }
+            updates.extend(self.install(done));
         }
+        updates
     }
 
     /// The model record of a battery, if it has one yet.
@@ -212,18 +232,26 @@ impl ForecastStage {
         self.batteries.len()
     }
 
-    /// Takes in one batch of closed days (the window stage's daily schema).
-    pub fn take_batch(&mut self, batch: &RecordBatch, out: &mpsc::UnboundedSender<RiskUpdate>) {
+    /// Takes in one batch of closed days (the window stage's daily schema); returns the
+    /// fresh risk of every battery that has a model.
+    pub fn take_batch(&mut self, batch: &RecordBatch) -> Vec<RiskUpdate> {
         let Some(rows) = daily::closed_rows(batch) else {
             tracing::error!("closed-day batch without the daily schema; skipped");
+            return Vec::new();
+        };
+        let updates = rows.iter().filter_map(|row| self.take_day(row)).collect();
+        self.flush_fit_counts();
+        updates
+    }
+
+    /// Adds the daily updates counted since the last call to the fits metric: one
+    /// labelled lookup per model kind and batch rather than per battery-day.
+    fn flush_fit_counts(&mut self) {
+        let Some(m) = &self.metrics else {
             return;
         };
-        for row in rows {
-            let update = self.take_day(&row);
-            if let Some(update) = update {
-                // A listener that went away is not our failure.
-                let _ = out.send(update);
-            }
+        for (kind, n) in self.fits_pending.drain() {
+            m.forecast_fits.with_label_values(&[kind.name()]).inc_by(n);
         }
     }
 
@@ -273,11 +301,7 @@ impl ForecastStage {
         // Advance and assess first: the risk reflects today whatever selection decides.
         if let Some(record) = b.record.as_mut() {
             record.observe(&obs);
-            if let Some(m) = &self.metrics {
-                m.forecast_fits
-                    .with_label_values(&[record.kind().name()])
-                    .inc();
-            }
+            *self.fits_pending.entry(record.kind()).or_default() += 1;
         }
         let update = b
             .record
@@ -311,6 +335,7 @@ impl ForecastStage {
     /// Installs a finished selection, replaying the days that closed while it ran, and
     /// assesses the battery with it.
     fn install(&mut self, done: Selected) -> Option<RiskUpdate> {
+        self.stats.selection_seconds += done.seconds;
         let b = self.batteries.get_mut(&done.battery)?;
         b.selecting = false;
         if let Some(m) = &self.metrics {

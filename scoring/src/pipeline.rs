@@ -60,12 +60,25 @@ impl BatchSink for BatchTally {
     }
 }
 
+/// Where the window stage's time went (wall time on the source's task).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct WindowStageTimes {
+    /// The day windows: dedupe, DataFusion partials, closing into histories.
+    pub windows: Duration,
+    /// Raw rows and closed days written to the Parquet archive.
+    pub archive: Duration,
+    /// Late rows produced to the dead-letter topic and awaited.
+    pub dead_letters: Duration,
+    pub checkpoint: Duration,
+}
+
 /// The window stage as a sink: late rows to the dead-letter queue, closed days to
 /// whoever listens on `closed` (the forecaster, the archive, a test).
 pub struct WindowStage {
     pub windows: DailyWindows,
+    pub times: WindowStageTimes,
     dead_letters: DeadLetterQueue,
-    closed: Option<tokio::sync::mpsc::UnboundedSender<RecordBatch>>,
+    closed: Option<tokio::sync::mpsc::Sender<RecordBatch>>,
     archive: Option<ParquetArchive>,
     checkpoints: Option<Checkpointing>,
     metrics: Option<Arc<Metrics>>,
@@ -85,7 +98,7 @@ impl WindowStage {
     pub fn new(
         windows: DailyWindows,
         dead_letters: DeadLetterQueue,
-        closed: Option<tokio::sync::mpsc::UnboundedSender<RecordBatch>>,
+        closed: Option<tokio::sync::mpsc::Sender<RecordBatch>>,
     ) -> Self {
         Self {
             windows,
@@ -95,6 +108,7 @@ impl WindowStage {
             checkpoints: None,
             metrics: None,
             tally: BatchTally::default(),
+            times: WindowStageTimes::default(),
         }
     }
 
@@ -140,6 +154,7 @@ impl WindowStage {
         let started = Instant::now();
         let bytes = c.store.save(self.windows.state(), &positions)?;
         c.last_saved = Some(Instant::now());
+        self.times.checkpoint += started.elapsed();
         if let Some(m) = &self.metrics {
             m.checkpoint_seconds
                 .observe(started.elapsed().as_secs_f64());
@@ -174,19 +189,23 @@ impl WindowStage {
 
     /// End of a finite input: close every open window.
     pub async fn finish(&mut self) -> Result<(), ScoringError> {
-        let closed = self.windows.close_all().await?;
-        self.emit(closed)?;
+        let closed = self.windows.close_all()?;
+        self.emit(closed).await?;
         Ok(())
     }
 
-    fn emit(&mut self, closed: Vec<RecordBatch>) -> Result<(), ArchiveError> {
+    /// Archives closed days and hands them on; waits while the listener's queue is full,
+    /// which is what holds the source back when the forecasts fall behind.
+    async fn emit(&mut self, closed: Vec<RecordBatch>) -> Result<(), ArchiveError> {
         for batch in closed {
             if let Some(archive) = &mut self.archive {
+                let started = Instant::now();
                 archive.daily(&batch)?;
+                self.times.archive += started.elapsed();
             }
             if let Some(tx) = &self.closed {
                 // A listener that went away is not our failure: the days are in the history.
-                let _ = tx.send(batch);
+                let _ = tx.send(batch).await;
             }
         }
         Ok(())
@@ -198,16 +217,18 @@ impl BatchSink for WindowStage {
         let started = Instant::now();
         if let Some(archive) = &mut self.archive {
             archive.raw(&batch.rows)?;
+            self.times.archive += started.elapsed();
         }
-        let out = self
-            .windows
-            .apply(&batch, voltcast_ingest::now_millis())
-            .await?;
+        let applying = Instant::now();
+        let out = self.windows.apply(&batch, voltcast_ingest::now_millis())?;
+        self.times.windows += applying.elapsed();
+        let lettering = Instant::now();
         for letter in out.late {
             self.dead_letters.send(letter)?;
         }
         self.dead_letters.flush().await?;
-        self.emit(out.closed)?;
+        self.times.dead_letters += lettering.elapsed();
+        self.emit(out.closed).await?;
         if let Some(m) = &self.metrics {
             m.batch_rows.observe(batch.rows.num_rows() as f64);
             m.batch_seconds.observe(started.elapsed().as_secs_f64());
@@ -223,6 +244,14 @@ impl BatchSink for WindowStage {
 pub struct RunReport {
     pub tally: BatchTally,
     pub windows: crate::windows::WindowStats,
+    /// Polls the day aggregation took, and plans it ran (equal when nothing stalled).
+    pub aggregate: crate::windows::aggregate::AggregateWork,
+    /// Wall time of the source loop (read, decode, validate, and the window stage
+    /// called from it), from the start of consuming to the end of input or shutdown.
+    pub source_seconds: f64,
+    pub window_times: WindowStageTimes,
+    /// Time the alert stage spent deciding and storing alerts.
+    pub alert_seconds: f64,
     pub received: u64,
     pub rejected: u64,
     pub seconds: f64,
@@ -363,6 +392,11 @@ pub async fn run(
     report
 }
 
+/// Closed-day batches (one per shard per micro-batch) waiting for the forecast stage.
+const CLOSED_QUEUE: usize = 8;
+/// Batches of risk updates waiting for the alert stage.
+const RISK_QUEUE: usize = 8;
+
 /// Runs the configured source with services already started.
 pub async fn run_with(
     config: &VoltcastConfig,
@@ -372,8 +406,8 @@ pub async fn run_with(
     let counters = services.counters.clone();
     let started = Instant::now();
     let (batch, rules) = (config.batch.clone(), config.validation.clone());
-    let (closed_tx, closed_rx) = tokio::sync::mpsc::unbounded_channel();
-    let (risk_tx, risk_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (closed_tx, closed_rx) = tokio::sync::mpsc::channel(CLOSED_QUEUE);
+    let (risk_tx, risk_rx) = tokio::sync::mpsc::channel(RISK_QUEUE);
     let fit_threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut forecasts =
         ForecastStage::new(config.forecast.clone(), config.risk.clone(), fit_threads)
@@ -398,9 +432,11 @@ pub async fn run_with(
             let source = KafkaSource::new(&config.kafka, batch, rules, counters.clone())?
                 .resume_from(&resumed);
             services.ready.store(true, Ordering::Relaxed);
+            let consuming = Instant::now();
             source.run(&mut stage, shutdown).await?;
+            let source_seconds = consuming.elapsed().as_secs_f64();
             stage.checkpoint_now()?;
-            (stage, forecast_task)
+            (stage, forecast_task, source_seconds)
         }
         SourceKind::File => {
             // A file replay is a batch job that starts from the top: no checkpoint.
@@ -417,19 +453,23 @@ pub async fn run_with(
             let dlq = DeadLetterQueue::file(dead_letters);
             services.ready.store(true, Ordering::Relaxed);
             let source = FileSource::new(config.file.clone(), batch, rules, counters.clone(), dlq);
+            let consuming = Instant::now();
             source.run(&mut stage).await?;
             stage.finish().await?;
-            (stage, forecast_task)
+            let source_seconds = consuming.elapsed().as_secs_f64();
+            (stage, forecast_task, source_seconds)
         }
     };
-    let (mut stage, forecast_task) = stage;
+    let (mut stage, forecast_task, source_seconds) = stage;
+    let window_times = stage.times;
     let windows = stage.windows.stats().clone();
+    let aggregate = stage.windows.aggregate_work();
     let tally = std::mem::take(&mut stage.tally);
     // Dropping the stage closes the closed-day channel: the forecast stage finishes its
     // selections in flight and stops.
     drop(stage);
     let forecast = forecast_task.await.map(|f| f.stats).unwrap_or_default();
-    let _ = alert_task.await;
+    let alert_seconds = alert_task.await.map_or(0.0, |a| a.busy.as_secs_f64());
     let (risks, alerts) = {
         let store = services
             .alerts
@@ -445,6 +485,10 @@ pub async fn run_with(
     services.metrics.refresh_ingest(&counters);
     Ok(RunReport {
         windows,
+        aggregate,
+        source_seconds,
+        window_times,
+        alert_seconds,
         tally,
         received: counters.received(),
         rejected: counters.rejected_total(),

@@ -27,26 +27,22 @@ async fn closed_days(batteries: usize, days: u32) -> Vec<RecordBatch> {
     while let Some(day) = sim.next_day() {
         let records: Vec<_> = day.messages.into_iter().filter_map(|m| m.record).collect();
         let batch = MicroBatch::from_records(&records, Arc::from("t"));
-        out.extend(windows.apply(&batch, 0).await.unwrap().closed);
+        out.extend(windows.apply(&batch, 0).unwrap().closed);
     }
-    out.extend(windows.close_all().await.unwrap());
+    out.extend(windows.close_all().unwrap());
     out
 }
 
 async fn feed(batches: &[RecordBatch], twice: bool) -> (ForecastStage, Vec<RiskUpdate>) {
     let mut stage = ForecastStage::new(SelectionConfig::default(), RiskConfig::default(), 2);
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut updates = Vec::new();
     for b in batches {
-        stage.take_batch(b, &tx);
+        updates.extend(stage.take_batch(b));
         if twice {
-            stage.take_batch(b, &tx);
+            updates.extend(stage.take_batch(b));
         }
         // One closed day at a time, selections settled before the next: deterministic.
-        stage.settle(&tx).await;
-    }
-    let mut updates = Vec::new();
-    while let Ok(u) = rx.try_recv() {
-        updates.push(u);
+        updates.extend(stage.settle().await);
     }
     (stage, updates)
 }

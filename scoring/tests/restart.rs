@@ -115,7 +115,8 @@ async fn live(
         Some(c) => (DailyWindows::from_state(config, c.windows), c.positions),
         None => (DailyWindows::new(config), Vec::new()),
     };
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    // Read after the run: room for every closed batch.
+    let (tx, mut rx) = tokio::sync::mpsc::channel(1 << 20);
     let (late_queue, _late) = DeadLetterQueue::memory();
     let stage = WindowStage::new(windows, late_queue, Some(tx)).with_checkpoints(
         store,
@@ -205,7 +206,7 @@ async fn live(
     }
 }
 
-fn drain(rx: &mut tokio::sync::mpsc::UnboundedReceiver<RecordBatch>) -> Vec<RecordBatch> {
+fn drain(rx: &mut tokio::sync::mpsc::Receiver<RecordBatch>) -> Vec<RecordBatch> {
     let mut closed = Vec::new();
     while let Ok(b) = rx.try_recv() {
         closed.push(b);

@@ -119,11 +119,11 @@ async fn run_sharded(
     let mut w = DailyWindows::new(config);
     let (mut closed, mut late) = (Vec::new(), Vec::new());
     for b in &batches {
-        let out = w.apply(b, 0).await.unwrap();
+        let out = w.apply(b, 0).unwrap();
         closed.extend(out.closed);
         late.extend(out.late);
     }
-    closed.extend(w.close_all().await.unwrap());
+    closed.extend(w.close_all().unwrap());
     (w, closed, late)
 }
 
@@ -199,7 +199,6 @@ async fn a_record_for_a_closed_day_is_dead_lettered_as_late() {
             ]),
             0,
         )
-        .await
         .unwrap();
     let closed = series(&first.closed.into_iter().collect::<Vec<_>>(), "A");
     assert_eq!(
@@ -208,10 +207,7 @@ async fn a_record_for_a_closed_day_is_dead_lettered_as_late() {
         "only Jan 1 had data among the closed days: {closed:?}"
     );
     let late_row = report("B", "2013-01-01T18:00:00Z", 10.0, 0.02, 0.02, 1);
-    let second = w
-        .apply(&batch(std::slice::from_ref(&late_row)), 0)
-        .await
-        .unwrap();
+    let second = w.apply(&batch(std::slice::from_ref(&late_row)), 0).unwrap();
     assert_eq!(second.late.len(), 1);
     let dl = &second.late[0];
     assert_eq!(dl.reason, RejectReason::Late);

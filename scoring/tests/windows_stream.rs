@@ -178,7 +178,8 @@ async fn streamed_daily_series_equal_the_reference_battery_by_battery() {
         counters.clone(),
     )
     .unwrap();
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    // Read after the run: room for every closed batch.
+    let (tx, mut rx) = tokio::sync::mpsc::channel(1 << 20);
     let (late_queue, late) = DeadLetterQueue::memory();
     let mut stage = WindowStage::new(
         // Two shards, each on its own thread for the larger batches of the backlog.

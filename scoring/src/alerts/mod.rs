@@ -386,6 +386,8 @@ pub struct AlertStage {
     pub service: Arc<AlertService>,
     /// With alerts off, the stage only keeps the latest assessment for the API.
     enabled: bool,
+    /// Time spent deciding and storing (for `voltcast bench pipeline`).
+    pub busy: std::time::Duration,
 }
 
 impl AlertStage {
@@ -397,6 +399,7 @@ impl AlertStage {
             policy,
             service,
             enabled: config.enabled,
+            busy: std::time::Duration::ZERO,
         }
     }
 
@@ -415,16 +418,18 @@ impl AlertStage {
         self.service.lock().set_latest(update);
     }
 
-    /// Consumes updates until the channel closes.
-    pub async fn run(mut self, mut updates: mpsc::UnboundedReceiver<RiskUpdate>) -> Self {
-        while let Some(u) = updates.recv().await {
-            self.take(u);
-            // Batches of updates arrive together; sync the log once per batch.
-            if updates.is_empty()
-                && let Err(e) = self.service.lock().sync()
-            {
+    /// Consumes batches of updates until the channel closes; the alert log is synced
+    /// once per batch (and only when the batch stored an alert).
+    pub async fn run(mut self, mut updates: mpsc::Receiver<Vec<RiskUpdate>>) -> Self {
+        while let Some(batch) = updates.recv().await {
+            let started = std::time::Instant::now();
+            for u in batch {
+                self.take(u);
+            }
+            if let Err(e) = self.service.lock().sync() {
                 tracing::error!(error = %e, "syncing the alert log");
             }
+            self.busy += started.elapsed();
         }
         self
     }

@@ -22,6 +22,9 @@ const LOG_FILE: &str = "alerts.jsonl";
 pub struct AlertStore {
     path: Option<PathBuf>,
     log: Option<BufWriter<File>>,
+    /// Lines written since the last sync: a sync with none costs an fdatasync for
+    /// nothing, and the alert stage asks for one after every batch of updates.
+    unsynced: bool,
     alerts: Vec<Alert>,
     by_id: HashMap<String, usize>,
     latest: HashMap<Arc<str>, RiskUpdate>,
@@ -43,6 +46,7 @@ impl AlertStore {
         Self {
             path: None,
             log: None,
+            unsynced: false,
             alerts: Vec::new(),
             by_id: HashMap::new(),
             latest: HashMap::new(),
@@ -110,6 +114,7 @@ impl AlertStore {
                 .and_then(|()| log.write_all(b"\n"))
                 .and_then(|()| log.flush());
             written.map_err(|e| self.io_error(e))?;
+            self.unsynced = true;
         }
         self.index(alert.clone());
         Ok(())
@@ -132,10 +137,14 @@ impl AlertStore {
 
     /// Forces the log to disk.
     pub fn sync(&mut self) -> Result<(), AlertError> {
+        if !self.unsynced {
+            return Ok(());
+        }
         if let Some(log) = &mut self.log {
             let synced = log.flush().and_then(|()| log.get_ref().sync_data());
             synced.map_err(|e| self.io_error(e))?;
         }
+        self.unsynced = false;
         Ok(())
     }
 

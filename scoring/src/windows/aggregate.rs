@@ -7,8 +7,19 @@
 //! The query is planned and optimized once: its source is a [`BatchSlot`] the stream
 //! refills with each micro-batch, and the physical plan is executed again per batch.
 //! Planning per batch cost about a tenth of the window stage's time in profiles.
+//!
+//! Why the plan is driven by hand ([`drive_in_memory`]) rather than awaited: its input is
+//! one batch already in memory, so it never waits for anything, yet DataFusion's
+//! streams spend tokio's cooperative budget and answer `Pending` once the calling task
+//! has used it up. The window stage runs inside the source's task, which spends that
+//! budget on every message, so an awaited plan yielded at random and, driven by a plain
+//! executor on a runtime thread, spun for ever: `voltcast run` stalled on its first
+//! backlog. Outside the budget the plan completes in one poll.
 
+use std::future::Future;
+use std::pin::pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::catalog::streaming::StreamingTable;
@@ -19,7 +30,7 @@ use datafusion::physical_plan::{ExecutionPlan, SendableRecordBatchStream};
 
 use datafusion::arrow::datatypes::DataType;
 use datafusion::arrow::record_batch::RecordBatch;
-use datafusion::error::Result;
+use datafusion::error::{DataFusionError, Result};
 use datafusion::functions_aggregate::expr_fn::{count, max, min, sum};
 use datafusion::prelude::{SessionConfig, SessionContext, cast, col, lit};
 use voltcast_ingest::schema as s;
@@ -63,6 +74,17 @@ pub struct DailyAggregator {
     ctx: SessionContext,
     /// The planned query and the slot it reads, for batches of one schema.
     planned: Option<Planned>,
+    /// Polls spent driving plans, and plans driven: one poll each unless something
+    /// made the plan wait (see [`drive_in_memory`]).
+    pub(crate) work: AggregateWork,
+}
+
+/// How much polling the aggregation took: the regression guard for the backlog stall.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct AggregateWork {
+    /// Plans made and plans run (each counts once).
+    pub plans_run: u64,
+    pub polls: u64,
 }
 
 struct Planned {
@@ -101,6 +123,7 @@ impl Default for DailyAggregator {
         Self {
             ctx: SessionContext::new_with_config(config),
             planned: None,
+            work: AggregateWork::default(),
         }
     }
 }
@@ -108,7 +131,9 @@ impl Default for DailyAggregator {
 impl DailyAggregator {
     /// Groups deduplicated telemetry rows (with the window stage's `battery_index`
     /// column) by battery and UTC day.
-    pub async fn partials(&mut self, rows: RecordBatch) -> Result<Vec<RecordBatch>> {
+    ///
+    /// Synchronous: the plan reads memory only (see the module documentation).
+    pub fn partials(&mut self, rows: RecordBatch) -> Result<Vec<RecordBatch>> {
         if rows.num_rows() == 0 {
             return Ok(Vec::new());
         }
@@ -117,47 +142,76 @@ impl DailyAggregator {
             .as_ref()
             .is_some_and(|p| p.slot.schema == rows.schema());
         if !same_schema {
-            self.planned = Some(self.plan(rows.schema()).await?);
+            let planned = drive_in_memory(plan(&self.ctx, rows.schema()), &mut self.work)??;
+            self.planned = Some(planned);
         }
         let planned = self.planned.as_ref().expect("planned above");
         *planned.slot.next.lock().unwrap_or_else(|e| e.into_inner()) = Some(rows);
-        datafusion::physical_plan::collect(planned.plan.clone(), self.ctx.task_ctx()).await
+        let collect = datafusion::physical_plan::collect(planned.plan.clone(), self.ctx.task_ctx());
+        drive_in_memory(collect, &mut self.work)?
     }
 
-    /// Plans the aggregation over a slot of batches in `schema`.
-    async fn plan(&self, schema: SchemaRef) -> Result<Planned> {
-        let slot = Arc::new(BatchSlot {
-            schema: schema.clone(),
-            next: Mutex::new(None),
-        });
-        let table =
-            StreamingTable::try_new(schema, vec![slot.clone() as Arc<dyn PartitionStream>])?;
-        let day = (cast(col(s::EVENT_TIME), DataType::Int64) / lit(MILLIS_PER_DAY)).alias(out::DAY);
-        let mut aggregates = vec![
-            sum(col(s::NUMBER_OF_TRIPS)).alias(out::TRIPS),
-            sum(col(s::DAILY_TRIP_DURATION)).alias(out::MINUTES),
-            sum(col(s::DAILY_CYCLES_USED)).alias(out::CYCLES),
-            min(col(s::BATTERY_AGE_DAYS)).alias(out::AGE),
-            max(col(s::LIFETIME_CYCLES_USED)).alias(out::LIFETIME),
-            max(col(s::BATTERY_RATED_CYCLES)).alias(out::RATED),
-            count(lit(1)).alias(out::REPORTS),
-        ];
-        for r in out::READINGS {
-            aggregates.push(min(col(r)).alias(format!("{r}_min")));
-            aggregates.push(max(col(r)).alias(format!("{r}_max")));
-            aggregates.push(sum(col(r)).alias(format!("{r}_sum")));
-            aggregates.push(count(col(r)).alias(format!("{r}_n")));
-        }
-        let plan = self
-            .ctx
-            .read_table(Arc::new(table))?
-            .aggregate(vec![col(out::BATTERY), day], aggregates)?
-            .create_physical_plan()
-            .await?;
-        Ok(Planned { plan, slot })
+    /// Polls spent so far, and plans driven.
+    pub fn work(&self) -> AggregateWork {
+        self.work
     }
+}
 
+/// Plans the aggregation over a slot of batches in `schema`.
+async fn plan(ctx: &SessionContext, schema: SchemaRef) -> Result<Planned> {
+    let slot = Arc::new(BatchSlot {
+        schema: schema.clone(),
+        next: Mutex::new(None),
+    });
+    let table = StreamingTable::try_new(schema, vec![slot.clone() as Arc<dyn PartitionStream>])?;
+    let day = (cast(col(s::EVENT_TIME), DataType::Int64) / lit(MILLIS_PER_DAY)).alias(out::DAY);
+    let mut aggregates = vec![
+        sum(col(s::NUMBER_OF_TRIPS)).alias(out::TRIPS),
+        sum(col(s::DAILY_TRIP_DURATION)).alias(out::MINUTES),
+        sum(col(s::DAILY_CYCLES_USED)).alias(out::CYCLES),
+        min(col(s::BATTERY_AGE_DAYS)).alias(out::AGE),
+        max(col(s::LIFETIME_CYCLES_USED)).alias(out::LIFETIME),
+        max(col(s::BATTERY_RATED_CYCLES)).alias(out::RATED),
+        count(lit(1)).alias(out::REPORTS),
+    ];
+    for r in out::READINGS {
+        aggregates.push(min(col(r)).alias(format!("{r}_min")));
+        aggregates.push(max(col(r)).alias(format!("{r}_max")));
+        aggregates.push(sum(col(r)).alias(format!("{r}_sum")));
+        aggregates.push(count(col(r)).alias(format!("{r}_n")));
+    }
+    let plan = ctx
+        .read_table(Arc::new(table))?
+        .aggregate(vec![col(out::BATTERY), day], aggregates)?
+        .create_physical_plan()
+        .await?;
+    Ok(Planned { plan, slot })
+}
+
+impl DailyAggregator {
     pub fn context(&self) -> &SessionContext {
         &self.ctx
     }
+}
+
+/// A plan over in-memory batches that is still `Pending` after this many polls waits
+/// on something it should not (a spawned task, I/O): an error, never a spin.
+const MAX_POLLS: u64 = 64;
+
+/// Runs `work`, which reads memory only, to completion on this thread, outside tokio's
+/// cooperative budget (whichever task or thread calls it, and however much budget
+/// that task has spent).
+fn drive_in_memory<F: Future>(work: F, tally: &mut AggregateWork) -> Result<F::Output> {
+    let mut work = pin!(tokio::task::coop::unconstrained(work));
+    let mut cx = Context::from_waker(Waker::noop());
+    tally.plans_run += 1;
+    for _ in 0..MAX_POLLS {
+        tally.polls += 1;
+        if let Poll::Ready(out) = work.as_mut().poll(&mut cx) {
+            return Ok(out);
+        }
+    }
+    Err(DataFusionError::Internal(format!(
+        "the day aggregation over an in-memory batch was still waiting after {MAX_POLLS} polls"
+    )))
 }

@@ -379,8 +379,24 @@ impl DailyWindows {
         &self.state.stats
     }
 
+    /// Polls the shards' DataFusion plans took, and plans run: equal unless a plan had
+    /// to wait, which an in-memory aggregation never should.
+    pub fn aggregate_work(&self) -> aggregate::AggregateWork {
+        self.aggregators
+            .iter()
+            .fold(aggregate::AggregateWork::default(), |a, g| {
+                aggregate::AggregateWork {
+                    plans_run: a.plans_run + g.work.plans_run,
+                    polls: a.polls + g.work.polls,
+                }
+            })
+    }
+
     /// Takes in one micro-batch at wall time `now`.
-    pub async fn apply(
+    ///
+    /// Synchronous: the stage is CPU work on memory and never waits (see
+    /// [`aggregate`] for why its DataFusion plan is not awaited).
+    pub fn apply(
         &mut self,
         batch: &MicroBatch,
         now: EpochMillis,
@@ -393,11 +409,11 @@ impl DailyWindows {
             .observe(&batch.positions, &batch.assigned, now);
         // A day closes when the watermark passes its end.
         let close = st.watermarks.advance(now).map(|w| day_of(w + 1));
-        self.run_shards(&batch.rows, late_before, close).await
+        self.run_shards(&batch.rows, late_before, close)
     }
 
     /// Closes every open window (end of a finite input: a file replay or a test).
-    pub async fn close_all(&mut self) -> Result<Vec<RecordBatch>, WindowError> {
+    pub fn close_all(&mut self) -> Result<Vec<RecordBatch>, WindowError> {
         let last = self
             .state
             .shards
@@ -409,13 +425,10 @@ impl DailyWindows {
         };
         let empty = RecordBatch::new_empty(voltcast_ingest::schema::telemetry_schema());
         let late_before = self.state.closed_before;
-        Ok(self
-            .run_shards(&empty, late_before, Some(last + 1))
-            .await?
-            .closed)
+        Ok(self.run_shards(&empty, late_before, Some(last + 1))?.closed)
     }
 
-    async fn run_shards(
+    fn run_shards(
         &mut self,
         rows: &RecordBatch,
         late_before: Option<i32>,
@@ -441,11 +454,8 @@ impl DailyWindows {
             .zip(&tasks);
         let outputs: Vec<Result<ShardOutput, WindowError>> =
             if shards == 1 || rows.num_rows() < PARALLEL_MIN_ROWS {
-                let mut outputs = Vec::with_capacity(shards);
-                for ((shard, aggregator), task) in work {
-                    outputs.push(shard.run(aggregator, task).await);
-                }
-                outputs
+                work.map(|((shard, aggregator), task)| shard.run(aggregator, task))
+                    .collect()
             } else {
                 in_parallel(work)
             };
@@ -472,9 +482,6 @@ impl DailyWindows {
 }
 
 /// Runs each shard's task on its own thread (the first on this one).
-///
-/// The shard's DataFusion plan reads one in-memory batch on one partition and spawns no
-/// tasks, so driving it with a plain executor off the async runtime is safe.
 fn in_parallel<'a>(
     work: impl Iterator<
         Item = (
@@ -487,14 +494,10 @@ fn in_parallel<'a>(
         let mut work = work;
         let first = work.next();
         let others: Vec<_> = work
-            .map(|((shard, aggregator), task)| {
-                scope.spawn(move || futures::executor::block_on(shard.run(aggregator, task)))
-            })
+            .map(|((shard, aggregator), task)| scope.spawn(move || shard.run(aggregator, task)))
             .collect();
         let mut outputs: Vec<_> = first
-            .map(|((shard, aggregator), task)| {
-                futures::executor::block_on(shard.run(aggregator, task))
-            })
+            .map(|((shard, aggregator), task)| shard.run(aggregator, task))
             .into_iter()
             .collect();
         outputs.extend(

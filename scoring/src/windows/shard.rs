@@ -79,7 +79,7 @@ pub(super) struct ShardOutput {
 }
 
 impl ShardState {
-    pub(super) async fn run(
+    pub(super) fn run(
         &mut self,
         aggregator: &mut DailyAggregator,
         task: &ShardTask<'_>,
@@ -90,7 +90,7 @@ impl ShardState {
             if keep.true_count() > 0 {
                 let fresh = filter_record_batch(&aggregate_input(task.rows, index)?, &keep)
                     .map_err(DataFusionError::from)?;
-                for partial in aggregator.partials(fresh).await? {
+                for partial in aggregator.partials(fresh)? {
                     self.merge(&partial)?;
                 }
             }

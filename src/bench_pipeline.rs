@@ -1,0 +1,365 @@
+//! `voltcast bench pipeline`: the whole pipeline as `voltcast run` runs it, on a backlog.
+//!
+//! Why a backlog: a restart, a consumer added or a replay of history all start with one,
+//! and a stage benchmark in isolation missed the stall that `voltcast run` hit on its
+//! first. The fleet is produced into a broker before the pipeline starts (librdkafka's
+//! mock cluster in this process by default, `--brokers` for a real one), or read from a
+//! file (`--input`), and `pipeline::run_with` consumes it with the configured defaults:
+//! decode, validate, day windows, checkpoints, forecasts, alerts.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Args;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::mocking::MockCluster;
+use voltcast_scoring::ingest::KafkaConfig;
+use voltcast_scoring::ingest::simulate::{
+    FleetSimulator, SimulatorConfig, WireFormat, publish_kafka,
+};
+use voltcast_scoring::pipeline::{RunReport, Services};
+use voltcast_scoring::{SourceKind, VoltcastConfig};
+
+#[derive(Args, Debug, Clone)]
+pub struct PipelineArgs {
+    #[arg(long, default_value_t = 20_000)]
+    batteries: usize,
+    #[arg(long, default_value_t = 365)]
+    days: u32,
+    #[arg(long, default_value_t = 5)]
+    seed: u64,
+    /// A real broker to produce into and consume from (it must let the bench create a
+    /// topic); default: librdkafka's mock cluster in this process.
+    #[arg(long, conflicts_with = "input")]
+    brokers: Option<String>,
+    /// Partitions of the bench topic. 0: enough for the mock cluster, which keeps only
+    /// 5 MiB per partition (8 on a real broker).
+    #[arg(long, default_value_t = 0)]
+    partitions: i32,
+    /// Replay this JSONL/CSV file instead (`voltcast run --input`); the fleet options
+    /// are then ignored.
+    #[arg(long)]
+    input: Option<PathBuf>,
+    /// `batch.max_rows`.
+    #[arg(long, default_value_t = 50_000)]
+    batch_rows: usize,
+    /// Also write the raw archive (Parquet), as `voltcast run` does by default.
+    #[arg(long)]
+    archive: bool,
+}
+
+/// Compressed bytes a message takes in the mock broker, generously (lz4 of ~250-byte
+/// JSON lines that share most of their text).
+const MOCK_BYTES_PER_MESSAGE: usize = 110;
+/// What the mock broker keeps per partition before it drops the oldest messages.
+const MOCK_PARTITION_BYTES: usize = 5 << 20;
+
+pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async move {
+        match args.input.clone() {
+            Some(path) => file(args, path).await,
+            None => kafka(args).await,
+        }
+    })
+}
+
+async fn kafka(args: PipelineArgs) -> anyhow::Result<()> {
+    let sim = SimulatorConfig {
+        batteries: args.batteries,
+        days: args.days,
+        seed: args.seed,
+        ..Default::default()
+    };
+    let expected = sim.batteries * sim.days as usize * 11 / 10;
+    let (cluster, brokers, partitions) = match &args.brokers {
+        Some(b) => (
+            None,
+            b.clone(),
+            if args.partitions > 0 {
+                args.partitions
+            } else {
+                8
+            },
+        ),
+        None => {
+            let cluster = MockCluster::new(1).context("starting librdkafka's mock cluster")?;
+            let brokers = cluster.bootstrap_servers();
+            let auto = (expected * MOCK_BYTES_PER_MESSAGE).div_ceil(MOCK_PARTITION_BYTES);
+            let partitions = match args.partitions {
+                0 => auto.clamp(4, 1024) as i32,
+                n => n,
+            };
+            (Some(cluster), brokers, partitions)
+        }
+    };
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    let topic = format!("bench-telemetry-{stamp}");
+    let mut config = VoltcastConfig::default();
+    config.kafka.brokers = brokers.clone();
+    config.kafka.topics = vec![topic.clone()];
+    config.kafka.group_id = format!("bench-{stamp}");
+    config.kafka.dead_letter_topic = format!("{topic}-dlq");
+    config.alerts.topic = format!("{topic}-alerts");
+    for t in [
+        &topic,
+        &config.kafka.dead_letter_topic,
+        &config.alerts.topic,
+    ] {
+        let n = if *t == topic { partitions } else { 1 };
+        create_topic(cluster.as_ref(), &config.kafka, t, n).await?;
+    }
+
+    let producer = config
+        .kafka
+        .producer_config()?
+        .set("linger.ms", "50")
+        .set("compression.type", "lz4")
+        .set("batch.size", "1000000")
+        .set("queue.buffering.max.kbytes", "1048576")
+        .create()
+        .context("creating the bench producer")?;
+    let producing = Instant::now();
+    let mut fleet = FleetSimulator::new(sim.clone(), WireFormat::Json)?;
+    let summary = publish_kafka(&mut fleet, &producer, &topic, 0.0, None).await?;
+    let produce_seconds = producing.elapsed().as_secs_f64();
+    let total = summary.messages;
+    if cluster.is_some() {
+        ensure_nothing_dropped(&config.kafka, &topic, partitions, total)?;
+    }
+    let broker = match &cluster {
+        Some(_) => "librdkafka mock cluster in this process".to_string(),
+        None => brokers.clone(),
+    };
+    println!(
+        "bench pipeline: kafka ({broker}), topic of {partitions} partitions (lz4), {} batteries x {} days: {total} messages produced in {produce_seconds:.1} s",
+        sim.batteries, sim.days
+    );
+    let dir = tempfile::tempdir()?;
+    configure(&mut config, &args, dir.path());
+    measure(config, Some(total)).await
+}
+
+/// Creates `topic` on the mock cluster, or through the admin API of a real broker.
+async fn create_topic(
+    cluster: Option<&MockCluster<'_, rdkafka::producer::DefaultProducerContext>>,
+    kafka: &KafkaConfig,
+    topic: &str,
+    partitions: i32,
+) -> anyhow::Result<()> {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    if let Some(cluster) = cluster {
+        return cluster
+            .create_topic(topic, partitions, 1)
+            .with_context(|| format!("creating {topic} on the mock cluster"));
+    }
+    let admin: AdminClient<_> = kafka.connection()?.create()?;
+    let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
+    let results = admin
+        .create_topics([&new], &AdminOptions::new())
+        .await
+        .with_context(|| format!("creating {topic}"))?;
+    for r in results {
+        if let Err((name, code)) = r {
+            bail!("creating topic {name}: {code}");
+        }
+    }
+    Ok(())
+}
+
+/// The mock broker silently drops a partition's oldest messages past 5 MiB: a bench
+/// that lost part of its backlog would measure nothing true.
+fn ensure_nothing_dropped(
+    kafka: &KafkaConfig,
+    topic: &str,
+    partitions: i32,
+    total: u64,
+) -> anyhow::Result<()> {
+    let consumer: BaseConsumer = kafka
+        .connection()?
+        .set("group.id", "bench-check")
+        .create()?;
+    let mut held = 0;
+    for p in 0..partitions {
+        let (low, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10))?;
+        if low > 0 {
+            bail!(
+                "the mock broker dropped the oldest {low} messages of partition {p} (it keeps 5 MiB per partition): raise --partitions"
+            );
+        }
+        held += high as u64;
+    }
+    anyhow::ensure!(held == total, "the topic holds {held} of {total} messages");
+    Ok(())
+}
+
+async fn file(args: PipelineArgs, path: PathBuf) -> anyhow::Result<()> {
+    let bytes = std::fs::metadata(&path)
+        .with_context(|| format!("--input {}", path.display()))?
+        .len();
+    println!(
+        "bench pipeline: file replay of {} ({:.0} MB)",
+        path.display(),
+        bytes as f64 / 1e6
+    );
+    let dir = tempfile::tempdir()?;
+    let mut config = VoltcastConfig {
+        source: SourceKind::File,
+        ..Default::default()
+    };
+    config.file.path = path;
+    configure(&mut config, &args, dir.path());
+    config.file.dead_letter_path = Some(dir.path().join("dead-letters.jsonl"));
+    measure(config, None).await
+}
+
+/// `voltcast run`'s defaults, with its files in `dir` and the API off.
+fn configure(config: &mut VoltcastConfig, args: &PipelineArgs, dir: &std::path::Path) {
+    config.batch.max_rows = args.batch_rows;
+    config.api.listen = String::new();
+    config.alerts.store_path = dir.join("alerts");
+    config.checkpoint.path = dir.join("checkpoint");
+    config.archive.path = if args.archive {
+        dir.join("archive")
+    } else {
+        PathBuf::new()
+    };
+}
+
+/// Runs the pipeline until `total` messages are read (Kafka) or the input ends (file),
+/// and prints what it did and where the time and memory went.
+async fn measure(config: VoltcastConfig, total: Option<u64>) -> anyhow::Result<()> {
+    println!(
+        "bench build: {}; batch.max_rows {}, archive {}",
+        crate::bench::build_profile(),
+        config.batch.max_rows,
+        if config.archive.path.as_os_str().is_empty() {
+            "off"
+        } else {
+            "on"
+        }
+    );
+    voltcast_scoring::memory::release_free_pages();
+    let rss_before = resident_bytes();
+    let services = Services::start(&config).await?;
+    let counters = services.counters.clone();
+    let started = Instant::now();
+    // Milliseconds after `started` of the first message, and the most memory seen.
+    let first_ms = Arc::new(AtomicU64::new(u64::MAX));
+    let peak = Arc::new(AtomicU64::new(rss_before as u64));
+    let watch = {
+        let (counters, first_ms, peak) = (counters.clone(), first_ms.clone(), peak.clone());
+        tokio::spawn(async move {
+            loop {
+                if counters.received() > 0 && first_ms.load(Ordering::Relaxed) == u64::MAX {
+                    first_ms.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+                }
+                peak.fetch_max(resident_bytes() as u64, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    let all_read = {
+        let counters = counters.clone();
+        async move {
+            match total {
+                Some(total) => {
+                    while counters.received() < total {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                }
+                None => std::future::pending().await,
+            }
+        }
+    };
+    let report = voltcast_scoring::pipeline::run_with(&config, &services, all_read).await?;
+    let end = started.elapsed().as_secs_f64();
+    watch.abort();
+    services.finish(Duration::from_secs(5)).await;
+    let first = match first_ms.load(Ordering::Relaxed) {
+        u64::MAX => 0.0,
+        ms => ms as f64 / 1000.0,
+    };
+    print_report(
+        &report,
+        first,
+        end,
+        rss_before,
+        peak.load(Ordering::Relaxed) as usize,
+    );
+    Ok(())
+}
+
+fn print_report(r: &RunReport, first: f64, end: f64, rss_before: usize, peak: usize) {
+    let events = r.received;
+    // The source loop ends once the last batch's days have closed.
+    let consumed = (r.source_seconds - first).max(1e-9);
+    let whole = (end - first).max(1e-9);
+    let batteries = r.tally.batteries.len().max(1);
+    let t = &r.window_times;
+    println!(
+        "bench pipeline: {events} events, {} rows, {} dead letters, {} duplicates, {} late, {} battery-days closed ({} imputed), {} batteries",
+        r.tally.rows,
+        r.rejected,
+        r.windows.duplicates,
+        r.windows.late,
+        r.windows.days_closed,
+        r.windows.days_imputed,
+        batteries
+    );
+    println!(
+        "bench pipeline throughput: {:.0} events/s first message -> last closed day ({consumed:.2} s); {:.0} events/s to forecasts and alerts drained ({whole:.2} s)",
+        events as f64 / consumed,
+        events as f64 / whole,
+    );
+    let windows = t.windows.as_secs_f64();
+    let rest = t.archive + t.dead_letters + t.checkpoint;
+    println!(
+        "bench pipeline stages (s): consume + decode + validate {:.2}, windows {windows:.2}, archive {:.2}, dead letters {:.2}, checkpoints {:.2}; forecast daily updates {:.2} ({} updates), selections {:.2} thread-s ({}), alerts {:.2} ({} stored)",
+        (consumed - windows - rest.as_secs_f64()).max(0.0),
+        t.archive.as_secs_f64(),
+        t.dead_letters.as_secs_f64(),
+        t.checkpoint.as_secs_f64(),
+        r.forecast.update_seconds,
+        r.forecast.updates,
+        r.forecast.selection_seconds,
+        r.forecast.selections,
+        r.alert_seconds,
+        r.alerts,
+    );
+    println!(
+        "bench pipeline day aggregation: {} plans in {} polls",
+        r.aggregate.plans_run, r.aggregate.polls
+    );
+    let grown = peak.saturating_sub(rss_before);
+    println!(
+        "bench pipeline memory: {:.0} MB resident before the pipeline, {:.0} MB at the peak of the run: {:.0} bytes per battery; process peak (VmHWM) {:.0} MB",
+        rss_before as f64 / 1e6,
+        peak as f64 / 1e6,
+        grown as f64 / batteries as f64,
+        peak_resident_bytes() as f64 / 1e6
+    );
+}
+
+fn resident_bytes() -> usize {
+    status_kb("VmRSS:") * 1024
+}
+
+fn peak_resident_bytes() -> usize {
+    status_kb("VmHWM:") * 1024
+}
+
+fn status_kb(key: &str) -> usize {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
