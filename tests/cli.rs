@@ -324,3 +324,50 @@ fn demo_raises_alerts_and_stops_cleanly_on_ctrl_c() {
         "{summary}"
     );
 }
+
+/// `voltcast bench pipeline` on both of its sources: a backlog produced into the mock
+/// cluster, and the same kind of fleet replayed from a file. Every message is accounted
+/// for and the figures it promises are printed.
+#[test]
+fn bench_pipeline_runs_the_whole_pipeline_on_a_backlog() {
+    let dir = tempfile::tempdir().unwrap();
+    let fleet = ["--batteries", "200", "--days", "40", "--seed", "9"];
+    let out = voltcast(
+        &[&["simulate"][..], &fleet, &["--output", "fleet.jsonl"]].concat(),
+        dir.path(),
+        &[],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    for source in [&fleet[..], &["--input", "fleet.jsonl"][..]] {
+        let args = [&["bench", "pipeline", "--batch-rows", "2000"][..], source].concat();
+        let out = voltcast(&args, dir.path(), &[]);
+        let said = text(&out.stdout);
+        assert!(out.status.success(), "{said}{}", text(&out.stderr));
+        for figure in [
+            "bench build:",
+            "events/s first message -> last closed day",
+            "consume + decode + validate",
+            "forecast daily updates",
+            "bytes per battery",
+        ] {
+            assert!(said.contains(figure), "{figure:?} in {said}");
+        }
+        // "N events, R rows, D dead letters": every message is a row or a dead letter.
+        let line = said.lines().find(|l| l.contains(" events, ")).unwrap();
+        let numbers: Vec<u64> = line
+            .split(|c: char| !c.is_ascii_digit())
+            .filter_map(|t| t.parse().ok())
+            .collect();
+        assert!(numbers[0] > 8_000, "{line}");
+        assert_eq!(numbers[0], numbers[1] + numbers[2], "{line}");
+        let polls = said
+            .lines()
+            .find(|l| l.contains("day aggregation"))
+            .unwrap();
+        let counts: Vec<u64> = polls
+            .split(|c: char| !c.is_ascii_digit())
+            .filter_map(|t| t.parse().ok())
+            .collect();
+        assert!(counts[0] > 0 && counts[0] == counts[1], "{polls}");
+    }
+}

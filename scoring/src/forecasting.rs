@@ -47,6 +47,10 @@ pub struct RiskUpdate {
     pub drivers: Vec<String>,
 }
 
+/// Battery maps are looked up once per closed day: foldhash rather than SipHash, since
+/// ids come from the fleet's own cars (see `windows::shard::id_hash`).
+type FastHash = foldhash::fast::RandomState;
+
 /// Days of history a [`RiskUpdate`] carries for the API.
 pub const RECENT_DAYS: usize = 30;
 /// Drivers are worked out from this probability up: below it nobody reads them.
@@ -71,7 +75,7 @@ struct BatteryModel {
 /// A finished selection, on its way back from the pool.
 struct Selected {
     battery: Arc<str>,
-    /// Wall time the selection took on its thread.
+    /// CPU time the selection took on its thread.
     seconds: f64,
     /// Day after the last one the selection saw.
     through_day: i32,
@@ -81,7 +85,7 @@ struct Selected {
 pub struct ForecastStage {
     selection: SelectionConfig,
     risk: RiskConfig,
-    batteries: HashMap<Arc<str>, BatteryModel>,
+    batteries: HashMap<Arc<str>, BatteryModel, FastHash>,
     pool: Arc<Semaphore>,
     done_tx: mpsc::UnboundedSender<Selected>,
     done_rx: mpsc::UnboundedReceiver<Selected>,
@@ -99,7 +103,7 @@ pub struct ForecastStats {
     pub repeated_days: u64,
     pub updates: u64,
     pub selections: u64,
-    /// Time the stage's task spent on closed days (daily updates, risk, drivers).
+    /// CPU time the stage spent on closed days (daily updates, risk, drivers).
     pub update_seconds: f64,
     /// Thread time the finished selections took on the pool.
     pub selection_seconds: f64,
@@ -113,7 +117,7 @@ impl ForecastStage {
         Self {
             selection,
             risk,
-            batteries: HashMap::new(),
+            batteries: HashMap::default(),
             pool: Arc::new(Semaphore::new(fit_threads.max(1))),
             done_tx,
             done_rx,
@@ -150,9 +154,9 @@ impl ForecastStage {
             tokio::select! {
                 batch = closed.recv(), if open => match batch {
                     Some(batch) => {
-                        let started = std::time::Instant::now();
-                        let updates = self.take_batch(&batch);
-                        self.stats.update_seconds += started.elapsed().as_secs_f64();
+                        let mut spent = std::time::Duration::ZERO;
+                        let updates = crate::memory::on_cpu(&mut spent, || self.take_batch(&batch));
+                        self.stats.update_seconds += spent.as_secs_f64();
                         if !updates.is_empty() {
                             // A listener that went away is not our failure.
                             let _ = out.send(updates).await;
@@ -376,8 +380,9 @@ fn spawn_selection(
         };
         let through_day = series.end_day();
         let fitted = tokio::task::spawn_blocking(move || {
-            let started = std::time::Instant::now();
-            select(&series, &config, version).map(|r| (r, started.elapsed().as_secs_f64()))
+            let started = crate::memory::thread_cpu_time();
+            let cpu = || (crate::memory::thread_cpu_time() - started).as_secs_f64();
+            select(&series, &config, version).map(|r| (r, cpu()))
         })
         .await;
         match fitted {

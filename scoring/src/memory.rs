@@ -1,4 +1,4 @@
-//! Handing freed memory back to the operating system.
+//! Handing freed memory back to the operating system, and reading a thread's CPU time.
 //!
 //! glibc keeps freed pages inside its arenas. The window stage frees in a pattern that
 //! leaves many such pages behind: a fleet's history rings grow in step (every battery
@@ -18,4 +18,31 @@ pub fn release_free_pages() {
     unsafe {
         libc::malloc_trim(0);
     }
+}
+
+/// CPU time this thread has used. The pipeline's stages share two cores with each
+/// other and with selection threads, so wall time inside a stage counts the time it
+/// waited to be scheduled; `voltcast bench pipeline` reports this instead. Read only
+/// around synchronous work, since a task may move threads at an await.
+pub fn thread_cpu_time() -> std::time::Duration {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes the timespec we own and reads nothing else.
+        if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) } == 0 {
+            return std::time::Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32);
+        }
+    }
+    std::time::Duration::ZERO
+}
+
+/// The CPU time `work` took on this thread.
+pub fn on_cpu<T>(spent: &mut std::time::Duration, work: impl FnOnce() -> T) -> T {
+    let started = thread_cpu_time();
+    let out = work();
+    *spent += thread_cpu_time().saturating_sub(started);
+    out
 }

@@ -386,7 +386,7 @@ pub struct AlertStage {
     pub service: Arc<AlertService>,
     /// With alerts off, the stage only keeps the latest assessment for the API.
     enabled: bool,
-    /// Time spent deciding and storing (for `voltcast bench pipeline`).
+    /// CPU time spent deciding and storing (for `voltcast bench pipeline`).
     pub busy: std::time::Duration,
 }
 
@@ -422,14 +422,16 @@ impl AlertStage {
     /// once per batch (and only when the batch stored an alert).
     pub async fn run(mut self, mut updates: mpsc::Receiver<Vec<RiskUpdate>>) -> Self {
         while let Some(batch) = updates.recv().await {
-            let started = std::time::Instant::now();
-            for u in batch {
-                self.take(u);
-            }
-            if let Err(e) = self.service.lock().sync() {
-                tracing::error!(error = %e, "syncing the alert log");
-            }
-            self.busy += started.elapsed();
+            let mut busy = self.busy;
+            crate::memory::on_cpu(&mut busy, || {
+                for u in batch {
+                    self.take(u);
+                }
+                if let Err(e) = self.service.lock().sync() {
+                    tracing::error!(error = %e, "syncing the alert log");
+                }
+            });
+            self.busy = busy;
         }
         self
     }

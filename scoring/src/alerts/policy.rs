@@ -72,14 +72,14 @@ struct BatteryEpisode {
 
 pub struct EpisodePolicy {
     config: AlertConfig,
-    batteries: HashMap<Arc<str>, BatteryEpisode>,
+    batteries: HashMap<Arc<str>, BatteryEpisode, foldhash::fast::RandomState>,
 }
 
 impl EpisodePolicy {
     pub fn new(config: AlertConfig) -> Self {
         Self {
             config,
-            batteries: HashMap::new(),
+            batteries: HashMap::default(),
         }
     }
 
@@ -130,7 +130,9 @@ impl EpisodePolicy {
                 .is_some_and(|l| u.lifetime < l - REPLACEMENT_LIFETIME_DROP);
         (e.age, e.lifetime) = (Some(u.age), Some(u.lifetime));
         let mut out = Vec::new();
-        if let Some((open_severity, id)) = e.open.clone() {
+        // The open episode's id is taken out only when a decision needs it: most days
+        // change nothing, and cloning it for each would allocate per battery-day.
+        if let Some(open_severity) = e.open.as_ref().map(|(s, _)| *s) {
             let reason = if replaced {
                 Some(ResolveReason::Replaced)
             } else if u.risk.probability < clear {
@@ -141,18 +143,15 @@ impl EpisodePolicy {
                 None
             };
             if let Some(reason) = reason {
-                e.open = None;
-                out.push(Decision::Resolve {
-                    alert_id: id,
-                    reason,
-                });
+                let (_, alert_id) = e.open.take().expect("open above");
+                out.push(Decision::Resolve { alert_id, reason });
             } else if severity > open_severity {
                 let alert = build_alert(u, e.episode, severity, now);
-                e.open = Some((severity, alert.alert_id.clone()));
-                out.push(Decision::Escalate {
-                    previous: id,
-                    alert,
-                });
+                let (_, previous) = e
+                    .open
+                    .replace((severity, alert.alert_id.clone()))
+                    .expect("open above");
+                out.push(Decision::Escalate { previous, alert });
                 return out;
             } else {
                 return out;

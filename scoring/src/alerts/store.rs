@@ -26,8 +26,8 @@ pub struct AlertStore {
     /// nothing, and the alert stage asks for one after every batch of updates.
     unsynced: bool,
     alerts: Vec<Alert>,
-    by_id: HashMap<String, usize>,
-    latest: HashMap<Arc<str>, RiskUpdate>,
+    by_id: HashMap<String, usize, foldhash::fast::RandomState>,
+    latest: HashMap<Arc<str>, RiskUpdate, foldhash::fast::RandomState>,
 }
 
 /// `GET /api/alerts` filters.
@@ -48,8 +48,8 @@ impl AlertStore {
             log: None,
             unsynced: false,
             alerts: Vec::new(),
-            by_id: HashMap::new(),
-            latest: HashMap::new(),
+            by_id: HashMap::default(),
+            latest: HashMap::default(),
         }
     }
 
