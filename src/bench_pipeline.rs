@@ -53,7 +53,7 @@ pub struct PipelineArgs {
 
 /// Compressed bytes a message takes in the mock broker, generously (lz4 of ~250-byte
 /// JSON lines that share most of their text).
-const MOCK_BYTES_PER_MESSAGE: usize = 110;
+const MOCK_BYTES_PER_MESSAGE: usize = 220;
 /// What the mock broker keeps per partition before it drops the oldest messages.
 const MOCK_PARTITION_BYTES: usize = 5 << 20;
 

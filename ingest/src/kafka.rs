@@ -101,7 +101,12 @@ impl KafkaConfig {
             .set("auto.offset.reset", "earliest")
             .set("enable.partition.eof", "false")
             // Consumer lag for the metrics comes from librdkafka's statistics.
-            .set("statistics.interval.ms", "5000");
+            .set("statistics.interval.ms", "5000")
+            // On a backlog the prefetch queue (64 MB) is always over its threshold, and
+            // each time librdkafka postponed the next fetch by the default 1 s: the
+            // pipeline drained the queue in a fraction of that and then sat idle, reading
+            // 115k messages/s on a core that could decode a million.
+            .set("fetch.queue.backoff.ms", "10");
         for (k, v) in &self.properties {
             cfg.set(k, v);
         }

@@ -79,7 +79,9 @@ struct Selected {
     seconds: f64,
     /// Day after the last one the selection saw.
     through_day: i32,
-    record: ModelRecord,
+    /// The new model, or why there is none: a failed or panicked selection still comes
+    /// back, or the battery would wait on it for ever (and shutdown with it).
+    record: Result<ModelRecord, String>,
 }
 
 pub struct ForecastStage {
@@ -107,6 +109,8 @@ pub struct ForecastStats {
     pub update_seconds: f64,
     /// Thread time the finished selections took on the pool.
     pub selection_seconds: f64,
+    /// Selections that failed or panicked (the battery kept its model).
+    pub failed_selections: u64,
 }
 
 impl ForecastStage {
@@ -342,15 +346,24 @@ impl ForecastStage {
         self.stats.selection_seconds += done.seconds;
         let b = self.batteries.get_mut(&done.battery)?;
         b.selecting = false;
+        // The battery keeps the model it had; selection is tried again when next due.
+        let record = match done.record {
+            Ok(record) => record,
+            Err(why) => {
+                self.stats.failed_selections += 1;
+                tracing::warn!(battery = %done.battery, %why, "model selection failed");
+                return None;
+            }
+        };
         if let Some(m) = &self.metrics {
-            let kind = done.record.kind().name();
+            let kind = record.kind().name();
             m.forecast_fits.with_label_values(&[kind]).inc();
             m.model_selections.with_label_values(&[kind]).inc();
             m.fit_seconds
                 .with_label_values(&[kind])
                 .observe(done.seconds);
         }
-        let mut record = done.record;
+        let mut record = record;
         let missed = (b.last_day + 1 - done.through_day).max(0) as usize;
         for d in b.days.iter().skip(b.days.len().saturating_sub(missed)) {
             record.observe(&DayObservation {
@@ -385,17 +398,17 @@ fn spawn_selection(
             select(&series, &config, version).map(|r| (r, cpu()))
         })
         .await;
-        match fitted {
-            Ok(Ok((record, seconds))) => {
-                let _ = done.send(Selected {
-                    battery,
-                    seconds,
-                    through_day,
-                    record,
-                });
-            }
-            outcome => tracing::warn!(%battery, ?outcome, "model selection failed"),
-        }
+        let (record, seconds) = match fitted {
+            Ok(Ok((record, seconds))) => (Ok(record), seconds),
+            Ok(Err(e)) => (Err(e.to_string()), 0.0),
+            Err(e) => (Err(format!("the selection thread failed: {e}")), 0.0),
+        };
+        let _ = done.send(Selected {
+            battery,
+            seconds,
+            through_day,
+            record,
+        });
     });
 }
 

@@ -396,9 +396,9 @@ pub async fn run(
 }
 
 /// Closed-day batches (one per shard per micro-batch) waiting for the forecast stage.
-const CLOSED_QUEUE: usize = 8;
+const CLOSED_QUEUE: usize = 2;
 /// Batches of risk updates waiting for the alert stage.
-const RISK_QUEUE: usize = 8;
+const RISK_QUEUE: usize = 2;
 
 /// Runs the configured source with services already started.
 pub async fn run_with(

@@ -385,3 +385,39 @@ async fn alert_events_are_published_to_the_alerts_topic_keyed_by_battery() {
     assert_eq!(ack[0].alert.alert_id, acked);
     assert_eq!(ack[0].alert.acknowledged_by.as_deref(), Some("test"));
 }
+
+/// A crash mid-write leaves a fragment at the end of the alert log: the next start cuts
+/// it off, so the next alert is a line of its own and survives the following replay.
+#[test]
+fn a_torn_last_line_is_cut_before_the_log_is_appended_to() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("alerts");
+    let metrics = Arc::new(Metrics::new(10));
+    let first = {
+        let service = AlertService::new(AlertStore::open(&path).unwrap(), metrics.clone());
+        raise(&service, 1)
+    };
+    let log = path.join("alerts.jsonl");
+    let mut bytes = std::fs::read(&log).unwrap();
+    bytes.extend_from_slice(br#"{"alert_id":"torn","battery_"#);
+    std::fs::write(&log, &bytes).unwrap();
+
+    let second = {
+        let service = AlertService::new(AlertStore::open(&path).unwrap(), metrics.clone());
+        let mut policy = EpisodePolicy::new(AlertConfig::default());
+        let mut ids = HashSet::new();
+        for d in policy.observe(&at_risk(7), Utc::now()) {
+            if let voltcast_scoring::alerts::Decision::Raise(a) = &d {
+                ids.insert(a.alert_id.clone());
+            }
+            service.apply(d).unwrap();
+        }
+        ids
+    };
+    let replayed = AlertStore::open(&path).unwrap();
+    let ids: HashSet<String> = replayed.alerts().map(|a| a.alert_id.clone()).collect();
+    assert_eq!(ids, first.union(&second).cloned().collect());
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(!text.contains("torn"), "the fragment is gone: {text}");
+    assert!(text.ends_with('\n'));
+}

@@ -108,3 +108,46 @@ async fn closed_days_keep_every_battery_forecast_and_repeats_change_nothing() {
     };
     assert_eq!(timeless(again.record(&id)), timeless(stage.record(&id)));
 }
+
+/// A selection that fails (here: a fit window of zero days leaves nothing to fit) comes
+/// back as a failure: the battery is not left waiting on it, selection is tried again on
+/// a later day, and the stage still finishes once its input closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_selection_is_retried_and_never_holds_up_shutdown() {
+    let batches = closed_days(20, 20).await;
+    let failing = SelectionConfig {
+        fit_window_days: 0,
+        ..Default::default()
+    };
+    let stage = ForecastStage::new(failing, RiskConfig::default(), 2);
+    let (closed_tx, closed_rx) = tokio::sync::mpsc::channel(2);
+    let (risk_tx, mut risk_rx) = tokio::sync::mpsc::channel(2);
+    let stage = tokio::spawn(stage.run(closed_rx, risk_tx));
+    let risks = tokio::spawn(async move {
+        let mut n = 0;
+        while let Some(batch) = risk_rx.recv().await {
+            n += batch.len();
+        }
+        n
+    });
+    for b in batches {
+        closed_tx.send(b).await.unwrap();
+        // Let the day's selections come back before the next day closes.
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    drop(closed_tx);
+    // Bounded only so that a regression fails instead of hanging the test run.
+    let stage = tokio::time::timeout(std::time::Duration::from_secs(120), stage)
+        .await
+        .expect("the stage finished once its input closed")
+        .unwrap();
+    assert_eq!(risks.await.unwrap(), 0, "no model, no risk");
+    let s = &stage.stats;
+    assert!(s.failed_selections > 0);
+    assert_eq!(s.failed_selections, s.selections, "every selection failed");
+    assert!(
+        s.selections > 20,
+        "selection was tried again on later days: {} selections for 20 batteries",
+        s.selections
+    );
+}

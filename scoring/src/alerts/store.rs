@@ -3,7 +3,8 @@
 //! Why a log and not a database: alerts are few (a fleet of 100,000 raises tens a day),
 //! every change is a whole line that is either there or not after a crash, and a person
 //! can `grep` it. At start-up the log is replayed; the last line of an alert wins, and a
-//! torn last line (a crash mid-write) is skipped. The latest forecast per battery is kept
+//! torn last line (a crash mid-write) is skipped and cut off before the log is appended
+//! to, so the next alert starts a line of its own. The latest forecast per battery is kept
 //! in memory only: after a restart the forecast stage re-emits it for every battery.
 
 use std::collections::HashMap;
@@ -40,6 +41,26 @@ pub struct AlertFilter {
     pub limit: Option<usize>,
 }
 
+/// Cuts a log back to its last complete line: appending after a fragment would glue the
+/// next alert to it, and the next replay would lose both.
+fn cut_torn_line(path: &Path) -> std::io::Result<()> {
+    let Ok(bytes) = std::fs::read(path) else {
+        return Ok(()); // no log yet
+    };
+    if bytes.last().is_none_or(|b| *b == b'\n') {
+        return Ok(());
+    }
+    let keep = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+    tracing::warn!(
+        path = %path.display(),
+        bytes = bytes.len() - keep,
+        "cutting a torn last line off the alert log"
+    );
+    let file = OpenOptions::new().write(true).open(path)?;
+    file.set_len(keep as u64)?;
+    file.sync_all()
+}
+
 impl AlertStore {
     /// A store that keeps nothing on disk (tests, benchmarks).
     pub fn in_memory() -> Self {
@@ -74,6 +95,7 @@ impl AlertStore {
                 }
             }
         }
+        cut_torn_line(&path).map_err(err)?;
         let file = OpenOptions::new()
             .create(true)
             .append(true)
