@@ -49,6 +49,16 @@ pub struct PipelineArgs {
     /// Also write the raw archive (Parquet), as `voltcast run` does by default.
     #[arg(long)]
     archive: bool,
+    /// A librdkafka property for the pipeline's clients (`kafka.properties`), KEY=VALUE;
+    /// repeatable.
+    #[arg(long = "property", value_parser = parse_property)]
+    properties: Vec<(String, String)>,
+}
+
+fn parse_property(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
 }
 
 /// Compressed bytes a message takes in the mock broker, generously (lz4 of ~250-byte
@@ -221,6 +231,7 @@ async fn file(args: PipelineArgs, path: PathBuf) -> anyhow::Result<()> {
 /// `voltcast run`'s defaults, with its files in `dir` and the API off.
 fn configure(config: &mut VoltcastConfig, args: &PipelineArgs, dir: &std::path::Path) {
     config.batch.max_rows = args.batch_rows;
+    config.kafka.properties.extend(args.properties.iter().cloned());
     config.api.listen = String::new();
     config.alerts.store_path = dir.join("alerts");
     config.checkpoint.path = dir.join("checkpoint");
