@@ -231,7 +231,10 @@ async fn file(args: PipelineArgs, path: PathBuf) -> anyhow::Result<()> {
 /// `voltcast run`'s defaults, with its files in `dir` and the API off.
 fn configure(config: &mut VoltcastConfig, args: &PipelineArgs, dir: &std::path::Path) {
     config.batch.max_rows = args.batch_rows;
-    config.kafka.properties.extend(args.properties.iter().cloned());
+    config
+        .kafka
+        .properties
+        .extend(args.properties.iter().cloned());
     config.api.listen = String::new();
     config.alerts.store_path = dir.join("alerts");
     config.checkpoint.path = dir.join("checkpoint");
