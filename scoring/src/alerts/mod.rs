@@ -404,18 +404,32 @@ impl AlertStage {
     }
 
     pub fn take(&mut self, update: RiskUpdate) {
-        let decisions = if self.enabled {
-            self.policy.observe(&update, Utc::now())
-        } else {
-            Vec::new()
-        };
-        self.service.metrics.risk_updates.inc();
-        for d in decisions {
-            if let Err(e) = self.service.apply(d) {
-                tracing::error!(battery = %update.battery_id, error = %e, "alert not recorded");
+        self.take_batch(vec![update]);
+    }
+
+    /// Decides on a batch of updates, then stores them as the batteries' latest under one
+    /// lock of the store (a lock per update cost more than the policy on a backlog) and
+    /// syncs the log if the batch stored an alert.
+    pub fn take_batch(&mut self, batch: Vec<RiskUpdate>) {
+        let now = Utc::now();
+        for update in &batch {
+            if !self.enabled {
+                break;
+            }
+            for d in self.policy.observe(update, now) {
+                if let Err(e) = self.service.apply(d) {
+                    tracing::error!(battery = %update.battery_id, error = %e, "alert not recorded");
+                }
             }
         }
-        self.service.lock().set_latest(update);
+        self.service.metrics.risk_updates.inc_by(batch.len() as u64);
+        let mut store = self.service.lock();
+        for update in batch {
+            store.set_latest(update);
+        }
+        if let Err(e) = store.sync() {
+            tracing::error!(error = %e, "syncing the alert log");
+        }
     }
 
     /// Consumes batches of updates until the channel closes; the alert log is synced
@@ -423,14 +437,7 @@ impl AlertStage {
     pub async fn run(mut self, mut updates: mpsc::Receiver<Vec<RiskUpdate>>) -> Self {
         while let Some(batch) = updates.recv().await {
             let mut busy = self.busy;
-            crate::memory::on_cpu(&mut busy, || {
-                for u in batch {
-                    self.take(u);
-                }
-                if let Err(e) = self.service.lock().sync() {
-                    tracing::error!(error = %e, "syncing the alert log");
-                }
-            });
+            crate::memory::on_cpu(&mut busy, || self.take_batch(batch));
             self.busy = busy;
         }
         self
