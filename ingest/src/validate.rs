@@ -143,6 +143,20 @@ impl ValidationConfig {
                 format!("{name} is empty"),
             ));
         }
+        // Ids end up in webhook URLs, file names and log lines: a control character
+        // (a newline, an escape) or a dot segment has no business in any of them.
+        if id.chars().any(char::is_control) {
+            return Err(Rejection::new(
+                RejectReason::BadId,
+                format!("{name} contains a control character"),
+            ));
+        }
+        if id == "." || id == ".." {
+            return Err(Rejection::new(
+                RejectReason::BadId,
+                format!("{name} is {id:?}, a path segment"),
+            ));
+        }
         if id.len() > self.max_id_len {
             return Err(Rejection::new(
                 RejectReason::BadId,

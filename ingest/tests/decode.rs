@@ -210,6 +210,18 @@ fn each_defect_gets_its_reason() {
             RejectReason::BadId,
         ),
         (
+            with("\"vehicle_id\":\"V1\"", "\"vehicle_id\":\"V1\\nX\""),
+            RejectReason::BadId,
+        ),
+        (
+            with("\"battery_id\":\"B1\"", "\"battery_id\":\"B\\u001b1\""),
+            RejectReason::BadId,
+        ),
+        (
+            with("\"vehicle_id\":\"V1\"", "\"vehicle_id\":\"..\""),
+            RejectReason::BadId,
+        ),
+        (
             with("}", &format!(",\"pad\":\"{}\"}}", "x".repeat(20_000))),
             RejectReason::Oversize,
         ),

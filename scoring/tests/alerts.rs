@@ -421,3 +421,36 @@ fn a_torn_last_line_is_cut_before_the_log_is_appended_to() {
     assert!(!text.contains("torn"), "the fragment is gone: {text}");
     assert!(text.ends_with('\n'));
 }
+
+/// Ids go into the webhook URL as one percent-encoded path segment: a vehicle id with
+/// `/`, `?` or `#` cannot change the path or add a query, and a dot segment is refused.
+#[test]
+fn webhook_urls_encode_ids_as_one_path_segment() {
+    let config = WebhookConfig {
+        url_template: "http://head-unit:8080/vehicles/{vehicle_id}/alerts".into(),
+        ..WebhookConfig::default()
+    };
+    let alert_for = |vehicle: &str| {
+        let mut update = at_risk(3);
+        update.vehicle_id = Some(Arc::from(vehicle));
+        let mut policy = EpisodePolicy::new(AlertConfig::default());
+        match policy.observe(&update, Utc::now()).pop() {
+            Some(voltcast_scoring::alerts::Decision::Raise(a)) => a,
+            other => panic!("expected a raise, got {other:?}"),
+        }
+    };
+    let url = |vehicle: &str| config.url_for(&alert_for(vehicle));
+    assert_eq!(
+        url("V0003").as_deref(),
+        Some("http://head-unit:8080/vehicles/V0003/alerts")
+    );
+    assert_eq!(
+        url("X/alerts/..").as_deref(),
+        Some("http://head-unit:8080/vehicles/X%2Falerts%2F../alerts")
+    );
+    assert_eq!(
+        url("V1?admin=1#x").as_deref(),
+        Some("http://head-unit:8080/vehicles/V1%3Fadmin%3D1%23x/alerts")
+    );
+    assert_eq!(url(".."), None);
+}

@@ -261,28 +261,36 @@ impl AlertService {
     pub fn apply(&self, decision: Decision) -> Result<(), AlertError> {
         match decision {
             Decision::Raise(mut alert) => {
+                // The store stays locked from the outbox write to the alert's own line:
+                // the delivery worker records outcomes under this lock, so a delivery
+                // that succeeds at once cannot be recorded before the alert exists (and
+                // be lost, leaving the alert `pending` for ever).
+                let mut store = self.lock();
                 self.send_webhook(&mut alert)?;
                 self.metrics
                     .alerts_raised
                     .with_label_values(&[alert.severity.as_str()])
                     .inc();
-                self.lock().put(&alert)?;
+                store.put(&alert)?;
+                drop(store);
                 self.publish(EventKind::Raised, alert);
             }
             Decision::Escalate {
                 previous,
                 mut alert,
             } => {
+                let mut store = self.lock(); // as for Raise
                 self.send_webhook(&mut alert)?;
                 self.metrics
                     .alerts_raised
                     .with_label_values(&[alert.severity.as_str()])
                     .inc();
-                let superseded = self.lock().update(&previous, |a| {
+                let superseded = store.update(&previous, |a| {
                     a.status = AlertStatus::Escalated;
                     a.resolution = Some(format!("escalated to {}", alert.alert_id));
                 })?;
-                self.lock().put(&alert)?;
+                store.put(&alert)?;
+                drop(store);
                 if let Some(old) = superseded {
                     self.publish(EventKind::Resolved, old);
                 }

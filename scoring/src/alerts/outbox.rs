@@ -57,16 +57,37 @@ impl Default for WebhookConfig {
     }
 }
 
+/// `id` percent-encoded as a URL path segment: every byte but RFC 3986's unreserved
+/// characters (letters, digits, `-`, `.`, `_`, `~`).
+fn path_segment(id: &str) -> String {
+    let mut out = String::with_capacity(id.len());
+    for b in id.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 impl WebhookConfig {
     pub fn enabled(&self) -> bool {
         !self.url_template.trim().is_empty()
     }
 
     /// The alert's URL; None when the template needs a vehicle id the alert lacks.
+    ///
+    /// Ids are percent-encoded as one path segment: a vehicle id such as `X/alerts/..`
+    /// or one with `?` or `#` must not change the path or add a query. Dot segments are
+    /// refused (None), since URL parsers resolve even their encoded forms.
     pub fn url_for(&self, alert: &Alert) -> Option<String> {
-        let mut url = self.url_template.replace("{battery_id}", &alert.battery_id);
+        let segment = |id: &str| (id != "." && id != "..").then(|| path_segment(id));
+        let mut url = self
+            .url_template
+            .replace("{battery_id}", &segment(&alert.battery_id)?);
         if url.contains("{vehicle_id}") {
-            url = url.replace("{vehicle_id}", alert.vehicle_id.as_deref()?);
+            url = url.replace("{vehicle_id}", &segment(alert.vehicle_id.as_deref()?)?);
         }
         Some(url)
     }
