@@ -321,7 +321,7 @@ fn steal_share(since: (u64, u64)) -> f64 {
     (now.0 - since.0) as f64 / (now.1 - since.1).max(1) as f64
 }
 
-fn resident_bytes() -> usize {
+pub(crate) fn resident_bytes() -> usize {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
     let pages: usize = statm
         .split_whitespace()

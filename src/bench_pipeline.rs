@@ -259,7 +259,7 @@ async fn measure(config: VoltcastConfig, total: Option<u64>) -> anyhow::Result<(
         }
     );
     voltcast_scoring::memory::release_free_pages();
-    let rss_before = resident_bytes();
+    let rss_before = crate::bench::resident_bytes();
     let services = Services::start(&config).await?;
     let counters = services.counters.clone();
     let started = Instant::now();
@@ -273,7 +273,7 @@ async fn measure(config: VoltcastConfig, total: Option<u64>) -> anyhow::Result<(
                 if counters.received() > 0 && first_ms.load(Ordering::Relaxed) == u64::MAX {
                     first_ms.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
                 }
-                peak.fetch_max(resident_bytes() as u64, Ordering::Relaxed);
+                peak.fetch_max(crate::bench::resident_bytes() as u64, Ordering::Relaxed);
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
         })
@@ -360,20 +360,14 @@ fn print_report(r: &RunReport, first: f64, end: f64, rss_before: usize, peak: us
     );
 }
 
-fn resident_bytes() -> usize {
-    status_kb("VmRSS:") * 1024
-}
-
+/// The process's peak resident size (`VmHWM`), which sampling can miss between polls.
 fn peak_resident_bytes() -> usize {
-    status_kb("VmHWM:") * 1024
-}
-
-fn status_kb(key: &str) -> usize {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
+    let kb: usize = status
         .lines()
-        .find_map(|l| l.strip_prefix(key))
+        .find_map(|l| l.strip_prefix("VmHWM:"))
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
+        .unwrap_or(0);
+    kb * 1024
 }

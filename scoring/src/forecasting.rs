@@ -95,7 +95,7 @@ pub struct ForecastStage {
     keep_days: usize,
     metrics: Option<Arc<crate::metrics::Metrics>>,
     /// Daily updates per model kind not yet added to the metrics.
-    fits_pending: HashMap<ModelKind, u64>,
+    fits_pending: HashMap<ModelKind, u64, FastHash>,
     pub stats: ForecastStats,
 }
 
@@ -127,7 +127,7 @@ impl ForecastStage {
             done_rx,
             keep_days,
             metrics: None,
-            fits_pending: HashMap::new(),
+            fits_pending: HashMap::default(),
             stats: ForecastStats::default(),
         }
     }
@@ -347,7 +347,7 @@ impl ForecastStage {
         let b = self.batteries.get_mut(&done.battery)?;
         b.selecting = false;
         // The battery keeps the model it had; selection is tried again when next due.
-        let record = match done.record {
+        let mut record = match done.record {
             Ok(record) => record,
             Err(why) => {
                 self.stats.failed_selections += 1;
@@ -363,7 +363,6 @@ impl ForecastStage {
                 .with_label_values(&[kind])
                 .observe(done.seconds);
         }
-        let mut record = record;
         let missed = (b.last_day + 1 - done.through_day).max(0) as usize;
         for d in b.days.iter().skip(b.days.len().saturating_sub(missed)) {
             record.observe(&DayObservation {
@@ -393,9 +392,9 @@ fn spawn_selection(
         };
         let through_day = series.end_day();
         let fitted = tokio::task::spawn_blocking(move || {
-            let started = crate::memory::thread_cpu_time();
-            let cpu = || (crate::memory::thread_cpu_time() - started).as_secs_f64();
-            select(&series, &config, version).map(|r| (r, cpu()))
+            let mut cpu = std::time::Duration::ZERO;
+            let selected = crate::memory::on_cpu(&mut cpu, || select(&series, &config, version));
+            selected.map(|r| (r, cpu.as_secs_f64()))
         })
         .await;
         let (record, seconds) = match fitted {

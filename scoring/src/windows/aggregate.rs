@@ -76,7 +76,7 @@ pub struct DailyAggregator {
     planned: Option<Planned>,
     /// Polls spent driving plans, and plans driven: one poll each unless something
     /// made the plan wait (see [`drive_in_memory`]).
-    pub(crate) work: AggregateWork,
+    work: AggregateWork,
 }
 
 /// How much polling the aggregation took: the regression guard for the backlog stall.
@@ -85,6 +85,15 @@ pub struct AggregateWork {
     /// Plans made and plans run (each counts once).
     pub plans_run: u64,
     pub polls: u64,
+}
+
+impl std::iter::Sum for AggregateWork {
+    fn sum<I: Iterator<Item = Self>>(iter: I) -> Self {
+        iter.fold(Self::default(), |a, b| Self {
+            plans_run: a.plans_run + b.plans_run,
+            polls: a.polls + b.polls,
+        })
+    }
 }
 
 struct Planned {
@@ -155,6 +164,10 @@ impl DailyAggregator {
     pub fn work(&self) -> AggregateWork {
         self.work
     }
+
+    pub fn context(&self) -> &SessionContext {
+        &self.ctx
+    }
 }
 
 /// Plans the aggregation over a slot of batches in `schema`.
@@ -186,12 +199,6 @@ async fn plan(ctx: &SessionContext, schema: SchemaRef) -> Result<Planned> {
         .create_physical_plan()
         .await?;
     Ok(Planned { plan, slot })
-}
-
-impl DailyAggregator {
-    pub fn context(&self) -> &SessionContext {
-        &self.ctx
-    }
 }
 
 /// A plan over in-memory batches that is still `Pending` after this many polls waits

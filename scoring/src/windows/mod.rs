@@ -382,14 +382,7 @@ impl DailyWindows {
     /// Polls the shards' DataFusion plans took, and plans run: equal unless a plan had
     /// to wait, which an in-memory aggregation never should.
     pub fn aggregate_work(&self) -> aggregate::AggregateWork {
-        self.aggregators
-            .iter()
-            .fold(aggregate::AggregateWork::default(), |a, g| {
-                aggregate::AggregateWork {
-                    plans_run: a.plans_run + g.work.plans_run,
-                    polls: a.polls + g.work.polls,
-                }
-            })
+        self.aggregators.iter().map(DailyAggregator::work).sum()
     }
 
     /// Takes in one micro-batch at wall time `now`.
