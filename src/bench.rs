@@ -401,13 +401,20 @@ fn windows(batteries: usize, days: u32, batch_rows: usize) -> anyhow::Result<()>
 /// Returns the resident size right after the save (before the load makes a second copy).
 fn checkpoint(state: &voltcast_scoring::windows::WindowState) -> anyhow::Result<usize> {
     let dir = std::env::temp_dir().join(format!("voltcast-bench-{}", std::process::id()));
-    let store = voltcast_scoring::checkpoint::CheckpointStore::new(&dir);
+    let store = voltcast_scoring::checkpoint::CheckpointStore::open(&dir)?;
+    let key = voltcast_scoring::checkpoint::PartitionKey {
+        topic: Arc::from("bench"),
+        partition: 0,
+    };
     let started = Instant::now();
-    let bytes = store.save(state, &[])?;
+    let bytes = store.save(&key, 1, state)?;
     let saved = started.elapsed();
     let resident = resident_bytes();
     let started = Instant::now();
-    let loaded = store.load()?.map_or(0, |c| c.windows.battery_count());
+    let loaded = store
+        .load::<voltcast_scoring::windows::WindowState>(&key)?
+        .state
+        .map_or(0, |w| w.battery_count());
     let load = started.elapsed();
     std::fs::remove_dir_all(&dir)?;
     println!(

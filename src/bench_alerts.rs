@@ -8,15 +8,17 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 use voltcast_headunit::{HeadUnit, HeadUnitConfig, Received};
 use voltcast_scoring::alerts::{
-    AlertConfig, AlertService, AlertStage, AlertStore, Delivery, DeliveryWorker, EpisodePolicy,
-    Outbox, WebhookConfig,
+    AlertConfig, AlertService, AlertStore, Delivery, DeliveryWorker, EpisodePolicy, Outbox,
+    WebhookConfig,
 };
 use voltcast_scoring::forecaster::{RiskConfig, SelectionConfig};
-use voltcast_scoring::forecasting::ForecastStage;
-use voltcast_scoring::ingest::MicroBatch;
+use voltcast_scoring::forecasting::ForecastSettings;
 use voltcast_scoring::ingest::simulate::{FleetSimulator, SimulatorConfig, WireFormat};
+use voltcast_scoring::ingest::{BatchSink, DeadLetterQueue, MicroBatch};
 use voltcast_scoring::metrics::Metrics;
-use voltcast_scoring::windows::{DailyWindows, WindowConfig};
+use voltcast_scoring::partition::{PartitionSet, PartitionSettings};
+use voltcast_scoring::pipeline::PartitionStage;
+use voltcast_scoring::windows::WindowConfig;
 
 const SECRET: &str = "bench-secret";
 
@@ -192,19 +194,21 @@ async fn latency(
         ..Default::default()
     };
     let mut sim = FleetSimulator::new(sim, WireFormat::Json)?.without_payloads();
-    let mut windows = DailyWindows::new(WindowConfig::default());
-    let fit_threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let stage = ForecastStage::new(
-        SelectionConfig::default(),
-        RiskConfig::default(),
-        fit_threads,
-    );
-    let (closed_tx, closed_rx) = mpsc::channel(64);
-    let (risk_tx, risk_rx) = mpsc::channel(64);
-    let forecasts = tokio::spawn(stage.run(closed_rx, risk_tx));
-    let alerts =
-        tokio::spawn(AlertStage::new(&AlertConfig::default(), c.service.clone()).run(risk_rx));
-    // When each telemetry day's windows closed.
+    let settings = PartitionSettings {
+        windows: WindowConfig::default(),
+        forecast: Some(ForecastSettings::new(
+            SelectionConfig::default(),
+            RiskConfig::default(),
+        )),
+        alerts: AlertConfig::default(),
+    };
+    let partitions = Arc::new(PartitionSet::on_sight(settings, None));
+    let (tap, closed) = std::sync::mpsc::channel();
+    let mut stage = PartitionStage::new(partitions, DeadLetterQueue::memory().0)
+        .with_alerts(c.service.clone())
+        .with_closed_tap(tap);
+    // When each telemetry day's windows closed: the start of the batch that closed it
+    // (the stage decides and sends its alerts before the batch returns).
     let mut closed_at: HashMap<i32, Instant> = HashMap::new();
     let mut received: Vec<Received> = Vec::new();
     let mut tick = tokio::time::interval(Duration::from_millis(day_ms));
@@ -212,22 +216,22 @@ async fn latency(
         tick.tick().await;
         let records: Vec<_> = day.messages.into_iter().filter_map(|m| m.record).collect();
         let batch = MicroBatch::from_records(&records, Arc::from("bench"));
-        for closed in windows.apply(&batch, 0)?.closed {
-            let now = Instant::now();
-            if let Some(rows) = voltcast_scoring::windows::daily::closed_rows(&closed) {
+        let started = Instant::now();
+        stage
+            .accept(batch)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        for batch in closed.try_iter() {
+            if let Some(rows) = voltcast_scoring::windows::daily::closed_rows(&batch) {
                 for r in rows {
-                    closed_at.entry(r.day).or_insert(now);
+                    closed_at.entry(r.day).or_insert(started);
                 }
             }
-            let _ = closed_tx.send(closed).await;
         }
         while let Ok(r) = c.received.try_recv() {
             received.push(r);
         }
     }
-    drop(closed_tx);
-    let _ = forecasts.await;
-    let _ = alerts.await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let expected = c
         .service

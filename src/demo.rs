@@ -181,11 +181,11 @@ pub async fn run(args: DemoArgs, config: VoltcastConfig) -> anyhow::Result<()> {
             Some(s) => {
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(s)) => {}
-                    _ = tokio::signal::ctrl_c() => {}
+                    _ = voltcast_scoring::pipeline::stop_signal() => {}
                 }
             }
             None => {
-                let _ = tokio::signal::ctrl_c().await;
+                voltcast_scoring::pipeline::stop_signal().await;
             }
         }
     };

@@ -159,7 +159,7 @@ async fn head_unit(args: HeadUnitArgs) -> anyhow::Result<()> {
         .with_context(|| format!("--listen {}", args.listen))?;
     tracing::info!(url = %format!("http://{}/", listener.local_addr()?), "head unit listening");
     let shutdown = async {
-        let _ = tokio::signal::ctrl_c().await;
+        voltcast_scoring::pipeline::stop_signal().await;
     };
     voltcast_headunit::HeadUnit::new(config, None)
         .serve(listener, shutdown)
@@ -169,7 +169,7 @@ async fn head_unit(args: HeadUnitArgs) -> anyhow::Result<()> {
 
 async fn run(config: VoltcastConfig) -> anyhow::Result<()> {
     let shutdown = async {
-        let _ = tokio::signal::ctrl_c().await;
+        voltcast_scoring::pipeline::stop_signal().await;
         tracing::info!("interrupted: finishing the open batch");
     };
     let report = voltcast_scoring::pipeline::run(&config, shutdown).await?;

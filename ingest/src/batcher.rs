@@ -51,15 +51,29 @@ pub struct SourcePosition {
 
 /// One micro-batch: valid rows as Arrow, and how far each source partition got. The
 /// positions include messages that were dead-lettered, which are already recorded.
+///
+/// Rows are grouped by source partition, in offset order within each ([`Self::parts`]):
+/// a partition's state is worked on by itself, in the order its records were written.
 #[derive(Debug, Clone)]
 pub struct MicroBatch {
     pub rows: RecordBatch,
     pub positions: Vec<SourcePosition>,
+    /// Where each partition's rows are in `rows`, in the order of `positions`' partitions
+    /// that delivered rows.
+    pub parts: Vec<PartitionRows>,
     pub dead_letters: usize,
     /// Every partition the source currently reads, including ones that delivered nothing
     /// in this batch: until such a partition has shown its event times it must hold the
     /// watermark back (on backlog catch-up it may simply not have been fetched yet).
     pub assigned: Vec<PartitionId>,
+}
+
+/// One partition's rows within a [`MicroBatch`]: `rows.slice(start, len)`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionRows {
+    pub partition: PartitionId,
+    pub start: usize,
+    pub len: usize,
 }
 
 impl MicroBatch {
@@ -68,8 +82,14 @@ impl MicroBatch {
     pub fn from_records(records: &[TelemetryRecord<'_>], source: Arc<str>) -> Self {
         let mut builder = TelemetryBatchBuilder::with_capacity(records.len());
         records.iter().for_each(|r| builder.append(r));
+        let rows = builder.finish();
         MicroBatch {
-            rows: builder.finish(),
+            parts: vec![PartitionRows {
+                partition: (source.clone(), 0),
+                start: 0,
+                len: rows.num_rows(),
+            }],
+            rows,
             positions: vec![SourcePosition {
                 source,
                 partition: 0,
@@ -79,6 +99,18 @@ impl MicroBatch {
             dead_letters: 0,
             assigned: Vec::new(),
         }
+    }
+
+    /// The rows of one partition (zero-copy).
+    pub fn rows_of(&self, part: &PartitionRows) -> RecordBatch {
+        self.rows.slice(part.start, part.len)
+    }
+
+    /// Where `partition` got to in this batch.
+    pub fn position_of(&self, partition: &PartitionId) -> Option<&SourcePosition> {
+        self.positions
+            .iter()
+            .find(|p| p.partition == partition.1 && p.source == partition.0)
     }
 }
 
@@ -97,13 +129,23 @@ pub trait BatchSink: Send {
         &mut self,
         batch: MicroBatch,
     ) -> impl Future<Output = Result<Vec<SourcePosition>, SinkError>> + Send;
+
+    /// Makes everything accepted so far durable (a clean shutdown); returns the positions
+    /// that covers. A stateless sink has nothing to save.
+    fn checkpoint(
+        &mut self,
+    ) -> impl Future<Output = Result<Vec<SourcePosition>, SinkError>> + Send {
+        async { Ok(Vec::new()) }
+    }
 }
 
 pub struct MicroBatcher {
     config: BatchConfig,
     rules: ValidationConfig,
     counters: Arc<IngestCounters>,
-    builder: TelemetryBatchBuilder,
+    /// One builder per partition, so each partition's rows leave together and in order.
+    builders: BTreeMap<PartitionId, TelemetryBatchBuilder>,
+    rows: usize,
     positions: BTreeMap<PartitionId, SourcePosition>,
     dead_letters: usize,
     opened: Option<Instant>,
@@ -117,12 +159,12 @@ impl MicroBatcher {
         rules: ValidationConfig,
         counters: Arc<IngestCounters>,
     ) -> Self {
-        let builder = TelemetryBatchBuilder::with_capacity(config.max_rows.min(1 << 20));
         Self {
             config,
             rules,
             counters,
-            builder,
+            builders: BTreeMap::new(),
+            rows: 0,
             positions: BTreeMap::new(),
             dead_letters: 0,
             opened: None,
@@ -137,6 +179,30 @@ impl MicroBatcher {
         for p in positions {
             self.resume
                 .insert((p.source.clone(), p.partition), p.next_offset);
+        }
+    }
+
+    /// Where `partition` resumes now (a new owner's checkpoint), or, with `None`, that
+    /// nothing of it is skipped.
+    pub fn resume_at(&mut self, partition: PartitionId, next_offset: Option<i64>) {
+        match next_offset {
+            Some(next) => self.resume.insert(partition, next),
+            None => self.resume.remove(&partition),
+        };
+    }
+
+    /// Drops what the open batch holds of `partitions` (revoked: their new owner reads
+    /// them again from its checkpoint). Their dead letters are already sent and may be
+    /// sent again by the new owner: the dead-letter topic is at least once.
+    pub fn forget(&mut self, partitions: &[PartitionId]) {
+        for p in partitions {
+            if let Some(b) = self.builders.remove(p) {
+                self.rows -= b.len();
+            }
+            self.positions.remove(p);
+        }
+        if self.positions.is_empty() {
+            self.opened = None;
         }
     }
 
@@ -207,7 +273,13 @@ impl MicroBatcher {
         self.counters.record_received();
         let event_time = match outcome {
             Ok(record) => {
-                self.builder.append(&record);
+                let key = (origin.source.clone(), origin.partition);
+                let max_rows = self.config.max_rows;
+                self.builders
+                    .entry(key)
+                    .or_insert_with(|| TelemetryBatchBuilder::with_capacity(max_rows.min(4096)))
+                    .append(&record);
+                self.rows += 1;
                 self.counters.record_decoded();
                 Some(record.event_time)
             }
@@ -246,7 +318,7 @@ impl MicroBatcher {
     }
 
     pub fn is_full(&self) -> bool {
-        self.builder.len() >= self.config.max_rows
+        self.rows >= self.config.max_rows
     }
 
     /// Time left until the open batch is due; `None` when nothing is open.
@@ -272,12 +344,44 @@ impl MicroBatcher {
         }
         self.opened = None;
         self.counters.record_batch();
+        let (rows, parts) = self.finish_rows();
         Some(MicroBatch {
-            rows: self.builder.finish(),
+            rows,
+            parts,
             positions: std::mem::take(&mut self.positions).into_values().collect(),
             dead_letters: std::mem::take(&mut self.dead_letters),
             assigned,
         })
+    }
+}
+
+impl MicroBatcher {
+    /// The partitions' rows one after another (a single partition's without a copy).
+    fn finish_rows(&mut self) -> (RecordBatch, Vec<PartitionRows>) {
+        self.rows = 0;
+        let mut parts = Vec::with_capacity(self.builders.len());
+        let mut batches = Vec::with_capacity(self.builders.len());
+        let mut start = 0;
+        for (partition, mut builder) in std::mem::take(&mut self.builders) {
+            let rows = builder.finish();
+            if rows.num_rows() == 0 {
+                continue;
+            }
+            parts.push(PartitionRows {
+                partition,
+                start,
+                len: rows.num_rows(),
+            });
+            start += rows.num_rows();
+            batches.push(rows);
+        }
+        let rows = match batches.len() {
+            0 => RecordBatch::new_empty(crate::schema::telemetry_schema()),
+            1 => batches.pop().expect("one batch"),
+            _ => arrow::compute::concat_batches(&crate::schema::telemetry_schema(), &batches)
+                .expect("every partition's rows have the telemetry schema"),
+        };
+        (rows, parts)
     }
 }
 

@@ -7,11 +7,14 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
-use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, StreamConsumer};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
 use rdkafka::message::Message;
 use rdkafka::producer::FutureProducer;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
@@ -98,6 +101,9 @@ impl KafkaConfig {
         // Derived defaults first, then user overrides win (re-applied below).
         cfg.set("group.id", &self.group_id)
             .set("enable.auto.commit", "false")
+            // A rebalance moves only the partitions that change owner: the others keep
+            // their state in memory and go on (KIP-429).
+            .set("partition.assignment.strategy", "cooperative-sticky")
             .set("auto.offset.reset", "earliest")
             .set("enable.partition.eof", "false")
             // Consumer lag for the metrics comes from librdkafka's statistics.
@@ -193,9 +199,38 @@ fn redact(segment: &str) -> String {
     segment.chars().take(12).collect::<String>() + "..."
 }
 
-/// The consumer's context: hands librdkafka's statistics (consumer lag) to the counters.
+/// Whoever owns the state of the partitions this consumer reads: told when the group
+/// gives partitions to this consumer and when it takes them away.
+///
+/// The calls come from inside the consumer's poll, on the thread that drives the source,
+/// while no batch is being worked on. They may block (load or write a checkpoint), but
+/// must not wait on a task of the async runtime the source runs on.
+pub trait PartitionListener: Send + Sync {
+    /// `partitions` are now this consumer's; returns, for each, the offset to start
+    /// from (`None`: the group's committed offset).
+    fn assigned(&self, partitions: &[crate::batcher::PartitionId]) -> Vec<Option<i64>>;
+    /// `partitions` go to another consumer: save what they need and let them go.
+    fn revoked(&self, partitions: &[crate::batcher::PartitionId]);
+    /// `partitions` were lost (this consumer was thrown out of the group): someone else
+    /// may own them already, so nothing may be written for them.
+    fn lost(&self, partitions: &[crate::batcher::PartitionId]);
+}
+
+/// The consumer's context: hands librdkafka's statistics (consumer lag) to the counters,
+/// and rebalances to the [`PartitionListener`].
 pub struct SourceContext {
     counters: Arc<IngestCounters>,
+    listener: OnceLock<Arc<dyn PartitionListener>>,
+    /// What the rebalances since the source last looked changed, for its open batch.
+    changes: Mutex<Vec<AssignmentChange>>,
+    changed: AtomicBool,
+}
+
+/// A rebalance, as the source's open batch needs to know it.
+#[derive(Debug, Clone)]
+enum AssignmentChange {
+    Assigned(crate::batcher::PartitionId, Option<i64>),
+    Gone(crate::batcher::PartitionId),
 }
 
 impl ClientContext for SourceContext {
@@ -211,7 +246,87 @@ impl ClientContext for SourceContext {
     }
 }
 
-impl ConsumerContext for SourceContext {}
+impl ConsumerContext for SourceContext {
+    /// Before librdkafka applies an assignment: the listener loads each partition's
+    /// state, and the offsets it names go on the list librdkafka then assigns (the
+    /// documented way to keep offsets outside Kafka). Before a revoke: the listener
+    /// saves and drops the partitions, unless they were lost.
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let ids = |list: &TopicPartitionList| -> Vec<crate::batcher::PartitionId> {
+            list.elements()
+                .iter()
+                .map(|e| (Arc::from(e.topic()), e.partition()))
+                .collect()
+        };
+        let mut changes = Vec::new();
+        match rebalance {
+            Rebalance::Assign(list) => {
+                let partitions = ids(list);
+                tracing::info!(partitions = ?names(&partitions), "partitions assigned");
+                let offsets = match self.listener.get() {
+                    Some(l) => l.assigned(&partitions),
+                    None => vec![None; partitions.len()],
+                };
+                for (mut element, offset) in list.elements().into_iter().zip(&offsets) {
+                    if let Some(o) = offset
+                        && let Err(e) = element.set_offset(Offset::Offset(*o))
+                    {
+                        tracing::error!(error = %e, "setting a partition's start offset");
+                    }
+                }
+                changes.extend(
+                    partitions
+                        .into_iter()
+                        .zip(offsets)
+                        .map(|(p, o)| AssignmentChange::Assigned(p, o)),
+                );
+            }
+            Rebalance::Revoke(list) => {
+                let partitions = ids(list);
+                let lost = consumer.assignment_lost();
+                tracing::info!(partitions = ?names(&partitions), lost, "partitions revoked");
+                if let Some(l) = self.listener.get() {
+                    if lost {
+                        l.lost(&partitions);
+                    } else {
+                        l.revoked(&partitions);
+                    }
+                }
+                changes.extend(partitions.into_iter().map(AssignmentChange::Gone));
+            }
+            Rebalance::Error(e) => tracing::error!(error = %e, "rebalance failed"),
+        }
+        self.changes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(changes);
+        self.changed.store(true, Ordering::Release);
+    }
+}
+
+fn names(partitions: &[crate::batcher::PartitionId]) -> Vec<String> {
+    partitions.iter().map(|(t, p)| format!("{t}/{p}")).collect()
+}
+
+impl SourceContext {
+    /// Applies the rebalances since the last call to the open batch: a revoked
+    /// partition's rows leave it, an assigned one skips what its checkpoint covers.
+    fn settle(&self, batcher: &mut MicroBatcher) {
+        if !self.changed.swap(false, Ordering::Acquire) {
+            return;
+        }
+        let changes = std::mem::take(&mut *self.changes.lock().unwrap_or_else(|e| e.into_inner()));
+        for change in changes {
+            match change {
+                AssignmentChange::Assigned(p, offset) => batcher.resume_at(p, offset),
+                AssignmentChange::Gone(p) => {
+                    batcher.forget(std::slice::from_ref(&p));
+                    batcher.resume_at(p, None);
+                }
+            }
+        }
+    }
+}
 
 /// Consumes telemetry topics into micro-batches.
 pub struct KafkaSource {
@@ -245,6 +360,9 @@ impl KafkaSource {
     ) -> Result<Self, IngestError> {
         let context = SourceContext {
             counters: counters.clone(),
+            listener: OnceLock::new(),
+            changes: Mutex::new(Vec::new()),
+            changed: AtomicBool::new(false),
         };
         let consumer: StreamConsumer<SourceContext> = kafka
             .consumer_config()?
@@ -261,6 +379,14 @@ impl KafkaSource {
             dlq,
             topic_names: HashMap::new(),
         })
+    }
+
+    /// Tells `listener` about every rebalance, from the first assignment on.
+    pub fn with_partition_listener(self, listener: Arc<dyn PartitionListener>) -> Self {
+        if self.consumer.context().listener.set(listener).is_err() {
+            tracing::warn!("the source already has a partition listener");
+        }
+        self
     }
 
     /// Skips what a checkpoint already covers (see [`MicroBatcher::resume_from`]).
@@ -297,6 +423,7 @@ impl KafkaSource {
                 _ = &mut shutdown => break,
                 received = tokio::time::timeout(wait, stream.next()) => received.ok().flatten(),
             };
+            consumer.context().settle(&mut batcher);
             if let Some(first) = first {
                 let now = crate::now_millis();
                 let mut next = Some(first);
@@ -324,6 +451,9 @@ impl KafkaSource {
                         break;
                     }
                     next = stream.next().now_or_never().flatten();
+                    // A poll may have run a rebalance: a revoked partition's rows must
+                    // not reach the stage that just saved and dropped its state.
+                    consumer.context().settle(&mut batcher);
                 }
             }
             if batcher.is_full() || batcher.is_due() {
@@ -332,7 +462,11 @@ impl KafkaSource {
                 tokio::task::yield_now().await;
             }
         }
-        flush(&consumer, &mut topic_names, &mut batcher, &mut dlq, sink).await
+        flush(&consumer, &mut topic_names, &mut batcher, &mut dlq, sink).await?;
+        // A clean stop saves every partition's state and commits where it got to.
+        let durable = sink.checkpoint().await.map_err(IngestError::Sink)?;
+        commit(&consumer, &durable, CommitMode::Sync);
+        Ok(())
     }
 }
 
@@ -368,6 +502,7 @@ async fn flush<S: BatchSink>(
     dlq: &mut DeadLetterQueue,
     sink: &mut S,
 ) -> Result<(), IngestError> {
+    consumer.context().settle(batcher);
     if batcher.is_empty() {
         return Ok(());
     }
@@ -375,18 +510,40 @@ async fn flush<S: BatchSink>(
         return Ok(());
     };
     let durable = hand_on(batch, dlq, sink).await?;
+    commit(consumer, &durable, CommitMode::Async);
+    Ok(())
+}
+
+/// Commits what the sink made durable, for the partitions still assigned. Advisory: the
+/// stage's checkpoints say where a partition resumes, so the committed offset only
+/// serves lag monitoring and a first start. A failure is logged, and the next
+/// checkpoint's commit covers it.
+fn commit(
+    consumer: &StreamConsumer<SourceContext>,
+    durable: &[crate::SourcePosition],
+    mode: CommitMode,
+) {
     if durable.is_empty() {
-        return Ok(());
+        return;
     }
+    let assigned = consumer.assignment().unwrap_or_default();
     let mut offsets = TopicPartitionList::new();
-    for p in &durable {
-        offsets
-            .add_partition_offset(&p.source, p.partition, Offset::Offset(p.next_offset))
-            .map_err(IngestError::kafka("building the offset list"))?;
+    for p in durable {
+        if assigned.find_partition(&p.source, p.partition).is_none() {
+            continue;
+        }
+        if let Err(e) =
+            offsets.add_partition_offset(&p.source, p.partition, Offset::Offset(p.next_offset))
+        {
+            tracing::warn!(error = %e, "building the offset list");
+        }
     }
-    consumer
-        .commit(&offsets, CommitMode::Sync)
-        .map_err(IngestError::kafka("committing offsets"))
+    if offsets.count() == 0 {
+        return;
+    }
+    if let Err(e) = consumer.commit(&offsets, mode) {
+        tracing::warn!(error = %e, "committing offsets (advisory; the next checkpoint retries)");
+    }
 }
 
 #[cfg(test)]

@@ -30,13 +30,14 @@ pub mod validate;
 pub use arrow;
 pub use batch::TelemetryBatchBuilder;
 pub use batcher::{
-    BatchConfig, BatchSink, MicroBatch, MicroBatcher, PartitionId, SinkError, SourcePosition,
+    BatchConfig, BatchSink, MicroBatch, MicroBatcher, PartitionId, PartitionRows, SinkError,
+    SourcePosition,
 };
 pub use counters::IngestCounters;
 pub use dead_letter::{DeadLetter, DeadLetterQueue, Origin};
 pub use error::IngestError;
 pub use file::{FileFormat, FileSource, FileSourceConfig};
-pub use kafka::{EventHubsConnection, KafkaConfig, KafkaSource};
+pub use kafka::{EventHubsConnection, KafkaConfig, KafkaSource, PartitionListener};
 pub use record::TelemetryRecord;
 pub use reject::{RejectReason, Rejection};
 pub use schema::telemetry_schema;

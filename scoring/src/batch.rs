@@ -27,7 +27,6 @@ use voltcast_ingest::{
     SourcePosition, ValidationConfig, schema,
 };
 
-use crate::pipeline::WindowStage;
 use crate::windows::{BatteryView, DailyWindows, WindowConfig, WindowError, WindowState};
 
 #[derive(Debug, Error)]
@@ -86,11 +85,9 @@ pub async fn cleanse(
         allowed_lateness_hours: 24 * 365 * 1_000,
         ..windows
     };
-    let mut stage = WindowStage::new(
-        DailyWindows::new(windows),
-        DeadLetterQueue::memory().0,
-        None,
-    );
+    let mut stage = Cleansing {
+        windows: DailyWindows::new(windows),
+    };
     for input in &expand(inputs)? {
         if input.extension().is_some_and(|e| e == "parquet") {
             read_parquet(input, &mut stage).await?;
@@ -108,10 +105,26 @@ pub async fn cleanse(
             .await?;
     }
     stage
-        .finish()
-        .await
+        .windows
+        .close_all()
         .map_err(|e| BatchError::Finish(e.to_string()))?;
-    Ok(stage.windows.state().clone())
+    Ok(stage.windows.into_state())
+}
+
+/// The day windows alone as a sink: a batch cleansing needs no forecasts or alerts,
+/// and with its lateness no row is ever late.
+struct Cleansing {
+    windows: DailyWindows,
+}
+
+impl voltcast_ingest::BatchSink for Cleansing {
+    async fn accept(
+        &mut self,
+        batch: MicroBatch,
+    ) -> Result<Vec<SourcePosition>, voltcast_ingest::SinkError> {
+        self.windows.apply(&batch, voltcast_ingest::now_millis())?;
+        Ok(batch.positions)
+    }
 }
 
 /// Files as given, folders as every telemetry file beneath them (date-partitioned
@@ -146,7 +159,7 @@ fn expand(inputs: &[PathBuf]) -> Result<Vec<PathBuf>, BatchError> {
     Ok(files)
 }
 
-async fn read_parquet(path: &Path, stage: &mut WindowStage) -> Result<(), BatchError> {
+async fn read_parquet(path: &Path, stage: &mut Cleansing) -> Result<(), BatchError> {
     use voltcast_ingest::BatchSink;
     let ctx = SessionContext::new();
     let names: Vec<String> = schema::telemetry_schema()
@@ -178,6 +191,11 @@ async fn read_parquet(path: &Path, stage: &mut WindowStage) -> Result<(), BatchE
             .map_err(|e| BatchError::file(path, format!("not in the telemetry schema: {e}")))?;
         let rows = columns;
         let batch = MicroBatch {
+            parts: vec![voltcast_ingest::PartitionRows {
+                partition: (source.clone(), 0),
+                start: 0,
+                len: rows.num_rows(),
+            }],
             rows,
             positions: vec![SourcePosition {
                 source: source.clone(),

@@ -1,29 +1,32 @@
-//! The forecast stage on the stream: closed days in, a fresh failure risk per battery out.
+//! The forecast step of a partition: closed days in, a fresh failure risk per battery out.
 //!
-//! On each closed day a battery's chosen model is advanced by the day (microseconds, on
-//! the stage's task) and its risk recomputed. Full model selection (milliseconds, a
-//! backtest over every family) runs on a bounded pool of blocking threads, never on the
-//! async runtime, so ingestion is never held up by fitting. A battery is re-selected once
-//! it has `reselect_every_days` new days, on the day of the week its id hashes to, so a
-//! fleet that started together does not re-select all on the same day. When a selection
-//! comes back, the days that closed while it ran are replayed into the new model.
+//! On each closed day a battery's chosen model is advanced by the day (microseconds) and
+//! its risk recomputed. A battery is re-selected (a backtest over every family,
+//! milliseconds) once it has `reselect_every_days` new days, on the day of the week its
+//! id hashes to, so a fleet that started together does not re-select all on one day.
 //!
-//! Closed days are keyed by (battery, day): a day emitted again after a restart from a
-//! checkpoint is recognised and skipped, so nothing is counted twice.
+//! Why selection is not run in the background: the models are part of the partition's
+//! checkpointed state, and after a crash the replay must make the same decisions. A
+//! selection that lands "whenever the pool is done" makes the risk of the days in between
+//! depend on timing. So a battery's days are taken in order and a due selection finishes
+//! before its next day; batteries are independent, so a batch's batteries are spread over
+//! the cores instead. The fit reads the battery's history kept by the day windows: there
+//! is one copy of it.
+//!
+//! Closed days are keyed by (battery, day): a day seen again is skipped.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
 
 use datafusion::arrow::array::RecordBatch;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{Semaphore, mpsc};
 use voltcast_forecaster::{
     DailySeries, DayObservation, FailureRisk, Forecast, ModelKind, ModelRecord, RiskConfig,
     SelectionConfig, select,
 };
 
-use crate::windows::daily;
+use crate::windows::{WindowState, daily};
 
 /// A battery's latest assessment.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -55,48 +58,44 @@ type FastHash = foldhash::fast::RandomState;
 pub const RECENT_DAYS: usize = 30;
 /// Drivers are worked out from this probability up: below it nobody reads them.
 const DRIVERS_FROM_PROBABILITY: f64 = 0.5;
+/// Below this many batteries with closed days, a batch's forecasts run on one thread.
+const PARALLEL_MIN_BATTERIES: usize = 32;
 
-/// What the stage keeps per battery.
+/// What a partition keeps per battery for its forecasts (checkpointed with it).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct BatteryModel {
-    /// Recent days, oldest first, as much as selection needs.
-    days: VecDeque<[f32; 3]>,
-    last_day: i32,
-    vehicle: Option<Arc<str>>,
-    age: i32,
-    /// Lifetime and rating as of `last_day`.
-    lifetime: f64,
-    rated: f64,
+    /// The last closed day taken in.
+    last_day: Option<i32>,
     record: Option<ModelRecord>,
-    /// A selection is running on the pool.
-    selecting: bool,
-    stagger: u32,
 }
 
-/// A finished selection, on its way back from the pool.
-struct Selected {
-    battery: Arc<str>,
-    /// CPU time the selection took on its thread.
-    seconds: f64,
-    /// Day after the last one the selection saw.
-    through_day: i32,
-    /// The new model, or why there is none: a failed or panicked selection still comes
-    /// back, or the battery would wait on it for ever (and shutdown with it).
-    record: Result<ModelRecord, String>,
+/// How the forecast step runs: the selection and risk settings, and the cores it may use.
+#[derive(Debug, Clone)]
+pub struct ForecastSettings {
+    pub selection: SelectionConfig,
+    pub risk: RiskConfig,
+    pub threads: usize,
 }
 
-pub struct ForecastStage {
-    selection: SelectionConfig,
-    risk: RiskConfig,
+impl ForecastSettings {
+    pub fn new(selection: SelectionConfig, risk: RiskConfig) -> Self {
+        Self {
+            selection,
+            risk,
+            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        }
+    }
+
+    /// Days a fit reads: enough for every backtest fold plus the fit window.
+    fn keep_days(&self) -> usize {
+        self.selection.fit_window_days + self.selection.folds * self.selection.horizon_days.max(1)
+    }
+}
+
+/// The models of one partition's batteries.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct BatteryModels {
     batteries: HashMap<Arc<str>, BatteryModel, FastHash>,
-    pool: Arc<Semaphore>,
-    done_tx: mpsc::UnboundedSender<Selected>,
-    done_rx: mpsc::UnboundedReceiver<Selected>,
-    /// Days a battery keeps: enough for every backtest fold plus the fit window.
-    keep_days: usize,
-    metrics: Option<Arc<crate::metrics::Metrics>>,
-    /// Daily updates per model kind not yet added to the metrics.
-    fits_pending: HashMap<ModelKind, u64, FastHash>,
-    pub stats: ForecastStats,
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
@@ -105,130 +104,44 @@ pub struct ForecastStats {
     pub repeated_days: u64,
     pub updates: u64,
     pub selections: u64,
-    /// CPU time the stage spent on closed days (daily updates, risk, drivers).
+    /// Thread CPU time spent on closed days (daily updates, risk, drivers), selections
+    /// excluded.
     pub update_seconds: f64,
-    /// Thread time the finished selections took on the pool.
+    /// Thread CPU time the selections took.
     pub selection_seconds: f64,
     /// Selections that failed or panicked (the battery kept its model).
     pub failed_selections: u64,
 }
 
-impl ForecastStage {
-    /// `fit_threads` bounds how many selections run at once.
-    pub fn new(selection: SelectionConfig, risk: RiskConfig, fit_threads: usize) -> Self {
-        let (done_tx, done_rx) = mpsc::unbounded_channel();
-        let keep_days = selection.fit_window_days + selection.folds * selection.horizon_days.max(1);
-        Self {
-            selection,
-            risk,
-            batteries: HashMap::default(),
-            pool: Arc::new(Semaphore::new(fit_threads.max(1))),
-            done_tx,
-            done_rx,
-            keep_days,
-            metrics: None,
-            fits_pending: HashMap::default(),
-            stats: ForecastStats::default(),
-        }
+impl ForecastStats {
+    pub fn add(&mut self, o: &ForecastStats) {
+        self.days_in += o.days_in;
+        self.repeated_days += o.repeated_days;
+        self.updates += o.updates;
+        self.selections += o.selections;
+        self.update_seconds += o.update_seconds;
+        self.selection_seconds += o.selection_seconds;
+        self.failed_selections += o.failed_selections;
+    }
+}
+
+/// What one battery's closed days of a batch did.
+#[derive(Default)]
+struct BatteryOutcome {
+    updates: Vec<RiskUpdate>,
+    stats: ForecastStats,
+    /// Daily updates by model kind, and selections with their CPU seconds.
+    fits: Vec<ModelKind>,
+    selections: Vec<(ModelKind, f64)>,
+}
+
+impl BatteryModels {
+    pub fn len(&self) -> usize {
+        self.batteries.len()
     }
 
-    /// Report fits, their durations and the models chosen to `metrics`.
-    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Self {
-        self.metrics = Some(metrics);
-        self
-    }
-
-    /// Consumes closed-day batches until the channel closes and every selection in
-    /// flight has come back; sends each batch's fresh risks to `out`, together.
-    ///
-    /// Both channels are bounded: on a backlog the window stage outruns this one, and
-    /// closed days waiting in an unbounded queue held gigabytes. A full `out` holds this
-    /// stage back, and so the window stage and the source behind it.
-    pub async fn run(
-        mut self,
-        mut closed: mpsc::Receiver<RecordBatch>,
-        out: mpsc::Sender<Vec<RiskUpdate>>,
-    ) -> Self {
-        let mut open = true;
-        loop {
-            let in_flight = self.batteries.values().any(|b| b.selecting);
-            if !open && !in_flight {
-                return self;
-            }
-            tokio::select! {
-                batch = closed.recv(), if open => match batch {
-                    Some(batch) => {
-                        let mut spent = std::time::Duration::ZERO;
-                        let updates = crate::memory::on_cpu(&mut spent, || self.take_batch(&batch));
-                        self.stats.update_seconds += spent.as_secs_f64();
-                        if !updates.is_empty() {
-                            // A listener that went away is not our failure.
-                            let _ = out.send(updates).await;
-                        }
-                    }
-                    None => open = false,
-                },
-                Some(done) = self.done_rx.recv() => {
-                    if let Some(u) = self.install(done) {
-                        let _ = out.send(vec![u]).await;
-                    }
-                }
-            }
-        }
-    }
-
-    /// Starts from the window stage's histories (after a restart from a checkpoint):
-    /// every battery with history gets a selection right away.
-    pub fn seed(&mut self, state: &crate::windows::WindowState) {
-        let reselect = self.selection.reselect_every_days.max(1);
-        for battery in state.batteries() {
-            let (id, history) = (battery.id, battery.history);
-            let Some(last_day) = history.last_day() else {
-                continue;
-            };
-            let days: VecDeque<[f32; 3]> = history
-                .days()
-                .skip(history.len().saturating_sub(self.keep_days))
-                .map(|(_, c, m, t, _)| [c, m, t as f32])
-                .collect();
-            let series = series_of(&days, last_day + 1);
-            self.batteries.insert(
-                id.clone(),
-                BatteryModel {
-                    days,
-                    last_day,
-                    vehicle: battery.vehicle.cloned(),
-                    age: history.last_age().unwrap_or_default(),
-                    lifetime: history.lifetime().unwrap_or_default(),
-                    rated: battery.rated,
-                    record: None,
-                    selecting: true,
-                    stagger: stagger(id, reselect),
-                },
-            );
-            self.stats.selections += 1;
-            spawn_selection(
-                &self.pool,
-                &self.done_tx,
-                &self.selection,
-                id.clone(),
-                series,
-                None,
-            );
-        }
-    }
-
-    /// Waits for every selection in flight and installs it; returns the risks the
-    /// installed models give.
-    pub async fn settle(&mut self) -> Vec<RiskUpdate> {
-        let mut updates = Vec::new();
-        while self.batteries.values().any(|b| b.selecting) {
-            let Some(done) = self.done_rx.recv().await else {
-                break;
-            };
-            updates.extend(self.install(done));
-        }
-        updates
+    pub fn is_empty(&self) -> bool {
+        self.batteries.is_empty()
     }
 
     /// The model record of a battery, if it has one yet.
@@ -236,184 +149,177 @@ impl ForecastStage {
         self.batteries.get(battery)?.record.as_ref()
     }
 
-    pub fn batteries(&self) -> usize {
-        self.batteries.len()
-    }
-
-    /// Takes in one batch of closed days (the window stage's daily schema); returns the
-    /// fresh risk of every battery that has a model.
-    pub fn take_batch(&mut self, batch: &RecordBatch) -> Vec<RiskUpdate> {
-        let Some(rows) = daily::closed_rows(batch) else {
+    /// Takes in a batch of closed days (the window stage's daily schema) whose histories
+    /// are in `windows`; returns the fresh risk of every battery that has a model, each
+    /// battery's days in day order, and adds what it did to `stats` and `metrics`.
+    pub fn take_closed(
+        &mut self,
+        closed: &RecordBatch,
+        windows: &WindowState,
+        settings: &ForecastSettings,
+        stats: &mut ForecastStats,
+        metrics: Option<&crate::metrics::Metrics>,
+    ) -> Vec<RiskUpdate> {
+        let Some(rows) = daily::closed_rows(closed) else {
             tracing::error!("closed-day batch without the daily schema; skipped");
             return Vec::new();
         };
-        let updates = rows.iter().filter_map(|row| self.take_day(row)).collect();
-        self.flush_fit_counts();
-        updates
-    }
-
-    /// Adds the daily updates counted since the last call to the fits metric: one
-    /// labelled lookup per model kind and batch rather than per battery-day.
-    fn flush_fit_counts(&mut self) {
-        let Some(m) = &self.metrics else {
-            return;
-        };
-        for (kind, n) in self.fits_pending.drain() {
-            m.forecast_fits.with_label_values(&[kind.name()]).inc_by(n);
-        }
-    }
-
-    fn take_day(&mut self, row: &daily::ClosedRow<'_>) -> Option<RiskUpdate> {
-        let (id, day, obs) = (row.battery_id, row.day, row.observation);
-        let (lifetime, rated) = (row.lifetime, row.rated);
-        self.stats.days_in += 1;
-        let reselect = self.selection.reselect_every_days.max(1);
-        let battery: Arc<str> = match self.batteries.get_key_value(id) {
-            Some((k, _)) => k.clone(),
-            None => {
-                let key: Arc<str> = Arc::from(id);
-                self.batteries.insert(
-                    key.clone(),
-                    BatteryModel {
-                        days: VecDeque::new(),
-                        last_day: i32::MIN,
-                        vehicle: None,
-                        age: 0,
-                        lifetime: 0.0,
-                        rated: 0.0,
-                        record: None,
-                        selecting: false,
-                        stagger: stagger(id, reselect),
-                    },
-                );
-                key
-            }
-        };
-        let keep = self.keep_days;
-        let b = self.batteries.get_mut(&battery)?;
-        if day <= b.last_day {
-            self.stats.repeated_days += 1;
-            return None;
-        }
-        (b.last_day, b.lifetime, b.rated, b.age) = (day, lifetime, rated, row.age);
-        if let Some(v) = row.vehicle_id
-            && b.vehicle.as_deref() != Some(v)
-        {
-            b.vehicle = Some(Arc::from(v));
-        }
-        b.days
-            .push_back([obs.cycles as f32, obs.minutes as f32, obs.trips as f32]);
-        while b.days.len() > keep {
-            b.days.pop_front();
-        }
-        // Advance and assess first: the risk reflects today whatever selection decides.
-        if let Some(record) = b.record.as_mut() {
-            record.observe(&obs);
-            *self.fits_pending.entry(record.kind()).or_default() += 1;
-        }
-        let update = b
-            .record
-            .as_ref()
-            .map(|record| assess(&battery, b, record, &self.risk));
-        self.stats.updates += u64::from(update.is_some());
-        let due = match &b.record {
-            None => true,
-            Some(r) => {
-                r.reselection_due(&self.selection)
-                    && (day as u32).wrapping_add(b.stagger) % reselect == 0
-            }
-        };
-        if due && !b.selecting {
-            b.selecting = true;
-            self.stats.selections += 1;
-            let series = series_of(&b.days, day + 1);
-            let version = b.record.as_ref().map(|r| r.version);
-            spawn_selection(
-                &self.pool,
-                &self.done_tx,
-                &self.selection,
-                battery.clone(),
-                series,
-                version,
-            );
-        }
-        update
-    }
-
-    /// Installs a finished selection, replaying the days that closed while it ran, and
-    /// assesses the battery with it.
-    fn install(&mut self, done: Selected) -> Option<RiskUpdate> {
-        self.stats.selection_seconds += done.seconds;
-        let b = self.batteries.get_mut(&done.battery)?;
-        b.selecting = false;
-        // The battery keeps the model it had; selection is tried again when next due.
-        let mut record = match done.record {
-            Ok(record) => record,
-            Err(why) => {
-                self.stats.failed_selections += 1;
-                tracing::warn!(battery = %done.battery, %why, "model selection failed");
-                return None;
-            }
-        };
-        if let Some(m) = &self.metrics {
-            let kind = record.kind().name();
-            m.forecast_fits.with_label_values(&[kind]).inc();
-            m.model_selections.with_label_values(&[kind]).inc();
-            m.fit_seconds
-                .with_label_values(&[kind])
-                .observe(done.seconds);
-        }
-        let missed = (b.last_day + 1 - done.through_day).max(0) as usize;
-        for d in b.days.iter().skip(b.days.len().saturating_sub(missed)) {
-            record.observe(&DayObservation {
-                cycles: d[0] as f64,
-                minutes: d[1] as f64,
-                trips: d[2] as f64,
+        // Each battery's rows, in the order its first day appears.
+        let mut order: HashMap<&str, usize, FastHash> = HashMap::default();
+        let mut work: Vec<(Arc<str>, BatteryModel, Vec<usize>)> = Vec::new();
+        for (i, row) in rows.iter().enumerate() {
+            let slot = *order.entry(row.battery_id).or_insert_with(|| {
+                let (id, model) = match self.batteries.remove_entry(row.battery_id) {
+                    Some(entry) => entry,
+                    None => (Arc::from(row.battery_id), BatteryModel::default()),
+                };
+                work.push((id, model, Vec::new()));
+                work.len() - 1
             });
+            work[slot].2.push(i);
         }
-        let update = assess(&done.battery, b, &record, &self.risk);
-        b.record = Some(record);
-        Some(update)
+        let run = |chunk: &mut [(Arc<str>, BatteryModel, Vec<usize>)]| {
+            let mut out = BatteryOutcome::default();
+            let mut cpu = std::time::Duration::ZERO;
+            crate::memory::on_cpu(&mut cpu, || {
+                for (id, model, days) in chunk.iter_mut() {
+                    for &i in days.iter() {
+                        model.take_day(id, &rows[i], windows, settings, &mut out);
+                    }
+                }
+            });
+            out.stats.update_seconds = cpu.as_secs_f64() - out.stats.selection_seconds;
+            out
+        };
+        let threads = settings.threads.max(1);
+        let outcomes: Vec<BatteryOutcome> = if threads == 1 || work.len() < PARALLEL_MIN_BATTERIES {
+            vec![run(&mut work)]
+        } else {
+            let per = work.len().div_ceil(threads);
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = work
+                    .chunks_mut(per)
+                    .map(|chunk| scope.spawn(|| run(chunk)))
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().expect("forecast thread panicked"))
+                    .collect()
+            })
+        };
+        for (id, model, _) in work {
+            self.batteries.insert(id, model);
+        }
+        let mut updates = Vec::new();
+        for o in outcomes {
+            stats.add(&o.stats);
+            if let Some(m) = metrics {
+                report_fits(m, &o);
+            }
+            updates.extend(o.updates);
+        }
+        updates
     }
 }
 
-fn spawn_selection(
-    pool: &Arc<Semaphore>,
-    done: &mpsc::UnboundedSender<Selected>,
-    config: &SelectionConfig,
-    battery: Arc<str>,
-    series: DailySeries,
-    version: Option<u32>,
-) {
-    let (pool, done, config) = (pool.clone(), done.clone(), config.clone());
-    tokio::spawn(async move {
-        let Ok(_permit) = pool.acquire_owned().await else {
+/// Adds the daily updates and selections of a batch to the metrics: one labelled lookup
+/// per model kind rather than per battery-day.
+fn report_fits(m: &crate::metrics::Metrics, o: &BatteryOutcome) {
+    let mut fits: HashMap<ModelKind, u64, FastHash> = HashMap::default();
+    for kind in &o.fits {
+        *fits.entry(*kind).or_default() += 1;
+    }
+    for (kind, seconds) in &o.selections {
+        *fits.entry(*kind).or_default() += 1;
+        m.model_selections.with_label_values(&[kind.name()]).inc();
+        m.fit_seconds
+            .with_label_values(&[kind.name()])
+            .observe(*seconds);
+    }
+    for (kind, n) in fits {
+        m.forecast_fits.with_label_values(&[kind.name()]).inc_by(n);
+    }
+}
+
+impl BatteryModel {
+    fn take_day(
+        &mut self,
+        id: &Arc<str>,
+        row: &daily::ClosedRow<'_>,
+        windows: &WindowState,
+        settings: &ForecastSettings,
+        out: &mut BatteryOutcome,
+    ) {
+        let day = row.day;
+        out.stats.days_in += 1;
+        if self.last_day.is_some_and(|last| day <= last) {
+            out.stats.repeated_days += 1;
+            return;
+        }
+        self.last_day = Some(day);
+        let Some(history) = windows.battery(id).map(|b| b.history) else {
             return;
         };
-        let through_day = series.end_day();
-        let fitted = tokio::task::spawn_blocking(move || {
-            let mut cpu = std::time::Duration::ZERO;
-            let selected = crate::memory::on_cpu(&mut cpu, || select(&series, &config, version));
-            selected.map(|r| (r, cpu.as_secs_f64()))
-        })
-        .await;
-        let (record, seconds) = match fitted {
-            Ok(Ok((record, seconds))) => (Ok(record), seconds),
-            Ok(Err(e)) => (Err(e.to_string()), 0.0),
-            Err(e) => (Err(format!("the selection thread failed: {e}")), 0.0),
+        // Advance and assess first: the risk reflects today whatever selection decides.
+        if let Some(record) = self.record.as_mut() {
+            record.observe(&row.observation);
+            out.fits.push(record.kind());
+        }
+        let reselect = settings.selection.reselect_every_days.max(1);
+        let due = match &self.record {
+            None => true,
+            Some(r) => {
+                r.reselection_due(&settings.selection)
+                    && (day as u32).wrapping_add(stagger(id, reselect)) % reselect == 0
+            }
         };
-        let _ = done.send(Selected {
-            battery,
-            seconds,
-            through_day,
-            record,
+        if due {
+            self.reselect(id, history, day, settings, out);
+        }
+        if let Some(record) = &self.record {
+            out.updates
+                .push(assess(id, row, history, record, &settings.risk));
+            out.stats.updates += 1;
+        }
+    }
+
+    /// Selects a model on the days through `day`; on failure the battery keeps the
+    /// model it had and is tried again when next due.
+    fn reselect(
+        &mut self,
+        id: &Arc<str>,
+        history: &crate::windows::BatteryHistory,
+        day: i32,
+        settings: &ForecastSettings,
+        out: &mut BatteryOutcome,
+    ) {
+        let days: Vec<[f32; 3]> = history.window_through(day, settings.keep_days()).collect();
+        let series = series_of(&days, day + 1);
+        let version = self.record.as_ref().map(|r| r.version);
+        out.stats.selections += 1;
+        let mut cpu = std::time::Duration::ZERO;
+        let selected = crate::memory::on_cpu(&mut cpu, || {
+            std::panic::catch_unwind(|| select(&series, &settings.selection, version))
         });
-    });
+        out.stats.selection_seconds += cpu.as_secs_f64();
+        let why = match selected {
+            Ok(Ok(record)) => {
+                out.selections.push((record.kind(), cpu.as_secs_f64()));
+                self.record = Some(record);
+                return;
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "the selection panicked".to_string(),
+        };
+        out.stats.failed_selections += 1;
+        tracing::warn!(battery = %id, %why, "model selection failed");
+    }
 }
 
 fn assess(
     battery: &Arc<str>,
-    b: &BatteryModel,
+    row: &daily::ClosedRow<'_>,
+    history: &crate::windows::BatteryHistory,
     record: &ModelRecord,
     config: &RiskConfig,
 ) -> RiskUpdate {
@@ -421,28 +327,18 @@ fn assess(
     let risk = voltcast_forecaster::risk::assess(
         &forecast,
         |n| record.model.mean_path(n),
-        b.lifetime,
-        b.rated,
+        row.lifetime,
+        row.rated,
         record.low_confidence,
         config,
     );
-    let recent: Vec<[f32; 3]> = b
-        .days
-        .iter()
-        .skip(b.days.len().saturating_sub(RECENT_DAYS))
-        .copied()
-        .collect();
+    let recent: Vec<[f32; 3]> = history.window_through(row.day, RECENT_DAYS).collect();
     let drivers = if risk.probability >= DRIVERS_FROM_PROBABILITY {
-        let days: Vec<[f32; 3]> = b
-            .days
-            .iter()
-            .skip(b.days.len().saturating_sub(2 * RECENT_DAYS))
-            .copied()
-            .collect();
+        let days: Vec<[f32; 3]> = history.window_through(row.day, 2 * RECENT_DAYS).collect();
         voltcast_forecaster::drivers::drivers(
             &days,
             risk.remaining,
-            b.rated,
+            row.rated,
             risk.expected_cycles,
             3,
         )
@@ -451,11 +347,11 @@ fn assess(
     };
     RiskUpdate {
         battery_id: battery.clone(),
-        vehicle_id: b.vehicle.clone(),
-        day: b.last_day,
-        age: b.age,
-        lifetime: b.lifetime,
-        rated: b.rated,
+        vehicle_id: row.vehicle_id.map(Arc::from),
+        day: row.day,
+        age: row.age,
+        lifetime: row.lifetime,
+        rated: row.rated,
         model: record.kind(),
         model_version: record.version,
         risk,
@@ -465,7 +361,7 @@ fn assess(
     }
 }
 
-fn series_of(days: &VecDeque<[f32; 3]>, end_day: i32) -> DailySeries {
+fn series_of(days: &[[f32; 3]], end_day: i32) -> DailySeries {
     let mut s = DailySeries {
         first_day: end_day - days.len() as i32,
         ..Default::default()

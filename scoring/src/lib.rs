@@ -20,6 +20,7 @@ pub mod evaluate;
 pub mod forecasting;
 pub mod memory;
 pub mod metrics;
+pub mod partition;
 pub mod pipeline;
 pub mod windows;
 

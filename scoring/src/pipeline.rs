@@ -13,20 +13,21 @@ use tokio::sync::watch;
 use voltcast_ingest::arrow::array::{Array, AsArray};
 use voltcast_ingest::dead_letter::DeadLetterQueue;
 use voltcast_ingest::{
-    BatchSink, FileSource, IngestCounters, KafkaSource, MicroBatch, PartitionId, SinkError,
-    SourcePosition, schema,
+    BatchSink, FileSource, IngestCounters, KafkaSource, MicroBatch, SinkError, SourcePosition,
+    schema,
 };
 
 use crate::alerts::publish::AlertPublisher;
-use crate::alerts::{AlertService, AlertStage, AlertStore, DeliveryWorker, Outbox};
-use crate::archive::{ArchiveError, ParquetArchive};
-use crate::checkpoint::{CheckpointError, CheckpointStore};
+use crate::alerts::{AlertService, AlertStore, DeliveryWorker, Outbox};
+use crate::archive::ParquetArchive;
+use crate::checkpoint::{CheckpointError, CheckpointStore, PartitionKey};
 use crate::config::{SourceKind, VoltcastConfig};
 use crate::error::ScoringError;
-use crate::forecasting::ForecastStage;
+use crate::forecasting::{ForecastSettings, ForecastStats};
 use crate::memory::on_cpu;
 use crate::metrics::Metrics;
-use crate::windows::DailyWindows;
+use crate::partition::{PartitionOutput, PartitionSet, PartitionSettings, PartitionTask};
+use crate::windows::WindowError;
 
 /// Counts what reached the end of the pipeline.
 #[derive(Debug, Default)]
@@ -61,63 +62,72 @@ impl BatchSink for BatchTally {
     }
 }
 
-/// Where the window stage's time went: CPU time of the thread it ran on (the window
-/// stage's other shards run on threads of their own, not counted here), and wall time
-/// for what waits on I/O.
+/// Where the stage's time went: CPU time of the partition steps (summed over the threads
+/// they ran on), and wall time for what waits on I/O.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct WindowStageTimes {
     /// The day windows: dedupe, DataFusion partials, closing into histories.
     pub windows: Duration,
+    /// Daily model updates, selections, risk and the alert policy.
+    pub forecasts: Duration,
     /// Raw rows and closed days written to the Parquet archive.
     pub archive: Duration,
     /// Late rows produced to the dead-letter topic and awaited.
     pub dead_letters: Duration,
+    /// Alert decisions carried out and latest assessments stored.
+    pub alerts: Duration,
     pub checkpoint: Duration,
 }
 
-/// The window stage as a sink: late rows to the dead-letter queue, closed days to
-/// whoever listens on `closed` (the forecaster, the archive, a test).
-pub struct WindowStage {
-    pub windows: DailyWindows,
+/// Below this many rows a batch's partitions are worked on one after another.
+const PARALLEL_MIN_ROWS: usize = 4_096;
+
+/// The streaming job as a sink: each partition's rows go to the partition's task
+/// (windows, forecasts, alert policy), in parallel across partitions; then, in order,
+/// late rows to the dead-letter queue, closed days to the archive, alert decisions to
+/// the alert service; then, when due, every changed partition is checkpointed.
+///
+/// Decisions are carried out before the state that made them is checkpointed, so a
+/// crash can only repeat a decision (same id, recognised downstream), never lose one.
+pub struct PartitionStage {
+    pub partitions: Arc<PartitionSet>,
     pub times: WindowStageTimes,
     dead_letters: DeadLetterQueue,
-    closed: Option<tokio::sync::mpsc::Sender<RecordBatch>>,
+    alerts: Option<Arc<AlertService>>,
     archive: Option<ParquetArchive>,
-    checkpoints: Option<Checkpointing>,
+    /// Closed days, also handed here (tests and tools).
+    closed_tap: Option<std::sync::mpsc::Sender<RecordBatch>>,
+    checkpoint_every: Option<Duration>,
+    last_checkpoint: Instant,
     metrics: Option<Arc<Metrics>>,
     pub tally: BatchTally,
 }
 
-/// When and where the stage saves its state, and what the state covers so far.
-struct Checkpointing {
-    store: CheckpointStore,
-    interval: Duration,
-    last_saved: Option<Instant>,
-    /// Per partition, one past the last offset folded into the windows.
-    covered: BTreeMap<PartitionId, SourcePosition>,
-}
-
-impl WindowStage {
-    pub fn new(
-        windows: DailyWindows,
-        dead_letters: DeadLetterQueue,
-        closed: Option<tokio::sync::mpsc::Sender<RecordBatch>>,
-    ) -> Self {
+impl PartitionStage {
+    pub fn new(partitions: Arc<PartitionSet>, dead_letters: DeadLetterQueue) -> Self {
         Self {
-            windows,
+            partitions,
             dead_letters,
-            closed,
+            alerts: None,
             archive: None,
-            checkpoints: None,
+            closed_tap: None,
+            checkpoint_every: None,
+            last_checkpoint: Instant::now(),
             metrics: None,
             tally: BatchTally::default(),
             times: WindowStageTimes::default(),
         }
     }
 
-    /// Report batch sizes, latencies, window counts and checkpoint times to `metrics`.
+    /// Report batch sizes, latencies and window counts to `metrics`.
     pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
         self.metrics = Some(metrics);
+        self
+    }
+
+    /// Carry out alert decisions and keep the latest assessments in `alerts`.
+    pub fn with_alerts(mut self, alerts: Arc<AlertService>) -> Self {
+        self.alerts = Some(alerts);
         self
     }
 
@@ -127,118 +137,207 @@ impl WindowStage {
         self
     }
 
-    /// Checkpoint the state to `store` at most every `interval`; `resumed` are the
-    /// positions of the checkpoint the windows were restored from, if any.
-    pub fn with_checkpoints(
-        mut self,
-        store: CheckpointStore,
-        interval: Duration,
-        resumed: &[SourcePosition],
-    ) -> Self {
-        let covered = resumed
-            .iter()
-            .map(|p| ((p.source.clone(), p.partition), p.clone()))
-            .collect();
-        self.checkpoints = Some(Checkpointing {
-            store,
-            interval,
-            last_saved: None,
-            covered,
-        });
+    /// Also send every closed-day batch to `tap`.
+    pub fn with_closed_tap(mut self, tap: std::sync::mpsc::Sender<RecordBatch>) -> Self {
+        self.closed_tap = Some(tap);
         self
     }
 
-    /// Saves a checkpoint now (a clean shutdown); returns the positions it covers.
-    pub fn checkpoint_now(&mut self) -> Result<Vec<SourcePosition>, CheckpointError> {
-        let Some(c) = &mut self.checkpoints else {
-            return Ok(Vec::new());
-        };
-        let positions: Vec<SourcePosition> = c.covered.values().cloned().collect();
-        let started = Instant::now();
-        let bytes = c.store.save(self.windows.state(), &positions)?;
-        c.last_saved = Some(Instant::now());
-        self.times.checkpoint += started.elapsed();
-        if let Some(m) = &self.metrics {
-            m.checkpoint_seconds
-                .observe(started.elapsed().as_secs_f64());
-        }
-        tracing::debug!(
-            bytes,
-            seconds = started.elapsed().as_secs_f64(),
-            "checkpoint saved"
-        );
-        Ok(positions)
+    /// Checkpoint the partitions at most every `interval` (they need a checkpoint store).
+    pub fn with_checkpoints_every(mut self, interval: Duration) -> Self {
+        self.checkpoint_every = Some(interval);
+        self
     }
 
-    /// Folds a batch's positions into what the state covers and, when a checkpoint is
-    /// due, saves one: returns the positions now safe to commit.
-    fn durable(
-        &mut self,
-        positions: Vec<SourcePosition>,
-    ) -> Result<Vec<SourcePosition>, SinkError> {
-        let Some(c) = &mut self.checkpoints else {
-            return Ok(positions);
-        };
-        for p in positions {
-            let key = (p.source.clone(), p.partition);
-            let entry = c.covered.entry(key).or_insert_with(|| p.clone());
-            entry.next_offset = entry.next_offset.max(p.next_offset);
-        }
-        if c.last_saved.is_some_and(|t| t.elapsed() < c.interval) {
-            return Ok(Vec::new());
-        }
-        Ok(self.checkpoint_now()?)
+    /// Checkpoints every partition that changed; returns the positions now durable.
+    pub fn checkpoint_now(&mut self) -> Result<Vec<SourcePosition>, CheckpointError> {
+        let started = Instant::now();
+        let durable = self.partitions.checkpoint_all()?;
+        self.last_checkpoint = Instant::now();
+        self.times.checkpoint += started.elapsed();
+        Ok(durable)
     }
 
     /// End of a finite input: close every open window.
     pub async fn finish(&mut self) -> Result<(), ScoringError> {
-        let closed = self.windows.close_all()?;
-        self.emit(closed).await?;
+        let outputs = {
+            let partitions = self.partitions.clone();
+            let mut tasks = partitions.lock();
+            let mut outputs = Vec::with_capacity(tasks.len());
+            for task in tasks.values_mut() {
+                outputs.push(task.finish(&partitions.settings, partitions.metrics())?);
+            }
+            outputs
+        };
+        self.carry_out(outputs)
+            .await
+            .map_err(|e| voltcast_ingest::IngestError::Sink(e).into())
+    }
+
+    /// Runs each partition's rows through its task.
+    fn run_tasks(&mut self, batch: &MicroBatch) -> Result<Vec<PartitionOutput>, WindowError> {
+        let partitions = self.partitions.clone();
+        let mut tasks = partitions.lock();
+        let empty = RecordBatch::new_empty(schema::telemetry_schema());
+        let mut work: BTreeMap<PartitionKey, (RecordBatch, &SourcePosition)> = BTreeMap::new();
+        for position in &batch.positions {
+            let key = PartitionKey {
+                topic: position.source.clone(),
+                partition: position.partition,
+            };
+            if !tasks.contains_key(&key) {
+                if !partitions.creates_on_sight() {
+                    // Not ours (revoked, or fenced off by a newer owner): its new owner
+                    // reads these records again from its checkpoint.
+                    continue;
+                }
+                tasks.insert(key.clone(), partitions.fresh_task(key.clone()));
+            }
+            let id = (position.source.clone(), position.partition);
+            let rows = batch
+                .parts
+                .iter()
+                .find(|p| p.partition == id)
+                .map_or_else(|| empty.clone(), |p| batch.rows_of(p));
+            work.insert(key, (rows, position));
+        }
+        let now = voltcast_ingest::now_millis();
+        let metrics = partitions.metrics();
+        let busy: Vec<(&mut PartitionTask, (RecordBatch, &SourcePosition))> = tasks
+            .iter_mut()
+            .filter_map(|(key, task)| Some((task, work.remove(key)?)))
+            .collect();
+        if busy.len() < 2 || batch.rows.num_rows() < PARALLEL_MIN_ROWS {
+            let settings = &partitions.settings;
+            return busy
+                .into_iter()
+                .map(|(task, (rows, position))| task.apply(&rows, position, now, settings, metrics))
+                .collect();
+        }
+        // The partitions share the cores; each spreads its forecasts over its share.
+        let mut settings = partitions.settings.clone();
+        if let Some(f) = &mut settings.forecast {
+            f.threads = (f.threads / busy.len()).max(1);
+        }
+        let settings = &settings;
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = busy
+                .into_iter()
+                .map(|(task, (rows, position))| {
+                    scope.spawn(move || task.apply(&rows, position, now, settings, metrics))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("partition thread panicked"))
+                .collect()
+        })
+    }
+
+    /// What the tasks produced, in partition order: late rows, closed days, alerts.
+    async fn carry_out(&mut self, outputs: Vec<PartitionOutput>) -> Result<(), SinkError> {
+        for out in outputs {
+            let started = Instant::now();
+            for letter in out.late {
+                self.dead_letters.send(letter)?;
+            }
+            self.times.dead_letters += started.elapsed();
+            for closed in out.closed {
+                if let Some(archive) = &mut self.archive {
+                    let started = Instant::now();
+                    archive.daily(&closed)?;
+                    self.times.archive += started.elapsed();
+                }
+                if let Some(tap) = &self.closed_tap {
+                    // A listener that went away is not our failure.
+                    let _ = tap.send(closed);
+                }
+            }
+            if let Some(alerts) = &self.alerts {
+                let mut busy = self.times.alerts;
+                on_cpu(&mut busy, || alerts.record(out.decisions, out.risks));
+                self.times.alerts = busy;
+            }
+        }
+        let started = Instant::now();
+        self.dead_letters.flush().await?;
+        self.times.dead_letters += started.elapsed();
         Ok(())
     }
 
-    /// Archives closed days and hands them on; waits while the listener's queue is full,
-    /// which is what holds the source back when the forecasts fall behind.
-    async fn emit(&mut self, closed: Vec<RecordBatch>) -> Result<(), ArchiveError> {
-        for batch in closed {
-            if let Some(archive) = &mut self.archive {
-                let started = Instant::now();
-                archive.daily(&batch)?;
-                self.times.archive += started.elapsed();
-            }
-            if let Some(tx) = &self.closed {
-                // A listener that went away is not our failure: the days are in the history.
-                let _ = tx.send(batch).await;
-            }
+    /// Sums what the partitions (those here and those that left) did.
+    pub fn report(&self) -> StageSummary {
+        let departed = self.partitions.departed();
+        let mut summary = StageSummary {
+            windows: departed.windows.clone(),
+            aggregate: departed.aggregate,
+            forecast: departed.forecast.clone(),
+            batteries: 0,
+        };
+        for task in self.partitions.lock().values() {
+            summary.windows.add(task.windows.stats());
+            summary.aggregate = [summary.aggregate, task.windows.aggregate_work()]
+                .into_iter()
+                .sum();
+            summary.forecast.add(&task.forecast_stats);
+            summary.batteries += task.windows.state().battery_count();
         }
-        Ok(())
+        summary
+    }
+
+    fn refresh_metrics(&self, batch_rows: usize, started: Instant) {
+        let Some(m) = &self.metrics else { return };
+        m.batch_rows.observe(batch_rows as f64);
+        m.batch_seconds.observe(started.elapsed().as_secs_f64());
+        let tasks = self.partitions.lock();
+        let mut stats = crate::windows::WindowStats::default();
+        let mut batteries = 0;
+        for task in tasks.values() {
+            stats.add(task.windows.stats());
+            batteries += task.windows.state().battery_count();
+        }
+        m.refresh_windows(&stats, batteries);
     }
 }
 
-impl BatchSink for WindowStage {
+/// The partitions' work, summed.
+#[derive(Debug, Default, Clone)]
+pub struct StageSummary {
+    pub windows: crate::windows::WindowStats,
+    pub aggregate: crate::windows::aggregate::AggregateWork,
+    pub forecast: ForecastStats,
+    /// Batteries in the partitions owned now.
+    pub batteries: usize,
+}
+
+impl BatchSink for PartitionStage {
     async fn accept(&mut self, batch: MicroBatch) -> Result<Vec<SourcePosition>, SinkError> {
+        if let Some(e) = self.partitions.take_failure() {
+            return Err(e.into());
+        }
         let started = Instant::now();
         if let Some(archive) = &mut self.archive {
             archive.raw(&batch.rows)?;
             self.times.archive += started.elapsed();
         }
-        let windows = &mut self.windows;
-        let now = voltcast_ingest::now_millis();
-        let out = on_cpu(&mut self.times.windows, || windows.apply(&batch, now))?;
-        let lettering = Instant::now();
-        for letter in out.late {
-            self.dead_letters.send(letter)?;
-        }
-        self.dead_letters.flush().await?;
-        self.times.dead_letters += lettering.elapsed();
-        self.emit(out.closed).await?;
-        if let Some(m) = &self.metrics {
-            m.batch_rows.observe(batch.rows.num_rows() as f64);
-            m.batch_seconds.observe(started.elapsed().as_secs_f64());
-            m.refresh_windows(self.windows.stats(), self.windows.state().battery_count());
-        }
+        let outputs = self.run_tasks(&batch)?;
+        self.carry_out(outputs).await?;
+        self.refresh_metrics(batch.rows.num_rows(), started);
         let positions = self.tally.accept(batch).await?;
-        self.durable(positions)
+        let Some(every) = self.checkpoint_every else {
+            return Ok(positions);
+        };
+        if self.last_checkpoint.elapsed() < every {
+            return Ok(Vec::new());
+        }
+        Ok(self.checkpoint_now()?)
+    }
+
+    async fn checkpoint(&mut self) -> Result<Vec<SourcePosition>, SinkError> {
+        if self.checkpoint_every.is_none() {
+            return Ok(Vec::new());
+        }
+        Ok(self.checkpoint_now()?)
     }
 }
 
@@ -253,7 +352,7 @@ pub struct RunReport {
     /// called from it), from the start of consuming to the end of input or shutdown.
     pub source_seconds: f64,
     pub window_times: WindowStageTimes,
-    /// CPU time the alert stage spent deciding and storing alerts.
+    /// CPU time spent carrying out alert decisions and storing assessments.
     pub alert_seconds: f64,
     pub received: u64,
     pub rejected: u64,
@@ -395,11 +494,6 @@ pub async fn run(
     report
 }
 
-/// Closed-day batches (one per shard per micro-batch) waiting for the forecast stage.
-const CLOSED_QUEUE: usize = 2;
-/// Batches of risk updates waiting for the alert stage.
-const RISK_QUEUE: usize = 2;
-
 /// Runs the configured source with services already started.
 pub async fn run_with(
     config: &VoltcastConfig,
@@ -409,70 +503,61 @@ pub async fn run_with(
     let counters = services.counters.clone();
     let started = Instant::now();
     let (batch, rules) = (config.batch.clone(), config.validation.clone());
-    let (closed_tx, closed_rx) = tokio::sync::mpsc::channel(CLOSED_QUEUE);
-    let (risk_tx, risk_rx) = tokio::sync::mpsc::channel(RISK_QUEUE);
-    let fit_threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let mut forecasts =
-        ForecastStage::new(config.forecast.clone(), config.risk.clone(), fit_threads)
-            .with_metrics(services.metrics.clone());
-    let alert_stage = AlertStage::new(&config.alerts, services.alerts.clone());
-    let alert_task = tokio::spawn(alert_stage.run(risk_rx));
-    let stage = match config.source {
+    let settings = PartitionSettings {
+        windows: config.windows.clone(),
+        forecast: Some(ForecastSettings::new(
+            config.forecast.clone(),
+            config.risk.clone(),
+        )),
+        alerts: config.alerts.clone(),
+    };
+    let metrics = Some(services.metrics.clone());
+    let (stage, source_seconds) = match config.source {
         SourceKind::Kafka => {
             let producer = config.kafka.dead_letter_producer()?;
             let late = DeadLetterQueue::kafka(producer, config.kafka.dead_letter_topic.clone());
-            let (windows, resumed, store) = restore(config)?;
-            // After a restart the models start from the checkpointed histories.
-            forecasts.seed(windows.state());
-            let forecast_task = tokio::spawn(forecasts.run(closed_rx, risk_tx));
-            let mut stage = WindowStage::new(windows, late, Some(closed_tx))
+            let store = match config.checkpoint.enabled {
+                true => Some(CheckpointStore::open(&config.checkpoint.path)?),
+                false => None,
+            };
+            let checkpointed = store.is_some();
+            let partitions = Arc::new(PartitionSet::assigned_by_group(settings, store, metrics));
+            let mut stage = PartitionStage::new(partitions.clone(), late)
+                .with_alerts(services.alerts.clone())
                 .with_archive(ParquetArchive::new(&config.archive))
                 .with_metrics(services.metrics.clone());
-            if let Some(store) = store {
+            if checkpointed {
                 let interval = Duration::from_secs(config.checkpoint.interval_seconds);
-                stage = stage.with_checkpoints(store, interval, &resumed);
+                stage = stage.with_checkpoints_every(interval);
             }
             let source = KafkaSource::new(&config.kafka, batch, rules, counters.clone())?
-                .resume_from(&resumed);
+                .with_partition_listener(partitions);
             services.ready.store(true, Ordering::Relaxed);
             let consuming = Instant::now();
             source.run(&mut stage, shutdown).await?;
-            let source_seconds = consuming.elapsed().as_secs_f64();
-            stage.checkpoint_now()?;
-            (stage, forecast_task, source_seconds)
+            (stage, consuming.elapsed().as_secs_f64())
         }
         SourceKind::File => {
             // A file replay is a batch job that starts from the top: no checkpoint.
-            let windows = DailyWindows::new(config.windows.clone());
             let dead_letters = config.file.default_dead_letters();
-            let forecast_task = tokio::spawn(forecasts.run(closed_rx, risk_tx));
-            let mut stage = WindowStage::new(
-                windows,
-                DeadLetterQueue::file(&dead_letters),
-                Some(closed_tx),
-            )
-            .with_archive(ParquetArchive::new(&config.archive))
-            .with_metrics(services.metrics.clone());
+            let partitions = Arc::new(PartitionSet::on_sight(settings, metrics));
+            let mut stage = PartitionStage::new(partitions, DeadLetterQueue::file(&dead_letters))
+                .with_alerts(services.alerts.clone())
+                .with_archive(ParquetArchive::new(&config.archive))
+                .with_metrics(services.metrics.clone());
             let dlq = DeadLetterQueue::file(dead_letters);
             services.ready.store(true, Ordering::Relaxed);
             let source = FileSource::new(config.file.clone(), batch, rules, counters.clone(), dlq);
             let consuming = Instant::now();
             source.run(&mut stage).await?;
             stage.finish().await?;
-            let source_seconds = consuming.elapsed().as_secs_f64();
-            (stage, forecast_task, source_seconds)
+            (stage, consuming.elapsed().as_secs_f64())
         }
     };
-    let (mut stage, forecast_task, source_seconds) = stage;
+    let mut stage = stage;
+    let summary = stage.report();
     let window_times = stage.times;
-    let windows = stage.windows.stats().clone();
-    let aggregate = stage.windows.aggregate_work();
     let tally = std::mem::take(&mut stage.tally);
-    // Dropping the stage closes the closed-day channel: the forecast stage finishes its
-    // selections in flight and stops.
-    drop(stage);
-    let forecast = forecast_task.await.map(|f| f.stats).unwrap_or_default();
-    let alert_seconds = alert_task.await.map_or(0.0, |a| a.busy.as_secs_f64());
     let (risks, alerts) = {
         let store = services
             .alerts
@@ -487,43 +572,34 @@ pub async fn run_with(
     };
     services.metrics.refresh_ingest(&counters);
     Ok(RunReport {
-        windows,
-        aggregate,
+        windows: summary.windows,
+        aggregate: summary.aggregate,
         source_seconds,
         window_times,
-        alert_seconds,
+        alert_seconds: window_times.alerts.as_secs_f64(),
         tally,
         received: counters.received(),
         rejected: counters.rejected_total(),
         seconds: started.elapsed().as_secs_f64(),
-        forecast,
+        forecast: summary.forecast,
         risks,
         alerts,
     })
 }
 
-/// The window state to start from: the checkpoint's when there is one.
-fn restore(
-    config: &VoltcastConfig,
-) -> Result<(DailyWindows, Vec<SourcePosition>, Option<CheckpointStore>), ScoringError> {
-    if !config.checkpoint.enabled {
-        return Ok((DailyWindows::new(config.windows.clone()), Vec::new(), None));
-    }
-    let store = CheckpointStore::new(&config.checkpoint.path);
-    match store.load()? {
-        Some(ckpt) => {
-            tracing::info!(
-                path = %store.file().display(),
-                batteries = ckpt.windows.battery_count(),
-                "resuming from checkpoint"
-            );
-            let windows = DailyWindows::from_state(config.windows.clone(), ckpt.windows);
-            Ok((windows, ckpt.positions, Some(store)))
+/// Completes on Ctrl-C or SIGTERM: `docker stop` and Kubernetes send SIGTERM, and both
+/// stop the same way (finish the batch, checkpoint every partition, commit, exit 0).
+pub async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
         }
-        None => Ok((
-            DailyWindows::new(config.windows.clone()),
-            Vec::new(),
-            Some(store),
-        )),
     }
+    let _ = tokio::signal::ctrl_c().await;
 }

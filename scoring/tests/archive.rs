@@ -8,8 +8,9 @@ use voltcast_ingest::file::{FileFormat, FileSourceConfig};
 use voltcast_ingest::simulate::{FleetSimulator, SimulatorConfig, WireFormat, write_file};
 use voltcast_ingest::{BatchConfig, DeadLetterQueue, FileSource, IngestCounters, ValidationConfig};
 use voltcast_scoring::archive::{ArchiveConfig, ParquetArchive};
-use voltcast_scoring::pipeline::WindowStage;
-use voltcast_scoring::windows::{DailyWindows, WindowConfig};
+use voltcast_scoring::partition::{PartitionSet, PartitionSettings};
+use voltcast_scoring::pipeline::PartitionStage;
+use voltcast_scoring::windows::WindowConfig;
 
 /// (files, rows, partition folder names) under `dir`.
 fn read_all(dir: &Path) -> (usize, usize, Vec<String>) {
@@ -53,8 +54,11 @@ async fn raw_rows_and_closed_days_are_archived_by_date() {
         path: dir.path().join("archive"),
     });
     let (late, _) = DeadLetterQueue::memory();
-    let mut stage = WindowStage::new(DailyWindows::new(WindowConfig::default()), late, None)
-        .with_archive(archive);
+    let partitions = Arc::new(PartitionSet::on_sight(
+        PartitionSettings::windows_only(WindowConfig::default()),
+        None,
+    ));
+    let mut stage = PartitionStage::new(partitions, late).with_archive(archive);
     let (dlq, _) = DeadLetterQueue::memory();
     let counters = Arc::new(IngestCounters::default());
     let source = FileSource::new(
@@ -84,6 +88,6 @@ async fn raw_rows_and_closed_days_are_archived_by_date() {
     assert_eq!(raw_parts[0], "date=2024-01-01");
     assert!(raw_files >= 15);
     let (_, daily_rows, daily_parts) = read_all(&dir.path().join("archive/daily"));
-    assert_eq!(daily_rows as u64, stage.windows.stats().days_closed);
+    assert_eq!(daily_rows as u64, stage.report().windows.days_closed);
     assert_eq!(daily_parts.len(), 15);
 }

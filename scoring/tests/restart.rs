@@ -1,11 +1,12 @@
-//! Restart from a checkpoint: the pipeline is killed abruptly (its task dropped, no clean
-//! shutdown, no final checkpoint) at several points in a stream, restarted from the last
-//! checkpoint each time, and must end with exactly the daily series and counts of a run
-//! that was never interrupted: no battery-day lost, none counted twice.
+//! Restart from partition checkpoints: the pipeline is killed abruptly (its task dropped,
+//! no clean shutdown, no final checkpoint) at several points in a stream, restarted from
+//! the partitions' last checkpoints each time, and must end with exactly the daily series
+//! and counts of a run that was never interrupted: no battery-day lost, none counted
+//! twice, whatever the micro-batches' boundaries were.
 //!
 //! The whole stream is published before consuming starts, so this is also the backlog
-//! catch-up case where partitions are drained unevenly (the watermark must wait for
-//! assigned partitions that have not delivered yet).
+//! catch-up case where partitions are drained unevenly (each partition's windows follow
+//! its own event time, so that does not matter).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -21,8 +22,9 @@ use voltcast_ingest::{
     SinkError, SourcePosition, ValidationConfig,
 };
 use voltcast_scoring::checkpoint::CheckpointStore;
-use voltcast_scoring::pipeline::WindowStage;
-use voltcast_scoring::windows::{DailyWindows, WindowConfig, WindowStats, daily};
+use voltcast_scoring::partition::{PartitionSet, PartitionSettings};
+use voltcast_scoring::pipeline::PartitionStage;
+use voltcast_scoring::windows::{WindowConfig, WindowStats, daily};
 
 const TOPIC: &str = "battery-telemetry";
 
@@ -32,12 +34,25 @@ type Series = BTreeMap<(String, i32), (i64, f64, f64, f64, bool)>;
 /// Passes batches to the window stage and records how far each partition got, so the
 /// test knows where in the stream it is.
 struct Probe {
-    stage: WindowStage,
+    stage: PartitionStage,
     progress: Arc<Mutex<BTreeMap<i32, i64>>>,
+    /// Offsets (summed) the partitions' checkpoints covered when the first batch came.
+    resumed: Arc<Mutex<Option<i64>>>,
 }
 
 impl BatchSink for Probe {
     async fn accept(&mut self, batch: MicroBatch) -> Result<Vec<SourcePosition>, SinkError> {
+        {
+            let mut resumed = self.resumed.lock().unwrap();
+            if resumed.is_none() {
+                let tasks = self.stage.partitions.lock();
+                let mut progress = self.progress.lock().unwrap();
+                for task in tasks.values() {
+                    progress.insert(task.key.partition, task.next_offset.unwrap_or(0));
+                }
+                *resumed = Some(tasks.values().filter_map(|t| t.next_offset).sum());
+            }
+        }
         let seen: Vec<_> = batch
             .positions
             .iter()
@@ -50,6 +65,10 @@ impl BatchSink for Probe {
             *e = (*e).max(next);
         }
         Ok(durable)
+    }
+
+    async fn checkpoint(&mut self) -> Result<Vec<SourcePosition>, SinkError> {
+        self.stage.checkpoint().await
     }
 }
 
@@ -95,49 +114,28 @@ struct Incarnation {
     resumed_from: i64,
 }
 
-/// Runs one life of the pipeline with the window stage in `shards` shards: restores
-/// from `ckpt`, consumes, and either is killed once `kill_at` offsets have been read or
-/// (None) runs to the end and closes all days.
-async fn live(
-    kafka: &KafkaConfig,
-    ckpt: &Path,
-    total: i64,
-    kill_at: Option<i64>,
-    shards: usize,
-) -> Incarnation {
-    let store = CheckpointStore::new(ckpt);
-    let config = WindowConfig {
-        shards,
-        ..Default::default()
-    };
-    let (windows, resumed) = match store.load().unwrap() {
-        Some(c) => (DailyWindows::from_state(config, c.windows), c.positions),
-        None => (DailyWindows::new(config), Vec::new()),
-    };
-    // Read after the run: room for every closed batch.
-    let (tx, mut rx) = tokio::sync::mpsc::channel(1 << 20);
+/// Runs one life of the pipeline: restores each assigned partition from its checkpoint
+/// in `ckpt`, consumes, and either is killed once `kill_at` offsets have been read or
+/// (None) runs to the end of the stream.
+async fn live(kafka: &KafkaConfig, ckpt: &Path, total: i64, kill_at: Option<i64>) -> Incarnation {
+    let store = CheckpointStore::open(ckpt).unwrap();
+    let partitions = Arc::new(PartitionSet::assigned_by_group(
+        PartitionSettings::windows_only(WindowConfig::default()),
+        Some(store),
+        None,
+    ));
+    let (tx, rx) = std::sync::mpsc::channel();
     let (late_queue, _late) = DeadLetterQueue::memory();
-    let stage = WindowStage::new(windows, late_queue, Some(tx)).with_checkpoints(
-        store,
+    let stage = PartitionStage::new(partitions.clone(), late_queue)
+        .with_closed_tap(tx)
         // A few batches per checkpoint, so a restart has to re-read what came after it.
-        Duration::from_millis(40),
-        &resumed,
-    );
-    eprintln!(
-        "resuming from {:?}",
-        resumed
-            .iter()
-            .map(|p| (p.partition, p.next_offset))
-            .collect::<Vec<_>>()
-    );
+        .with_checkpoints_every(Duration::from_millis(40));
     let progress = Arc::new(Mutex::new(BTreeMap::new()));
-    for p in &resumed {
-        progress.lock().unwrap().insert(p.partition, p.next_offset);
-    }
-    let resumed_from = resumed.iter().map(|p| p.next_offset).sum();
+    let resumed = Arc::new(Mutex::new(None));
     let mut probe = Probe {
         stage,
         progress: progress.clone(),
+        resumed: resumed.clone(),
     };
     let (dlq, _rejected) = DeadLetterQueue::memory();
     let batch = BatchConfig {
@@ -152,7 +150,7 @@ async fn live(
         dlq,
     )
     .unwrap()
-    .resume_from(&resumed);
+    .with_partition_listener(partitions.clone());
     let watched = progress.clone();
     let stop_at = kill_at.unwrap_or(total);
     let all_read = async move {
@@ -179,10 +177,13 @@ async fn live(
         });
         all_read.await;
         report(&progress);
-        // Abrupt: the task (consumer, stage, state) is dropped wherever it is.
+        // Abrupt: nothing more is written, and the task (consumer, stage, state) is
+        // dropped wherever it is.
+        partitions.halt();
         task.abort();
         let _ = task.await;
-        collect(&mut series, drain(&mut rx));
+        collect(&mut series, rx.try_iter().collect());
+        let resumed_from = resumed.lock().unwrap().unwrap_or(0);
         return Incarnation {
             series,
             stats: None,
@@ -196,21 +197,15 @@ async fn live(
         total,
         "the stream was not read to its end"
     );
-    probe.stage.finish().await.unwrap();
-    collect(&mut series, drain(&mut rx));
+    // Days close as the watermark passes them; the last open days stay open in both
+    // runs (a stream has no end).
+    collect(&mut series, rx.try_iter().collect());
+    let resumed_from = resumed.lock().unwrap().unwrap_or(0);
     Incarnation {
         series,
-        stats: Some(probe.stage.windows.stats().clone()),
+        stats: Some(probe.stage.report().windows),
         resumed_from,
     }
-}
-
-fn drain(rx: &mut tokio::sync::mpsc::Receiver<RecordBatch>) -> Vec<RecordBatch> {
-    let mut closed = Vec::new();
-    while let Ok(b) = rx.try_recv() {
-        closed.push(b);
-    }
-    closed
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -258,7 +253,7 @@ async fn killed_and_restarted_runs_equal_an_uninterrupted_one() {
         group_id: "uninterrupted".into(),
         ..kafka.clone()
     };
-    let want = live(&whole, &dir.path().join("whole"), total, None, 1).await;
+    let want = live(&whole, &dir.path().join("whole"), total, None).await;
     let want_stats = want.stats.clone().unwrap();
     assert!(
         want.series.len() > 250 * 80,
@@ -268,8 +263,7 @@ async fn killed_and_restarted_runs_equal_an_uninterrupted_one() {
     assert_eq!(want_stats.late, 0, "a backlog must not turn rows late");
     assert_eq!(want.resumed_from, 0);
 
-    // The same stream, killed at 20%, 45% and 70% of it and restarted each time, with
-    // another shard count each life: a checkpoint re-splits to the shards it meets.
+    // The same stream, killed at 20%, 45% and 70% of it and restarted each time.
     let killed = KafkaConfig {
         group_id: "killed".into(),
         ..kafka.clone()
@@ -277,20 +271,19 @@ async fn killed_and_restarted_runs_equal_an_uninterrupted_one() {
     let ckpt = dir.path().join("killed");
     let mut got = Series::new();
     let mut resumed = Vec::new();
-    for (fraction, shards) in [(0.20, 2), (0.45, 3), (0.70, 2)] {
+    for fraction in [0.20, 0.45, 0.70] {
         let life = live(
             &killed,
             &ckpt,
             total,
             Some((total as f64 * fraction) as i64),
-            shards,
         )
         .await;
         assert!(life.stats.is_none());
         resumed.push(life.resumed_from);
         merge(&mut got, life.series);
     }
-    let last = live(&killed, &ckpt, total, None, 1).await;
+    let last = live(&killed, &ckpt, total, None).await;
     resumed.push(last.resumed_from);
     merge(&mut got, last.series);
     // What the test is about, whatever the timing: every restart resumed from a

@@ -39,8 +39,14 @@ fn batch(records: &[TelemetryRecord<'_>]) -> MicroBatch {
     let mut b = TelemetryBatchBuilder::with_capacity(records.len());
     records.iter().for_each(|r| b.append(r));
     let max = records.iter().map(|r| r.event_time).max();
+    let rows = b.finish();
     MicroBatch {
-        rows: b.finish(),
+        parts: vec![voltcast_ingest::PartitionRows {
+            partition: (Arc::from("t"), 0),
+            start: 0,
+            len: rows.num_rows(),
+        }],
+        rows,
         positions: vec![SourcePosition {
             source: Arc::from("t"),
             partition: 0,

@@ -14,8 +14,9 @@ use voltcast_ingest::time::MILLIS_PER_DAY;
 use voltcast_ingest::{
     BatchConfig, DeadLetterQueue, IngestCounters, KafkaConfig, KafkaSource, ValidationConfig,
 };
-use voltcast_scoring::pipeline::WindowStage;
-use voltcast_scoring::windows::{DailyWindows, WindowConfig, daily};
+use voltcast_scoring::partition::{PartitionSet, PartitionSettings};
+use voltcast_scoring::pipeline::PartitionStage;
+use voltcast_scoring::windows::{WindowConfig, daily};
 
 /// (day, trips, minutes, cycles, lifetime, age, imputed)
 type Row = (i32, i64, f64, f64, f64, i32, bool);
@@ -178,18 +179,15 @@ async fn streamed_daily_series_equal_the_reference_battery_by_battery() {
         counters.clone(),
     )
     .unwrap();
-    // Read after the run: room for every closed batch.
-    let (tx, mut rx) = tokio::sync::mpsc::channel(1 << 20);
+    let (tx, rx) = std::sync::mpsc::channel();
     let (late_queue, late) = DeadLetterQueue::memory();
-    let mut stage = WindowStage::new(
-        // Two shards, each on its own thread for the larger batches of the backlog.
-        DailyWindows::new(WindowConfig {
-            shards: 2,
-            ..Default::default()
-        }),
-        late_queue,
-        Some(tx),
-    );
+    // The topic's partitions each have their own task, on threads of their own for the
+    // larger batches of the backlog.
+    let partitions = Arc::new(PartitionSet::on_sight(
+        PartitionSettings::windows_only(WindowConfig::default()),
+        None,
+    ));
+    let mut stage = PartitionStage::new(partitions, late_queue).with_closed_tap(tx);
     let seen = counters.clone();
     let consumer = tokio::spawn(async move {
         let all_read = async move {
@@ -222,7 +220,7 @@ async fn streamed_daily_series_equal_the_reference_battery_by_battery() {
     assert_eq!(counters.received(), total);
 
     let mut closed = Vec::new();
-    while let Ok(b) = rx.try_recv() {
+    for b in rx.try_iter() {
         closed.push(b);
     }
     assert!(
@@ -249,7 +247,7 @@ async fn streamed_daily_series_equal_the_reference_battery_by_battery() {
         mismatches.len(),
         &mismatches[..mismatches.len().min(3)]
     );
-    let stats = stage.windows.stats();
+    let stats = stage.report().windows;
     assert!(
         stats.duplicates > 500,
         "duplicates in the stream: {}",

@@ -13,9 +13,12 @@
 //! - [`publish`]: the `battery-alerts` Kafka topic, idempotent producer, keyed by battery.
 //!
 //! Why "exactly once" holds without distributed transactions: alert ids are
-//! deterministic (battery, episode, severity), the episode state is rebuilt from the
-//! store at start-up, and every receiver (head unit, topic consumers) dedupes by id.
-//! Deliveries are at least once; with the id as idempotency key the effect is once.
+//! deterministic (battery, episode, severity); the episodes are part of their partition's
+//! checkpoint (see [`crate::partition`]), so a replay after a crash repeats the same
+//! decisions with the same ids; a decision already carried out (its alert is in the
+//! store) is not carried out again; and every receiver (head unit, topic consumers)
+//! dedupes by id. Deliveries are at least once; with the id as idempotency key the
+//! effect is once.
 
 pub mod outbox;
 pub mod policy;
@@ -266,6 +269,9 @@ impl AlertService {
                 // that succeeds at once cannot be recorded before the alert exists (and
                 // be lost, leaving the alert `pending` for ever).
                 let mut store = self.lock();
+                if store.get(&alert.alert_id).is_some() {
+                    return Ok(()); // carried out before a crash; replayed since
+                }
                 self.send_webhook(&mut alert)?;
                 self.metrics
                     .alerts_raised
@@ -280,6 +286,9 @@ impl AlertService {
                 mut alert,
             } => {
                 let mut store = self.lock(); // as for Raise
+                if store.get(&alert.alert_id).is_some() {
+                    return Ok(());
+                }
                 self.send_webhook(&mut alert)?;
                 self.metrics
                     .alerts_raised
@@ -297,6 +306,13 @@ impl AlertService {
                 self.publish(EventKind::Escalated, alert);
             }
             Decision::Resolve { alert_id, reason } => {
+                let done = self
+                    .lock()
+                    .get(&alert_id)
+                    .is_some_and(|a| !a.status.is_active());
+                if done {
+                    return Ok(());
+                }
                 let now = Utc::now();
                 self.metrics
                     .alerts_resolved
@@ -388,14 +404,34 @@ impl AlertService {
     }
 }
 
-/// The alert stage on the stream: risk updates in, decisions carried out.
+impl AlertService {
+    /// Carries out a batch's decisions, then stores the fresh assessments as the
+    /// batteries' latest under one lock of the store (a lock per update cost more than
+    /// the policy on a backlog), and syncs the log if the batch stored an alert.
+    pub fn record(&self, decisions: Vec<Decision>, updates: Vec<RiskUpdate>) {
+        for d in decisions {
+            if let Err(e) = self.apply(d) {
+                tracing::error!(error = %e, "alert not recorded");
+            }
+        }
+        self.metrics.risk_updates.inc_by(updates.len() as u64);
+        let mut store = self.lock();
+        for update in updates {
+            store.set_latest(update);
+        }
+        if let Err(e) = store.sync() {
+            tracing::error!(error = %e, "syncing the alert log");
+        }
+    }
+}
+
+/// The policy and the service together, outside a partition: the episodes rebuilt from
+/// the store. For tools and tests that feed risk updates by hand.
 pub struct AlertStage {
     pub policy: EpisodePolicy,
     pub service: Arc<AlertService>,
     /// With alerts off, the stage only keeps the latest assessment for the API.
     enabled: bool,
-    /// CPU time spent deciding and storing (for `voltcast bench pipeline`).
-    pub busy: std::time::Duration,
 }
 
 impl AlertStage {
@@ -407,7 +443,6 @@ impl AlertStage {
             policy,
             service,
             enabled: config.enabled,
-            busy: std::time::Duration::ZERO,
         }
     }
 
@@ -415,39 +450,15 @@ impl AlertStage {
         self.take_batch(vec![update]);
     }
 
-    /// Decides on a batch of updates, then stores them as the batteries' latest under one
-    /// lock of the store (a lock per update cost more than the policy on a backlog) and
-    /// syncs the log if the batch stored an alert.
+    /// Decides on a batch of updates and carries the decisions out.
     pub fn take_batch(&mut self, batch: Vec<RiskUpdate>) {
         let now = Utc::now();
-        for update in &batch {
-            if !self.enabled {
-                break;
-            }
-            for d in self.policy.observe(update, now) {
-                if let Err(e) = self.service.apply(d) {
-                    tracing::error!(battery = %update.battery_id, error = %e, "alert not recorded");
-                }
+        let mut decisions = Vec::new();
+        if self.enabled {
+            for update in &batch {
+                decisions.extend(self.policy.observe(update, now));
             }
         }
-        self.service.metrics.risk_updates.inc_by(batch.len() as u64);
-        let mut store = self.service.lock();
-        for update in batch {
-            store.set_latest(update);
-        }
-        if let Err(e) = store.sync() {
-            tracing::error!(error = %e, "syncing the alert log");
-        }
-    }
-
-    /// Consumes batches of updates until the channel closes; the alert log is synced
-    /// once per batch (and only when the batch stored an alert).
-    pub async fn run(mut self, mut updates: mpsc::Receiver<Vec<RiskUpdate>>) -> Self {
-        while let Some(batch) = updates.recv().await {
-            let mut busy = self.busy;
-            crate::memory::on_cpu(&mut busy, || self.take_batch(batch));
-            self.busy = busy;
-        }
-        self
+        self.service.record(decisions, batch);
     }
 }

@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
 
 use super::{Alert, AlertConfig, AlertStatus, DeliveryStatus, Severity, alert_id, iso_day};
 use crate::forecasting::RiskUpdate;
@@ -60,7 +61,7 @@ pub enum Decision {
     },
 }
 
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
 struct BatteryEpisode {
     /// Episodes so far (the open one included).
     episode: u32,
@@ -70,6 +71,23 @@ struct BatteryEpisode {
     age: Option<i32>,
 }
 
+/// Where each battery's episodes stand: part of its partition's checkpoint, so a replay
+/// after a crash continues the same episode (same alert ids) instead of opening a new one.
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Episodes {
+    batteries: HashMap<Arc<str>, BatteryEpisode, foldhash::fast::RandomState>,
+}
+
+impl Episodes {
+    pub fn len(&self) -> usize {
+        self.batteries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.batteries.is_empty()
+    }
+}
+
 pub struct EpisodePolicy {
     config: AlertConfig,
     batteries: HashMap<Arc<str>, BatteryEpisode, foldhash::fast::RandomState>,
@@ -77,9 +95,21 @@ pub struct EpisodePolicy {
 
 impl EpisodePolicy {
     pub fn new(config: AlertConfig) -> Self {
+        Self::with_episodes(config, Episodes::default())
+    }
+
+    /// Continues from checkpointed episodes.
+    pub fn with_episodes(config: AlertConfig, episodes: Episodes) -> Self {
         Self {
             config,
-            batteries: HashMap::default(),
+            batteries: episodes.batteries,
+        }
+    }
+
+    /// The episodes as they stand, to checkpoint.
+    pub fn episodes(&self) -> EpisodesRef<'_> {
+        EpisodesRef {
+            batteries: &self.batteries,
         }
     }
 
@@ -165,6 +195,12 @@ impl EpisodePolicy {
         }
         out
     }
+}
+
+/// [`Episodes`], borrowed: a checkpoint must not clone the state it saves.
+#[derive(Serialize)]
+pub struct EpisodesRef<'a> {
+    batteries: &'a HashMap<Arc<str>, BatteryEpisode, foldhash::fast::RandomState>,
 }
 
 fn build_alert(u: &RiskUpdate, episode: u32, severity: Severity, now: DateTime<Utc>) -> Alert {

@@ -41,7 +41,7 @@ pub use open::OpenWindows;
 pub use shard::ShardState;
 pub use watermark::Watermarks;
 
-use shard::{ShardOutput, ShardTask, route};
+use shard::{RowClock, ShardOutput, ShardTask, route};
 
 /// `[windows]` in the config file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -200,7 +200,7 @@ pub struct WindowStats {
 }
 
 impl WindowStats {
-    fn add(&mut self, o: &WindowStats) {
+    pub fn add(&mut self, o: &WindowStats) {
         self.rows_in += o.rows_in;
         self.duplicates += o.duplicates;
         self.late += o.late;
@@ -375,6 +375,14 @@ impl DailyWindows {
         &self.state
     }
 
+    pub fn into_state(self) -> WindowState {
+        self.state
+    }
+
+    pub fn config(&self) -> &WindowConfig {
+        &self.config
+    }
+
     pub fn stats(&self) -> &WindowStats {
         &self.state.stats
     }
@@ -402,7 +410,29 @@ impl DailyWindows {
             .observe(&batch.positions, &batch.assigned, now);
         // A day closes when the watermark passes its end.
         let close = st.watermarks.advance(now).map(|w| day_of(w + 1));
-        self.run_shards(&batch.rows, late_before, close)
+        self.run(&batch.rows, late_before, close, None)
+    }
+
+    /// Takes in one partition's rows of a micro-batch, in offset order, with how far the
+    /// partition got: the windows hold that one partition's batteries (see
+    /// [`crate::partition`]), so its own event times alone move the watermark, and
+    /// each row is judged late or not by the rows before it.
+    pub fn apply_partition(
+        &mut self,
+        rows: &RecordBatch,
+        position: &voltcast_ingest::SourcePosition,
+        now: EpochMillis,
+    ) -> Result<WindowOutput, WindowError> {
+        let late_before = self.state.closed_before;
+        let st = &mut self.state;
+        let clock = RowClock {
+            lateness_ms: self.config.allowed_lateness_hours * 3_600_000,
+            watermark: st.watermarks.current(),
+        };
+        st.watermarks
+            .observe(std::slice::from_ref(position), &[], now);
+        let close = st.watermarks.advance(now).map(|w| day_of(w + 1));
+        self.run(rows, late_before, close, Some(clock))
     }
 
     /// Closes every open window (end of a finite input: a file replay or a test).
@@ -418,14 +448,15 @@ impl DailyWindows {
         };
         let empty = RecordBatch::new_empty(voltcast_ingest::schema::telemetry_schema());
         let late_before = self.state.closed_before;
-        Ok(self.run_shards(&empty, late_before, Some(last + 1))?.closed)
+        Ok(self.run(&empty, late_before, Some(last + 1), None)?.closed)
     }
 
-    fn run_shards(
+    fn run(
         &mut self,
         rows: &RecordBatch,
         late_before: Option<i32>,
         close: Option<i32>,
+        row_clock: Option<RowClock>,
     ) -> Result<WindowOutput, WindowError> {
         let close = close.filter(|d| late_before.is_none_or(|c| *d > c));
         let shards = self.state.shards.len();
@@ -437,6 +468,7 @@ impl DailyWindows {
                 closed_before: late_before,
                 close_before: close,
                 retention_days: self.config.retention_days,
+                row_clock,
             })
             .collect();
         let work = self

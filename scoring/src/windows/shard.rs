@@ -69,6 +69,18 @@ pub(super) struct ShardTask<'a> {
     /// After taking the rows in, close every open day before this one.
     pub close_before: Option<i32>,
     pub retention_days: usize,
+    /// When the rows are one partition's, in offset order: each row is judged against
+    /// the watermark of the rows before it, so whether a row is late does not depend on
+    /// where micro-batches happen to split (a replay after a crash splits elsewhere).
+    pub row_clock: Option<RowClock>,
+}
+
+/// A partition's event-time clock as rows go by.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct RowClock {
+    pub lateness_ms: i64,
+    /// The watermark before the batch's first row.
+    pub watermark: Option<voltcast_ingest::time::EpochMillis>,
 }
 
 #[derive(Default)]
@@ -117,6 +129,7 @@ impl ShardState {
         let mut keep = Vec::with_capacity(rows.num_rows());
         let mut index = Vec::with_capacity(rows.num_rows());
         let stats = &mut output.stats;
+        let mut clock = task.row_clock;
         for i in 0..rows.num_rows() {
             let id = ids.value(i);
             let hash = id_hash(id);
@@ -128,7 +141,14 @@ impl ShardState {
             stats.rows_in += 1;
             let t = times.value(i);
             let day = day_of(t);
-            if let Some(closed) = task.closed_before.filter(|c| day < *c) {
+            let mut closed_before = task.closed_before;
+            if let Some(c) = &mut clock {
+                let passed = c.watermark.map(|w| day_of(w + 1));
+                closed_before = closed_before.max(passed);
+                let w = t - c.lateness_ms;
+                c.watermark = Some(c.watermark.map_or(w, |m| m.max(w)));
+            }
+            if let Some(closed) = closed_before.filter(|c| day < *c) {
                 stats.late += 1;
                 output.late.push(late_letter(rows, i, closed));
                 keep.push(false);

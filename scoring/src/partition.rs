@@ -1,0 +1,516 @@
+//! The Kafka partition is the unit of state, parallelism and checkpoint.
+//!
+//! Telemetry is keyed by battery, so a battery lives in one partition. A
+//! [`PartitionTask`] owns everything the stream remembers about its partition's
+//! batteries: open day windows and the partition's watermark, histories, forecast models,
+//! alert episodes, and the next offset. It is checkpointed as one object
+//! ([`crate::checkpoint`]) and moves with the partition on a rebalance: the consumer
+//! group is the distributed engine, as Kafka Streams' tasks are.
+//!
+//! Every decision a task makes comes from its own state and its partition's records in
+//! offset order, never from wall time or from another partition: after a crash, a replay
+//! from the checkpoint repeats the same closed days, the same model updates and the same
+//! alert decisions with the same ids.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use chrono::Utc;
+use datafusion::arrow::array::RecordBatch;
+use serde::{Deserialize, Serialize};
+use voltcast_ingest::dead_letter::DeadLetter;
+use voltcast_ingest::time::EpochMillis;
+use voltcast_ingest::{PartitionId, PartitionListener, SourcePosition};
+
+use crate::alerts::policy::{Episodes, EpisodesRef};
+use crate::alerts::{AlertConfig, Decision, EpisodePolicy};
+use crate::checkpoint::{CheckpointError, CheckpointStore, PartitionKey};
+use crate::forecasting::{BatteryModels, ForecastSettings, ForecastStats, RiskUpdate};
+use crate::memory::on_cpu;
+use crate::metrics::Metrics;
+use crate::windows::{DailyWindows, WindowConfig, WindowError, WindowState};
+
+/// What every task of a run shares: how windows, forecasts and alerts behave.
+#[derive(Debug, Clone)]
+pub struct PartitionSettings {
+    pub windows: WindowConfig,
+    /// None: the day windows only (tools and tests of the windows alone).
+    pub forecast: Option<ForecastSettings>,
+    pub alerts: AlertConfig,
+}
+
+impl PartitionSettings {
+    /// The day windows alone: no forecasts, no alerts.
+    pub fn windows_only(windows: WindowConfig) -> Self {
+        Self {
+            windows,
+            forecast: None,
+            alerts: AlertConfig {
+                enabled: false,
+                ..AlertConfig::default()
+            },
+        }
+    }
+}
+
+/// A partition's state as a checkpoint holds it.
+#[derive(Debug, Deserialize)]
+struct PartitionState {
+    next_offset: Option<i64>,
+    windows: WindowState,
+    models: BatteryModels,
+    episodes: Episodes,
+}
+
+/// The same, borrowed: saving must not clone the state.
+#[derive(Serialize)]
+struct PartitionStateRef<'a> {
+    next_offset: Option<i64>,
+    windows: &'a WindowState,
+    models: &'a BatteryModels,
+    episodes: EpisodesRef<'a>,
+}
+
+/// CPU time a task's steps took (on whichever thread ran it).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct TaskTimes {
+    pub windows: Duration,
+    pub forecasts: Duration,
+}
+
+/// What one batch of a partition produced.
+#[derive(Debug, Default)]
+pub struct PartitionOutput {
+    /// Closed days (the daily schema).
+    pub closed: Vec<RecordBatch>,
+    /// Rows for days that had already closed.
+    pub late: Vec<DeadLetter>,
+    /// Fresh assessments, each battery's in day order.
+    pub risks: Vec<RiskUpdate>,
+    /// Alert decisions, to carry out before the state that made them is checkpointed.
+    pub decisions: Vec<Decision>,
+}
+
+/// One partition's state and the work on it.
+pub struct PartitionTask {
+    pub key: PartitionKey,
+    /// The first offset the state does not cover; None until anything was read.
+    pub next_offset: Option<i64>,
+    pub windows: DailyWindows,
+    pub models: BatteryModels,
+    policy: EpisodePolicy,
+    /// The number this owner writes its next checkpoint under.
+    next_seq: u64,
+    /// Changed since the last checkpoint.
+    dirty: bool,
+    pub forecast_stats: ForecastStats,
+    pub times: TaskTimes,
+}
+
+impl PartitionTask {
+    fn fresh(key: PartitionKey, settings: &PartitionSettings) -> Self {
+        Self {
+            key,
+            next_offset: None,
+            windows: DailyWindows::new(one_shard(&settings.windows)),
+            models: BatteryModels::default(),
+            policy: EpisodePolicy::new(settings.alerts.clone()),
+            next_seq: 1,
+            dirty: false,
+            forecast_stats: ForecastStats::default(),
+            times: TaskTimes::default(),
+        }
+    }
+
+    fn restored(
+        key: PartitionKey,
+        state: PartitionState,
+        next_seq: u64,
+        settings: &PartitionSettings,
+    ) -> Self {
+        Self {
+            key,
+            next_offset: state.next_offset,
+            windows: DailyWindows::from_state(one_shard(&settings.windows), state.windows),
+            models: state.models,
+            policy: EpisodePolicy::with_episodes(settings.alerts.clone(), state.episodes),
+            next_seq,
+            dirty: false,
+            forecast_stats: ForecastStats::default(),
+            times: TaskTimes::default(),
+        }
+    }
+
+    /// Takes in this partition's rows of a micro-batch (offset order) and how far it got.
+    pub fn apply(
+        &mut self,
+        rows: &RecordBatch,
+        position: &SourcePosition,
+        now: EpochMillis,
+        settings: &PartitionSettings,
+        metrics: Option<&Metrics>,
+    ) -> Result<PartitionOutput, WindowError> {
+        let windows = &mut self.windows;
+        let out = on_cpu(&mut self.times.windows, || {
+            windows.apply_partition(rows, position, now)
+        })?;
+        self.next_offset = Some(
+            self.next_offset
+                .map_or(position.next_offset, |n| n.max(position.next_offset)),
+        );
+        self.dirty = true;
+        let mut output = PartitionOutput {
+            closed: out.closed,
+            late: out.late,
+            ..Default::default()
+        };
+        self.forecast(&mut output, settings, metrics);
+        Ok(output)
+    }
+
+    /// Closes every open window (end of a finite input).
+    pub fn finish(
+        &mut self,
+        settings: &PartitionSettings,
+        metrics: Option<&Metrics>,
+    ) -> Result<PartitionOutput, WindowError> {
+        let windows = &mut self.windows;
+        let closed = on_cpu(&mut self.times.windows, || windows.close_all())?;
+        self.dirty = true;
+        let mut output = PartitionOutput {
+            closed,
+            ..Default::default()
+        };
+        self.forecast(&mut output, settings, metrics);
+        Ok(output)
+    }
+
+    /// Forecasts on the closed days, and the alert policy on the fresh risks.
+    fn forecast(
+        &mut self,
+        output: &mut PartitionOutput,
+        settings: &PartitionSettings,
+        metrics: Option<&Metrics>,
+    ) {
+        let Some(forecast) = &settings.forecast else {
+            return;
+        };
+        let now = Utc::now();
+        let mut cpu = Duration::ZERO;
+        for batch in &output.closed {
+            let risks = on_cpu(&mut cpu, || {
+                self.models.take_closed(
+                    batch,
+                    self.windows.state(),
+                    forecast,
+                    &mut self.forecast_stats,
+                    metrics,
+                )
+            });
+            if settings.alerts.enabled {
+                for risk in &risks {
+                    output.decisions.extend(self.policy.observe(risk, now));
+                }
+            }
+            output.risks.extend(risks);
+        }
+        self.times.forecasts += cpu;
+    }
+
+    fn state(&self) -> PartitionStateRef<'_> {
+        PartitionStateRef {
+            next_offset: self.next_offset,
+            windows: self.windows.state(),
+            models: &self.models,
+            episodes: self.policy.episodes(),
+        }
+    }
+
+    /// Writes a checkpoint if anything changed; returns the bytes written.
+    fn checkpoint(&mut self, store: &CheckpointStore) -> Result<Option<u64>, CheckpointError> {
+        if !self.dirty {
+            return Ok(None);
+        }
+        let bytes = store.save(&self.key, self.next_seq, &self.state())?;
+        self.next_seq += 1;
+        self.dirty = false;
+        Ok(Some(bytes))
+    }
+
+    /// Where a new owner (or a restart) resumes this partition.
+    pub fn position(&self) -> Option<SourcePosition> {
+        Some(SourcePosition {
+            source: self.key.topic.clone(),
+            partition: self.key.partition,
+            next_offset: self.next_offset?,
+            max_event_time: None,
+        })
+    }
+}
+
+/// The windows of one partition run on one thread: the partitions are the parallelism.
+fn one_shard(config: &WindowConfig) -> WindowConfig {
+    WindowConfig {
+        shards: 1,
+        ..config.clone()
+    }
+}
+
+fn key_of(p: &PartitionId) -> PartitionKey {
+    PartitionKey {
+        topic: p.0.clone(),
+        partition: p.1,
+    }
+}
+
+/// The partitions this process owns, shared by the stage that works on them and the
+/// consumer's rebalance callbacks that hand them in and out.
+pub struct PartitionSet {
+    tasks: Mutex<BTreeMap<PartitionKey, PartitionTask>>,
+    checkpoints: Option<CheckpointStore>,
+    pub settings: PartitionSettings,
+    /// Partitions appear on first sight (a file, a test) rather than by assignment.
+    create_on_sight: bool,
+    /// A failure inside a rebalance callback, reported by the next batch.
+    failure: Mutex<Option<CheckpointError>>,
+    metrics: Option<Arc<Metrics>>,
+    /// Work done by tasks that have since left, so a run's report covers them too.
+    departed: Mutex<Departed>,
+    /// Set by [`PartitionSet::halt`]: nothing more is written.
+    halted: std::sync::atomic::AtomicBool,
+}
+
+/// What tasks that were revoked or lost had done.
+#[derive(Debug, Default, Clone)]
+pub struct Departed {
+    pub windows: crate::windows::WindowStats,
+    pub aggregate: crate::windows::aggregate::AggregateWork,
+    pub forecast: ForecastStats,
+    pub times: TaskTimes,
+    pub partitions: u64,
+}
+
+impl PartitionSet {
+    /// Partitions come and go by assignment (Kafka), checkpointed to `checkpoints`.
+    pub fn assigned_by_group(
+        settings: PartitionSettings,
+        checkpoints: Option<CheckpointStore>,
+        metrics: Option<Arc<Metrics>>,
+    ) -> Self {
+        Self::new(settings, checkpoints, false, metrics)
+    }
+
+    /// Partitions appear as their records do (a file replay, a test).
+    pub fn on_sight(settings: PartitionSettings, metrics: Option<Arc<Metrics>>) -> Self {
+        Self::new(settings, None, true, metrics)
+    }
+
+    fn new(
+        settings: PartitionSettings,
+        checkpoints: Option<CheckpointStore>,
+        create_on_sight: bool,
+        metrics: Option<Arc<Metrics>>,
+    ) -> Self {
+        Self {
+            tasks: Mutex::new(BTreeMap::new()),
+            checkpoints,
+            settings,
+            create_on_sight,
+            failure: Mutex::new(None),
+            metrics,
+            departed: Mutex::new(Departed::default()),
+            halted: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// From now on nothing is written: partitions that leave are dropped as if lost.
+    /// What a crash does, for tests that crash an instance in-process (dropping a
+    /// consumer otherwise leaves its group cleanly, saving its partitions on the way).
+    pub fn halt(&self) {
+        self.halted.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn is_halted(&self) -> bool {
+        self.halted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The tasks, locked. The stage holds this while it works on a batch; the rebalance
+    /// callbacks run between batches, so they never wait on it for long.
+    pub fn lock(&self) -> MutexGuard<'_, BTreeMap<PartitionKey, PartitionTask>> {
+        self.tasks.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn metrics(&self) -> Option<&Metrics> {
+        self.metrics.as_deref()
+    }
+
+    pub fn departed(&self) -> Departed {
+        self.departed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// A failure a rebalance callback could not report itself.
+    pub fn take_failure(&self) -> Option<CheckpointError> {
+        self.failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+    }
+
+    /// Whether rows of a partition without a task start one.
+    pub fn creates_on_sight(&self) -> bool {
+        self.create_on_sight
+    }
+
+    /// A task for `key` from nothing (a partition seen for the first time).
+    pub fn fresh_task(&self, key: PartitionKey) -> PartitionTask {
+        PartitionTask::fresh(key, &self.settings)
+    }
+
+    /// Loads `key`'s latest checkpoint and claims its next number.
+    fn load(&self, key: PartitionKey) -> Result<PartitionTask, CheckpointError> {
+        let Some(store) = &self.checkpoints else {
+            return Ok(self.fresh_task(key));
+        };
+        let started = std::time::Instant::now();
+        let loaded = store.load::<PartitionState>(&key)?;
+        let task = match loaded.state {
+            Some(state) => {
+                PartitionTask::restored(key.clone(), state, loaded.next_seq, &self.settings)
+            }
+            None => PartitionTask {
+                next_seq: loaded.next_seq,
+                ..self.fresh_task(key.clone())
+            },
+        };
+        tracing::info!(
+            partition = %key,
+            batteries = task.windows.state().battery_count(),
+            next_offset = ?task.next_offset,
+            seconds = started.elapsed().as_secs_f64(),
+            "partition state loaded"
+        );
+        Ok(task)
+    }
+
+    /// Checkpoints every task that changed; returns the positions now durable. A task
+    /// fenced off by a newer owner is dropped.
+    pub fn checkpoint_all(&self) -> Result<Vec<SourcePosition>, CheckpointError> {
+        let Some(store) = &self.checkpoints else {
+            return Ok(Vec::new());
+        };
+        if self.is_halted() {
+            return Ok(Vec::new());
+        }
+        let mut tasks = self.lock();
+        let mut durable = Vec::new();
+        let mut fenced = Vec::new();
+        for (key, task) in tasks.iter_mut() {
+            let started = std::time::Instant::now();
+            match task.checkpoint(store) {
+                Ok(Some(bytes)) => {
+                    if let Some(m) = &self.metrics {
+                        m.checkpoint_seconds
+                            .observe(started.elapsed().as_secs_f64());
+                    }
+                    tracing::debug!(partition = %key, bytes, "checkpoint saved");
+                    durable.extend(task.position());
+                }
+                Ok(None) => {}
+                Err(CheckpointError::Fenced { path }) => {
+                    tracing::warn!(partition = %key, %path, "another instance owns the partition now: dropping it");
+                    fenced.push(key.clone());
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        for key in fenced {
+            if let Some(task) = tasks.remove(&key) {
+                self.depart(&task);
+            }
+        }
+        crate::memory::release_free_pages();
+        Ok(durable)
+    }
+
+    fn depart(&self, task: &PartitionTask) {
+        let mut d = self.departed.lock().unwrap_or_else(|e| e.into_inner());
+        d.windows.add(task.windows.stats());
+        d.aggregate = [d.aggregate, task.windows.aggregate_work()]
+            .into_iter()
+            .sum();
+        d.forecast.add(&task.forecast_stats);
+        d.times.windows += task.times.windows;
+        d.times.forecasts += task.times.forecasts;
+        d.partitions += 1;
+    }
+
+    fn fail(&self, e: CheckpointError) {
+        tracing::error!(error = %e, "partition checkpoint");
+        self.failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert(e);
+    }
+}
+
+impl PartitionListener for PartitionSet {
+    fn assigned(&self, partitions: &[PartitionId]) -> Vec<Option<i64>> {
+        partitions
+            .iter()
+            .map(|p| {
+                let key = key_of(p);
+                if let Some(task) = self.lock().get(&key) {
+                    // Still ours (a cooperative rebalance re-confirming it).
+                    return task.next_offset;
+                }
+                match self.load(key.clone()) {
+                    Ok(task) => {
+                        let offset = task.next_offset;
+                        self.lock().insert(key, task);
+                        offset
+                    }
+                    Err(e) => {
+                        self.fail(e);
+                        None
+                    }
+                }
+            })
+            .collect()
+    }
+
+    fn revoked(&self, partitions: &[PartitionId]) {
+        if self.is_halted() {
+            return self.lost(partitions);
+        }
+        for p in partitions {
+            let Some(mut task) = self.lock().remove(&key_of(p)) else {
+                continue;
+            };
+            if let Some(store) = &self.checkpoints {
+                match task.checkpoint(store) {
+                    Ok(bytes) => {
+                        tracing::info!(partition = %task.key, ?bytes, "partition handed over")
+                    }
+                    Err(CheckpointError::Fenced { .. }) => {
+                        tracing::warn!(partition = %task.key, "partition already taken over")
+                    }
+                    Err(e) => self.fail(e),
+                }
+            }
+            self.depart(&task);
+        }
+    }
+
+    fn lost(&self, partitions: &[PartitionId]) {
+        for p in partitions {
+            if let Some(task) = self.lock().remove(&key_of(p)) {
+                tracing::warn!(partition = %task.key, "partition lost: its state is dropped unsaved");
+                self.depart(&task);
+            }
+        }
+    }
+}
