@@ -270,7 +270,9 @@ impl BatteryModel {
             None => true,
             Some(r) => {
                 r.reselection_due(&settings.selection)
-                    && (day as u32).wrapping_add(stagger(id, reselect)) % reselect == 0
+                    && (day as u32)
+                        .wrapping_add(stagger(id, reselect))
+                        .is_multiple_of(reselect)
             }
         };
         if due {
