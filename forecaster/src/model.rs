@@ -92,8 +92,11 @@ impl Model for ModelKind {
 }
 
 /// A fitted model with its current state: predicts, and advances by one closed day.
+///
+/// Externally tagged (serde's default): it travels in partition checkpoints, whose
+/// binary encoding cannot read the self-describing internal tag.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
 pub enum FittedModel {
     SeasonalNaive(SeasonalNaive),
     AutoEts(Ets),
