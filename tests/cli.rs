@@ -267,6 +267,17 @@ fn forecast_scores_every_battery_from_csv_and_from_the_parquet_archive_alike() {
 /// and stops cleanly on Ctrl-C (SIGINT) with its summary.
 #[test]
 fn demo_raises_alerts_and_stops_cleanly_on_ctrl_c() {
+    demo_stops_cleanly_on("-INT");
+}
+
+/// SIGTERM (`docker stop`, Kubernetes) stops it the same way: batch finished, partitions
+/// checkpointed, exit 0.
+#[test]
+fn demo_stops_cleanly_on_sigterm() {
+    demo_stops_cleanly_on("-TERM");
+}
+
+fn demo_stops_cleanly_on(signal: &str) {
     use std::io::{BufRead, BufReader};
     let dir = tempfile::tempdir().unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_voltcast"))
@@ -294,7 +305,7 @@ fn demo_raises_alerts_and_stops_cleanly_on_ctrl_c() {
         // Interrupt once the status line reports alerts.
         if !interrupted && line.contains(" alerts") && !line.contains("| 0 alerts") {
             let pid = child.id().to_string();
-            Command::new("kill").args(["-INT", &pid]).status().unwrap();
+            Command::new("kill").args([signal, &pid]).status().unwrap();
             interrupted = true;
         }
         lines.push(line);

@@ -453,3 +453,20 @@ async fn a_revoked_partition_is_continued_by_its_next_owner() {
     let seqs = store.sequence_numbers(&key).unwrap();
     assert!(seqs.len() >= 2, "checkpoint and claim: {seqs:?}");
 }
+
+/// A checkpoint of an earlier release (one file for the whole process) cannot be split
+/// by partition: opening the store stops start-up, saying how to rebuild.
+#[test]
+fn a_single_file_checkpoint_of_an_earlier_release_stops_start_up_with_the_way_out() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join(voltcast_scoring::checkpoint::LEGACY_FILE),
+        b"VCKPT003",
+    )
+    .unwrap();
+    let err = CheckpointStore::open(dir.path()).unwrap_err().to_string();
+    assert!(
+        err.contains("windows.ckpt") && err.contains("--reset-offsets --to-earliest"),
+        "{err}"
+    );
+}

@@ -280,8 +280,12 @@ impl DeliveryWorker {
         let metrics = self.service.metrics().clone();
         let mut queue: BTreeMap<(Instant, u64), Delivery> = BTreeMap::new();
         let mut seq = 0u64;
+        // Alerts queued or in flight. A delivery enqueued before the worker started is
+        // both in the outbox read here and in the channel: it is sent once.
+        let mut known: std::collections::HashSet<String> = std::collections::HashSet::new();
         for d in self.outbox.pending() {
             seq += 1;
+            known.insert(d.alert_id.clone());
             queue.insert((Instant::now(), seq), d);
         }
         metrics.outbox_depth.set(queue.len() as i64);
@@ -321,18 +325,25 @@ impl DeliveryWorker {
             };
             tokio::select! {
                 Some(done) = inflight.join_next(), if !inflight.is_empty() => {
-                    if let Ok((d, result)) = done
-                        && let Some((at, d)) = self.settle(d, result)
-                    {
-                        seq += 1;
-                        queue.insert((at, seq), d);
+                    if let Ok((d, result)) = done {
+                        let id = d.alert_id.clone();
+                        match self.settle(d, result) {
+                            Some((at, d)) => {
+                                seq += 1;
+                                queue.insert((at, seq), d);
+                            }
+                            None => {
+                                known.remove(&id);
+                            }
+                        }
                     }
                 }
                 d = incoming.recv(), if open => match d {
-                    Some(d) => {
+                    Some(d) if known.insert(d.alert_id.clone()) => {
                         seq += 1;
                         queue.insert((Instant::now(), seq), d);
                     }
+                    Some(_) => {}
                     None => open = false,
                 },
                 _ = stop.changed() => {}
