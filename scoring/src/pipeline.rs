@@ -272,9 +272,12 @@ impl PartitionStage {
             windows: departed.windows.clone(),
             aggregate: departed.aggregate,
             forecast: departed.forecast.clone(),
+            times: departed.times,
             batteries: 0,
         };
         for task in self.partitions.lock().values() {
+            summary.times.windows += task.times.windows;
+            summary.times.forecasts += task.times.forecasts;
             summary.windows.add(task.windows.stats());
             summary.aggregate = [summary.aggregate, task.windows.aggregate_work()]
                 .into_iter()
@@ -306,6 +309,8 @@ pub struct StageSummary {
     pub windows: crate::windows::WindowStats,
     pub aggregate: crate::windows::aggregate::AggregateWork,
     pub forecast: ForecastStats,
+    /// CPU time of the tasks' steps, summed over the threads they ran on.
+    pub times: crate::partition::TaskTimes,
     /// Batteries in the partitions owned now.
     pub batteries: usize,
 }
@@ -556,7 +561,11 @@ pub async fn run_with(
     };
     let mut stage = stage;
     let summary = stage.report();
-    let window_times = stage.times;
+    let window_times = WindowStageTimes {
+        windows: summary.times.windows,
+        forecasts: summary.times.forecasts,
+        ..stage.times
+    };
     let tally = std::mem::take(&mut stage.tally);
     let (risks, alerts) = {
         let store = services
