@@ -312,7 +312,8 @@ impl SourceContext {
     /// Applies the rebalances since the last call to the open batch: a revoked
     /// partition's rows leave it, an assigned one skips what its checkpoint covers.
     fn settle(&self, batcher: &mut MicroBatcher) {
-        if !self.changed.swap(false, Ordering::Acquire) {
+        // Called per message: a plain load, and the swap only after a rebalance.
+        if !self.changed.load(Ordering::Relaxed) || !self.changed.swap(false, Ordering::Acquire) {
             return;
         }
         let changes = std::mem::take(&mut *self.changes.lock().unwrap_or_else(|e| e.into_inner()));

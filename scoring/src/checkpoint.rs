@@ -116,6 +116,20 @@ pub struct Loaded<T> {
 /// The objects of one partition, by number: (seq, size).
 type Listing = Vec<(u64, u64)>;
 
+/// An object's bytes so far: the magic and its kind.
+fn header(kind: u8) -> Vec<u8> {
+    let mut bytes = MAGIC.to_vec();
+    bytes.push(kind);
+    bytes
+}
+
+fn store_error(path: &Path) -> impl FnOnce(object_store::Error) -> CheckpointError + '_ {
+    move |source| CheckpointError::Store {
+        path: path.to_string(),
+        source,
+    }
+}
+
 pub struct CheckpointStore {
     store: Arc<dyn ObjectStore>,
     prefix: Path,
@@ -220,10 +234,7 @@ impl CheckpointStore {
             .list(Some(&dir))
             .try_collect()
             .await
-            .map_err(|source| CheckpointError::Store {
-                path: dir.to_string(),
-                source,
-            })?;
+            .map_err(store_error(&dir))?;
         let mut objects: Listing = metas
             .iter()
             .filter_map(|m| Some((m.location.filename()?.parse().ok()?, m.size)))
@@ -248,7 +259,7 @@ impl CheckpointStore {
                     None => None,
                 };
                 let claim = latest + 1;
-                match self.create(key, claim, vec![CLAIM]).await {
+                match self.create(key, claim, header(CLAIM)).await {
                     Ok(()) => {
                         return Ok(Loaded {
                             state,
@@ -272,16 +283,10 @@ impl CheckpointStore {
             .store
             .get(&path)
             .await
-            .map_err(|source| CheckpointError::Store {
-                path: path.to_string(),
-                source,
-            })?
+            .map_err(store_error(&path))?
             .bytes()
             .await
-            .map_err(|source| CheckpointError::Store {
-                path: path.to_string(),
-                source,
-            })?;
+            .map_err(store_error(&path))?;
         let corrupt = |reason: String| CheckpointError::Corrupt {
             path: format!("{}/{path}", self.location),
             reason,
@@ -293,17 +298,14 @@ impl CheckpointStore {
         postcard::from_bytes(body).map_err(|e| corrupt(e.to_string()))
     }
 
-    /// Creates object `seq` of `key`: the kind byte and `body` after the magic.
+    /// Creates object `seq` of `key` from `bytes` (a [`header`] and what follows it).
     async fn create(
         &self,
         key: &PartitionKey,
         seq: u64,
-        mut body: Vec<u8>,
+        bytes: Vec<u8>,
     ) -> Result<(), CheckpointError> {
         let path = self.object(key, seq);
-        let mut bytes = Vec::with_capacity(MAGIC.len() + body.len());
-        bytes.extend_from_slice(MAGIC);
-        bytes.append(&mut body);
         let opts = PutOptions {
             mode: PutMode::Create,
             ..Default::default()
@@ -317,10 +319,7 @@ impl CheckpointStore {
             Err(object_store::Error::AlreadyExists { .. }) => Err(CheckpointError::Fenced {
                 path: format!("{}/{path}", self.location),
             }),
-            Err(source) => Err(CheckpointError::Store {
-                path: path.to_string(),
-                source,
-            }),
+            Err(source) => Err(store_error(&path)(source)),
         }
     }
 
@@ -332,22 +331,22 @@ impl CheckpointStore {
         seq: u64,
         state: &T,
     ) -> Result<u64, CheckpointError> {
-        let mut body = vec![STATE];
-        let body = postcard::to_extend(state, std::mem::take(&mut body)).map_err(|e| {
-            CheckpointError::Corrupt {
+        // Serialized straight after the header: a copy of a partition's state to prefix
+        // it would briefly double what a large checkpoint holds in memory.
+        let bytes =
+            postcard::to_extend(state, header(STATE)).map_err(|e| CheckpointError::Corrupt {
                 path: self.object(key, seq).to_string(),
                 reason: e.to_string(),
-            }
-        })?;
-        let bytes = (MAGIC.len() + body.len()) as u64;
+            })?;
+        let written = bytes.len() as u64;
         self.block(|| async {
-            self.create(key, seq, body).await?;
+            self.create(key, seq, bytes).await?;
             if let Err(e) = self.prune(key, seq).await {
                 tracing::warn!(partition = %key, error = %e, "pruning old checkpoints");
             }
             Ok::<_, CheckpointError>(())
         })?;
-        Ok(bytes)
+        Ok(written)
     }
 
     /// Deletes every object of `key` older than the last checkpoint before `seq`.
@@ -366,12 +365,7 @@ impl CheckpointStore {
             let path = self.object(key, *s);
             match self.store.delete(&path).await {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                Err(source) => {
-                    return Err(CheckpointError::Store {
-                        path: path.to_string(),
-                        source,
-                    });
-                }
+                Err(source) => return Err(store_error(&path)(source)),
             }
         }
         Ok(())

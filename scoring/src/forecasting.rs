@@ -257,9 +257,10 @@ impl BatteryModel {
             return;
         }
         self.last_day = Some(day);
-        let Some(history) = windows.battery(id).map(|b| b.history) else {
+        let Some(battery) = windows.battery(id) else {
             return;
         };
+        let history = battery.history;
         // Advance and assess first: the risk reflects today whatever selection decides.
         if let Some(record) = self.record.as_mut() {
             record.observe(&row.observation);
@@ -279,8 +280,14 @@ impl BatteryModel {
             self.reselect(id, history, day, settings, out);
         }
         if let Some(record) = &self.record {
-            out.updates
-                .push(assess(id, row, history, record, &settings.risk));
+            out.updates.push(assess(
+                id,
+                battery.vehicle,
+                row,
+                history,
+                record,
+                &settings.risk,
+            ));
             out.stats.updates += 1;
         }
     }
@@ -320,6 +327,8 @@ impl BatteryModel {
 
 fn assess(
     battery: &Arc<str>,
+    // The fleet's shared id: the closed row's copy would allocate per battery-day.
+    vehicle: Option<&Arc<str>>,
     row: &daily::ClosedRow<'_>,
     history: &crate::windows::BatteryHistory,
     record: &ModelRecord,
@@ -349,7 +358,7 @@ fn assess(
     };
     RiskUpdate {
         battery_id: battery.clone(),
-        vehicle_id: row.vehicle_id.map(Arc::from),
+        vehicle_id: vehicle.cloned(),
         day: row.day,
         age: row.age,
         lifetime: row.lifetime,

@@ -276,19 +276,30 @@ pub struct PartitionSet {
     failure: Mutex<Option<CheckpointError>>,
     metrics: Option<Arc<Metrics>>,
     /// Work done by tasks that have since left, so a run's report covers them too.
-    departed: Mutex<Departed>,
+    departed: Mutex<TaskWork>,
     /// Set by [`PartitionSet::halt`]: nothing more is written.
     halted: std::sync::atomic::AtomicBool,
 }
 
-/// What tasks that were revoked or lost had done.
+/// What tasks did, summed.
 #[derive(Debug, Default, Clone)]
-pub struct Departed {
+pub struct TaskWork {
     pub windows: crate::windows::WindowStats,
     pub aggregate: crate::windows::aggregate::AggregateWork,
     pub forecast: ForecastStats,
     pub times: TaskTimes,
-    pub partitions: u64,
+}
+
+impl TaskWork {
+    pub fn add(&mut self, task: &PartitionTask) {
+        self.windows.add(task.windows.stats());
+        self.aggregate = [self.aggregate, task.windows.aggregate_work()]
+            .into_iter()
+            .sum();
+        self.forecast.add(&task.forecast_stats);
+        self.times.windows += task.times.windows;
+        self.times.forecasts += task.times.forecasts;
+    }
 }
 
 impl PartitionSet {
@@ -319,7 +330,7 @@ impl PartitionSet {
             create_on_sight,
             failure: Mutex::new(None),
             metrics,
-            departed: Mutex::new(Departed::default()),
+            departed: Mutex::new(TaskWork::default()),
             halted: std::sync::atomic::AtomicBool::new(false),
         }
     }
@@ -345,7 +356,8 @@ impl PartitionSet {
         self.metrics.as_deref()
     }
 
-    pub fn departed(&self) -> Departed {
+    /// What the tasks that left (revoked, lost, fenced) had done.
+    pub fn departed(&self) -> TaskWork {
         self.departed
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -437,15 +449,10 @@ impl PartitionSet {
     }
 
     fn depart(&self, task: &PartitionTask) {
-        let mut d = self.departed.lock().unwrap_or_else(|e| e.into_inner());
-        d.windows.add(task.windows.stats());
-        d.aggregate = [d.aggregate, task.windows.aggregate_work()]
-            .into_iter()
-            .sum();
-        d.forecast.add(&task.forecast_stats);
-        d.times.windows += task.times.windows;
-        d.times.forecasts += task.times.forecasts;
-        d.partitions += 1;
+        self.departed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .add(task);
     }
 
     fn fail(&self, e: CheckpointError) {

@@ -23,10 +23,10 @@ use crate::archive::ParquetArchive;
 use crate::checkpoint::{CheckpointError, CheckpointStore, PartitionKey};
 use crate::config::{SourceKind, VoltcastConfig};
 use crate::error::ScoringError;
-use crate::forecasting::{ForecastSettings, ForecastStats};
+use crate::forecasting::ForecastSettings;
 use crate::memory::on_cpu;
 use crate::metrics::Metrics;
-use crate::partition::{PartitionOutput, PartitionSet, PartitionSettings, PartitionTask};
+use crate::partition::{PartitionOutput, PartitionSet, PartitionSettings, PartitionTask, TaskWork};
 use crate::windows::WindowError;
 
 /// Counts what reached the end of the pipeline.
@@ -178,7 +178,6 @@ impl PartitionStage {
     fn run_tasks(&mut self, batch: &MicroBatch) -> Result<Vec<PartitionOutput>, WindowError> {
         let partitions = self.partitions.clone();
         let mut tasks = partitions.lock();
-        let empty = RecordBatch::new_empty(schema::telemetry_schema());
         let mut work: BTreeMap<PartitionKey, (RecordBatch, &SourcePosition)> = BTreeMap::new();
         for position in &batch.positions {
             let key = PartitionKey {
@@ -198,7 +197,11 @@ impl PartitionStage {
                 .parts
                 .iter()
                 .find(|p| p.partition == id)
-                .map_or_else(|| empty.clone(), |p| batch.rows_of(p));
+                // A partition whose messages were all refused still advances its offset.
+                .map_or_else(
+                    || RecordBatch::new_empty(schema::telemetry_schema()),
+                    |p| batch.rows_of(p),
+                );
             work.insert(key, (rows, position));
         }
         let now = voltcast_ingest::now_millis();
@@ -236,6 +239,7 @@ impl PartitionStage {
 
     /// What the tasks produced, in partition order: late rows, closed days, alerts.
     async fn carry_out(&mut self, outputs: Vec<PartitionOutput>) -> Result<(), SinkError> {
+        let (mut decisions, mut risks) = (Vec::new(), Vec::new());
         for out in outputs {
             let started = Instant::now();
             for letter in out.late {
@@ -253,11 +257,14 @@ impl PartitionStage {
                     let _ = tap.send(closed);
                 }
             }
-            if let Some(alerts) = &self.alerts {
-                let mut busy = self.times.alerts;
-                on_cpu(&mut busy, || alerts.record(out.decisions, out.risks));
-                self.times.alerts = busy;
-            }
+            decisions.extend(out.decisions);
+            risks.extend(out.risks);
+        }
+        // One pass over the alert store (one lock, at most one fsync) for the batch.
+        if let Some(alerts) = &self.alerts {
+            let mut busy = self.times.alerts;
+            on_cpu(&mut busy, || alerts.record(decisions, risks));
+            self.times.alerts = busy;
         }
         let started = Instant::now();
         self.dead_letters.flush().await?;
@@ -267,25 +274,13 @@ impl PartitionStage {
 
     /// Sums what the partitions (those here and those that left) did.
     pub fn report(&self) -> StageSummary {
-        let departed = self.partitions.departed();
-        let mut summary = StageSummary {
-            windows: departed.windows.clone(),
-            aggregate: departed.aggregate,
-            forecast: departed.forecast.clone(),
-            times: departed.times,
-            batteries: 0,
-        };
+        let mut work = self.partitions.departed();
+        let mut batteries = 0;
         for task in self.partitions.lock().values() {
-            summary.times.windows += task.times.windows;
-            summary.times.forecasts += task.times.forecasts;
-            summary.windows.add(task.windows.stats());
-            summary.aggregate = [summary.aggregate, task.windows.aggregate_work()]
-                .into_iter()
-                .sum();
-            summary.forecast.add(&task.forecast_stats);
-            summary.batteries += task.windows.state().battery_count();
+            work.add(task);
+            batteries += task.windows.state().battery_count();
         }
-        summary
+        StageSummary { work, batteries }
     }
 
     fn refresh_metrics(&self, batch_rows: usize, started: Instant) {
@@ -306,11 +301,7 @@ impl PartitionStage {
 /// The partitions' work, summed.
 #[derive(Debug, Default, Clone)]
 pub struct StageSummary {
-    pub windows: crate::windows::WindowStats,
-    pub aggregate: crate::windows::aggregate::AggregateWork,
-    pub forecast: ForecastStats,
-    /// CPU time of the tasks' steps, summed over the threads they ran on.
-    pub times: crate::partition::TaskTimes,
+    pub work: TaskWork,
     /// Batteries in the partitions owned now.
     pub batteries: usize,
 }
@@ -560,10 +551,11 @@ pub async fn run_with(
         }
     };
     let mut stage = stage;
-    let summary = stage.report();
+    let work = stage.report().work;
+    // The partitions' CPU time is kept by their tasks, summed over the threads they ran on.
     let window_times = WindowStageTimes {
-        windows: summary.times.windows,
-        forecasts: summary.times.forecasts,
+        windows: work.times.windows,
+        forecasts: work.times.forecasts,
         ..stage.times
     };
     let tally = std::mem::take(&mut stage.tally);
@@ -581,8 +573,8 @@ pub async fn run_with(
     };
     services.metrics.refresh_ingest(&counters);
     Ok(RunReport {
-        windows: summary.windows,
-        aggregate: summary.aggregate,
+        windows: work.windows,
+        aggregate: work.aggregate,
         source_seconds,
         window_times,
         alert_seconds: window_times.alerts.as_secs_f64(),
@@ -590,7 +582,7 @@ pub async fn run_with(
         received: counters.received(),
         rejected: counters.rejected_total(),
         seconds: started.elapsed().as_secs_f64(),
-        forecast: summary.forecast,
+        forecast: work.forecast,
         risks,
         alerts,
     })

@@ -88,6 +88,6 @@ async fn raw_rows_and_closed_days_are_archived_by_date() {
     assert_eq!(raw_parts[0], "date=2024-01-01");
     assert!(raw_files >= 15);
     let (_, daily_rows, daily_parts) = read_all(&dir.path().join("archive/daily"));
-    assert_eq!(daily_rows as u64, stage.report().windows.days_closed);
+    assert_eq!(daily_rows as u64, stage.report().work.windows.days_closed);
     assert_eq!(daily_parts.len(), 15);
 }

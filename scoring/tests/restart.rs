@@ -203,7 +203,7 @@ async fn live(kafka: &KafkaConfig, ckpt: &Path, total: i64, kill_at: Option<i64>
     let resumed_from = resumed.lock().unwrap().unwrap_or(0);
     Incarnation {
         series,
-        stats: Some(probe.stage.report().windows),
+        stats: Some(probe.stage.report().work.windows),
         resumed_from,
     }
 }

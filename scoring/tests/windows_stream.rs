@@ -247,7 +247,7 @@ async fn streamed_daily_series_equal_the_reference_battery_by_battery() {
         mismatches.len(),
         &mismatches[..mismatches.len().min(3)]
     );
-    let stats = stage.report().windows;
+    let stats = stage.report().work.windows;
     assert!(
         stats.duplicates > 500,
         "duplicates in the stream: {}",
