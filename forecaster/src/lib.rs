@@ -32,5 +32,7 @@ pub use error::ForecastError;
 pub use forecast::Forecast;
 pub use model::{FittedModel, Model, ModelKind};
 pub use risk::{FailureRisk, RiskConfig, failure_risk};
-pub use select::{BacktestScore, ModelRecord, SelectionConfig, select};
+pub use select::{
+    BacktestScore, ModelRecord, SelectionConfig, Standing, UNSCORED_FAMILY, Upkeep, refit, select,
+};
 pub use series::{DailySeries, DayObservation};

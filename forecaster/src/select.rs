@@ -27,8 +27,16 @@ pub struct SelectionConfig {
     pub fit_window_days: usize,
     /// Below this many days a battery gets the flat fallback, flagged low-confidence.
     pub min_history_days: usize,
-    /// Full re-selection once a battery has this many new days.
+    /// Within reach of its rating, a battery is re-selected (full backtest) once it has
+    /// this many new days.
     pub reselect_every_days: u32,
+    /// A battery is within reach when its rating is this many days away or fewer at its
+    /// recent pace (see [`Standing`]). Only then does a selection decide anything: farther
+    /// out the failure probability is nil whichever family forecasts it.
+    pub reach_days: u32,
+    /// Out of reach, the model is refitted (family kept, no backtest) once it has as many
+    /// new days as it was fitted on, and at least this often.
+    pub refit_every_days: u32,
 }
 
 impl Default for SelectionConfig {
@@ -39,6 +47,8 @@ impl Default for SelectionConfig {
             fit_window_days: 365,
             min_history_days: 14,
             reselect_every_days: 7,
+            reach_days: 90,
+            refit_every_days: 91,
         }
     }
 }
@@ -64,8 +74,10 @@ pub struct ModelRecord {
     /// First and one-past-last day number of the data the model was fitted on.
     pub data_from_day: i32,
     pub data_to_day: i32,
-    /// Days observed (by `observe`) since the selection.
+    /// Days observed (by `observe`) since the selection or refit.
     pub days_since_selection: u32,
+    /// Days observed since the last backtest; None when the family was never backtested.
+    pub days_since_backtest: Option<u32>,
     /// Wall time the selection took, backtest included.
     pub fit_micros: u64,
     /// Too little history for a backtest: the forecast is a rough guide only.
@@ -86,11 +98,142 @@ impl ModelRecord {
         self.model.update(d);
         self.data_to_day += 1;
         self.days_since_selection += 1;
+        if let Some(d) = self.days_since_backtest.as_mut() {
+            *d += 1;
+        }
     }
 
-    pub fn reselection_due(&self, config: &SelectionConfig) -> bool {
-        self.days_since_selection >= config.reselect_every_days
+    /// Days the model was fitted on.
+    pub fn fitted_days(&self) -> u32 {
+        (self.data_to_day - self.data_from_day - self.days_since_selection as i32).max(0) as u32
     }
+}
+
+/// Where a battery stands against its rating: what decides how much model upkeep it
+/// earns. Everything in it comes from the battery's closed days, so a replay decides the
+/// same upkeep on the same day.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Standing {
+    /// Rated minus lifetime cycles (negative: past the rating).
+    pub remaining: f64,
+    /// Recent daily cycles: the larger of the last week's and the last four weeks' means,
+    /// so that a battery driven harder comes within reach within a week.
+    pub pace: f64,
+    /// Closed days retained for the battery.
+    pub history_days: usize,
+}
+
+impl Standing {
+    /// From the remaining cycles and the battery's last (up to) 28 days of cycles,
+    /// oldest first.
+    pub fn new(remaining: f64, recent: impl ExactSizeIterator<Item = f64>, history: usize) -> Self {
+        let n = recent.len();
+        let (mut all, mut week) = (0.0, 0.0);
+        for (i, c) in recent.enumerate() {
+            all += c;
+            if i + 7 >= n {
+                week += c;
+            }
+        }
+        let pace = (all / n.max(1) as f64).max(week / n.clamp(1, 7) as f64);
+        Self {
+            remaining,
+            pace,
+            history_days: history,
+        }
+    }
+
+    /// Rating within `days` at the recent pace, and not yet passed (past it the risk is
+    /// certain whatever the model says).
+    pub fn within(&self, days: u32) -> bool {
+        self.remaining > 0.0 && self.remaining <= self.pace * f64::from(days)
+    }
+}
+
+/// What a battery's model needs after a closed day.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Upkeep {
+    Keep,
+    /// Refit the family it has on the latest window (one fit, microseconds to a
+    /// millisecond).
+    Refit,
+    /// A full selection: every family backtested (milliseconds).
+    Select,
+}
+
+impl SelectionConfig {
+    /// The upkeep a battery's model gets today. Why not a full selection on a fixed
+    /// cadence for every battery: on a 2-core machine replaying a year of a 20,000-battery
+    /// fleet, weekly backtests cost over an hour of CPU, nearly all of it for batteries
+    /// whose alert no model could change. So backtests go where the alert is decided:
+    /// within `reach_days` of the rating, every `reselect_every_days`. Elsewhere the family
+    /// is refitted as its history doubles, then every `refit_every_days`. Both happen only
+    /// on the battery's turn (`turn`: the day of the `reselect_every_days` cycle its id
+    /// hashes to), so that a fleet that started together, or became backtestable together,
+    /// does not fit all on one day.
+    pub fn upkeep(&self, record: Option<&ModelRecord>, standing: Standing, turn: bool) -> Upkeep {
+        let Some(r) = record else {
+            return Upkeep::Select;
+        };
+        let backtestable = standing.history_days >= MIN_TRAIN_DAYS + self.horizon_days.max(1);
+        if !turn {
+            return Upkeep::Keep;
+        }
+        if standing.within(self.reach_days) && backtestable {
+            let due = r
+                .days_since_backtest
+                .is_none_or(|age| age >= self.reselect_every_days.max(1));
+            if due {
+                return Upkeep::Select;
+            }
+        }
+        let every = r.fitted_days().clamp(
+            self.reselect_every_days.max(1),
+            self.refit_every_days.max(1),
+        );
+        if r.days_since_selection >= every {
+            Upkeep::Refit
+        } else {
+            Upkeep::Keep
+        }
+    }
+}
+
+/// The family a battery gets before any backtest has chosen one.
+pub const UNSCORED_FAMILY: ModelKind = ModelKind::MstlEts;
+
+/// Refits `previous`'s family (the default family after the short-history fallback) on
+/// the latest window of `series`, keeping the backtest that chose it.
+pub fn refit(
+    series: &DailySeries,
+    config: &SelectionConfig,
+    previous: &ModelRecord,
+) -> Result<ModelRecord, ForecastError> {
+    let started = std::time::Instant::now();
+    if series.is_empty() {
+        return Err(ForecastError::Empty);
+    }
+    let short = series.len() < config.min_history_days;
+    let kind = match previous.kind() {
+        _ if short => ModelKind::Mean,
+        ModelKind::Mean => UNSCORED_FAMILY,
+        kind => kind,
+    };
+    let window = series.tail(config.fit_window_days);
+    let model = kind
+        .fit(&window)
+        .or_else(|_| ModelKind::Mean.fit(&window))?;
+    Ok(ModelRecord {
+        version: previous.version + 1,
+        low_confidence: previous.scores.is_empty() || model.kind() == ModelKind::Mean,
+        model,
+        scores: previous.scores.clone(),
+        data_from_day: window.first_day,
+        data_to_day: window.end_day(),
+        days_since_selection: 0,
+        days_since_backtest: previous.days_since_backtest,
+        fit_micros: started.elapsed().as_micros() as u64,
+    })
 }
 
 /// Training days before the first backtest origin.
@@ -125,6 +268,7 @@ pub fn select(
         version: previous.map_or(1, |v| v + 1),
         low_confidence: low_confidence || model.kind() == ModelKind::Mean,
         model,
+        days_since_backtest: (!scores.is_empty()).then_some(0),
         scores,
         data_from_day: window.first_day,
         data_to_day: window.end_day(),
@@ -134,6 +278,9 @@ pub fn select(
 }
 
 /// Every candidate's mean scores over `folds` rolling origins, best first.
+///
+/// The ensemble's fold forecast is the average of its parts' fold forecasts, which are
+/// fitted anyway: fitting it again would double the cost of its parts for the same path.
 pub fn backtest(
     series: &DailySeries,
     config: &SelectionConfig,
@@ -141,34 +288,66 @@ pub fn backtest(
 ) -> Vec<BacktestScore> {
     let h = config.horizon_days;
     let n = series.len();
-    let mut scores: Vec<BacktestScore> = ModelKind::CANDIDATES
+    let kinds = ModelKind::CANDIDATES;
+    // Per candidate: summed nrmse and sum error, or None once a fold could not be fitted.
+    let mut sums: Vec<Option<(f64, f64)>> = vec![Some((0.0, 0.0)); kinds.len()];
+    for f in 1..=folds {
+        let origin = n - f * h;
+        let train = series.slice(origin.saturating_sub(config.fit_window_days), origin);
+        let actual = &series.cycles[origin..origin + h];
+        let paths: Vec<Option<Vec<f64>>> = kinds
+            .iter()
+            .map(|&kind| match kind {
+                ModelKind::Ensemble => None,
+                _ => kind.fit(&train).ok().map(|m| m.mean_path(h)),
+            })
+            .collect();
+        for (i, &kind) in kinds.iter().enumerate() {
+            let path = match kind {
+                ModelKind::Ensemble => ensemble_path(&kinds, &paths, h),
+                _ => paths[i].clone(),
+            };
+            sums[i] = match (sums[i], path) {
+                (Some((nrmse, sum_error)), Some(p)) => Some((
+                    nrmse + nrmse_of(actual, &p),
+                    sum_error + relative_sum_error(actual, &p),
+                )),
+                _ => None,
+            };
+        }
+    }
+    let mut scores: Vec<BacktestScore> = kinds
         .iter()
-        .map(|&kind| {
-            let (mut nrmse, mut sum_error) = (0.0, 0.0);
-            for f in 1..=folds {
-                let origin = n - f * h;
-                let train = series.slice(origin.saturating_sub(config.fit_window_days), origin);
-                let actual = &series.cycles[origin..origin + h];
-                let Ok(model) = kind.fit(&train) else {
-                    return BacktestScore {
-                        kind,
-                        nrmse: f64::INFINITY,
-                        sum_error: f64::INFINITY,
-                    };
-                };
-                let predicted = model.mean_path(h);
-                nrmse += nrmse_of(actual, &predicted);
-                sum_error += relative_sum_error(actual, &predicted);
-            }
+        .zip(sums)
+        .map(|(&kind, sum)| {
+            let (nrmse, sum_error) = sum.map_or((f64::INFINITY, f64::INFINITY), |(a, b)| {
+                (a / folds as f64, b / folds as f64)
+            });
             BacktestScore {
                 kind,
-                nrmse: nrmse / folds as f64,
-                sum_error: sum_error / folds as f64,
+                nrmse,
+                sum_error,
             }
         })
         .collect();
     scores.sort_by(|a, b| a.nrmse.total_cmp(&b.nrmse));
     scores
+}
+
+/// The average of the ensemble's parts' paths, as [`FittedModel::Ensemble`] forecasts.
+fn ensemble_path(kinds: &[ModelKind], paths: &[Option<Vec<f64>>], h: usize) -> Option<Vec<f64>> {
+    let parts: Vec<&Vec<f64>> = ModelKind::ENSEMBLE
+        .iter()
+        .map(|part| {
+            let i = kinds.iter().position(|k| k == part)?;
+            paths[i].as_ref()
+        })
+        .collect::<Option<_>>()?;
+    Some(
+        (0..h)
+            .map(|k| parts.iter().map(|p| p[k]).sum::<f64>() / parts.len() as f64)
+            .collect(),
+    )
 }
 
 /// RMSE over the range of the actuals (the reference's normalization).

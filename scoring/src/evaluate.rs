@@ -20,8 +20,8 @@ use datafusion::arrow::array::RecordBatch;
 use serde::{Deserialize, Serialize};
 use voltcast_forecaster::select::{nrmse_of, relative_sum_error};
 use voltcast_forecaster::{
-    DailySeries, DayObservation, Model, ModelKind, RiskConfig, SelectionConfig, failure_risk,
-    select,
+    DailySeries, DayObservation, Model, ModelKind, RiskConfig, SelectionConfig, Standing, Upkeep,
+    failure_risk, refit, select,
 };
 use voltcast_ingest::MicroBatch;
 use voltcast_ingest::simulate::{
@@ -81,6 +81,10 @@ pub struct Evaluation {
     /// 30-day forecast and risk.
     pub selection_ms: f64,
     pub update_us: f64,
+    /// Through the walk: full selections and refits per battery, and a refit's mean time.
+    pub selections_per_battery: f64,
+    pub refits_per_battery: f64,
+    pub refit_ms: f64,
 }
 
 /// One battery's cleansed series and truth.
@@ -110,6 +114,7 @@ struct Outcome {
     walk_start: i32,
     walk_end: i32,
     selections: (u64, f64),
+    refits: (u64, f64),
     updates: (u64, f64),
 }
 
@@ -233,7 +238,8 @@ fn assess(b: &Battery, config: &EvaluationConfig) -> Outcome {
     out
 }
 
-/// The stream, replayed for one battery: update daily, re-select on cadence, risk daily.
+/// The stream, replayed for one battery: update daily, upkeep as the stream does it
+/// ([`SelectionConfig::upkeep`]), risk daily.
 fn walk(b: &Battery, config: &EvaluationConfig, out: &mut Outcome) {
     let s = &b.series;
     let warmup = config.warmup_days;
@@ -247,6 +253,7 @@ fn walk(b: &Battery, config: &EvaluationConfig, out: &mut Outcome) {
         return;
     };
     out.selections = (1, timed.elapsed().as_secs_f64());
+    let cycle = config.selection.reselect_every_days.max(1);
     for t in warmup..s.len() {
         let started = std::time::Instant::now();
         record.observe(&DayObservation {
@@ -254,6 +261,29 @@ fn walk(b: &Battery, config: &EvaluationConfig, out: &mut Outcome) {
             minutes: s.minutes[t],
             trips: s.trips[t],
         });
+        out.updates.1 += started.elapsed().as_secs_f64();
+        let recent = &s.cycles[(t + 1).saturating_sub(PACE_DAYS)..=t];
+        let standing = Standing::new(b.rated - b.lifetime[t], recent.iter().copied(), t + 1);
+        let turn = (t as u32).is_multiple_of(cycle);
+        let started = std::time::Instant::now();
+        match config.selection.upkeep(Some(&record), standing, turn) {
+            Upkeep::Keep => {}
+            Upkeep::Select => {
+                if let Ok(r) = select(&s.slice(0, t + 1), &config.selection, Some(record.version)) {
+                    record = r;
+                }
+                out.selections.0 += 1;
+                out.selections.1 += started.elapsed().as_secs_f64();
+            }
+            Upkeep::Refit => {
+                if let Ok(r) = refit(&s.slice(0, t + 1), &config.selection, &record) {
+                    record = r;
+                }
+                out.refits.0 += 1;
+                out.refits.1 += started.elapsed().as_secs_f64();
+            }
+        }
+        let started = std::time::Instant::now();
         let risk = failure_risk(&record, b.lifetime[t], b.rated, &config.risk);
         out.updates.0 += 1;
         out.updates.1 += started.elapsed().as_secs_f64();
@@ -261,16 +291,11 @@ fn walk(b: &Battery, config: &EvaluationConfig, out: &mut Outcome) {
             out.alert = Some(s.first_day + t as i32);
             return;
         }
-        if record.reselection_due(&config.selection) {
-            let started = std::time::Instant::now();
-            if let Ok(r) = select(&s.slice(0, t + 1), &config.selection, Some(record.version)) {
-                record = r;
-            }
-            out.selections.0 += 1;
-            out.selections.1 += started.elapsed().as_secs_f64();
-        }
     }
 }
+
+/// Days the stream takes a battery's recent pace over.
+const PACE_DAYS: usize = 28;
 
 fn summarize(outcomes: &[Outcome], horizon: i32) -> Evaluation {
     let mut e = Evaluation::default();
@@ -327,6 +352,13 @@ fn summarize(outcomes: &[Outcome], horizon: i32) -> Evaluation {
         .iter()
         .fold((0, 0.0), |(n, s), o| (n + o.updates.0, s + o.updates.1));
     e.selection_ms = sel_s * 1e3 / sel_n.max(1) as f64;
+    let walked = outcomes.iter().filter(|o| o.walk_end > 0).count().max(1) as f64;
+    let (refit_n, refit_s) = outcomes
+        .iter()
+        .fold((0, 0.0), |(n, s), o| (n + o.refits.0, s + o.refits.1));
+    e.selections_per_battery = sel_n as f64 / walked;
+    e.refits_per_battery = refit_n as f64 / walked;
+    e.refit_ms = refit_s * 1e3 / refit_n.max(1) as f64;
     e.update_us = up_s * 1e6 / up_n.max(1) as f64;
     e
 }

@@ -1,9 +1,11 @@
 //! The forecast step of a partition: closed days in, a fresh failure risk per battery out.
 //!
 //! On each closed day a battery's chosen model is advanced by the day (microseconds) and
-//! its risk recomputed. A battery is re-selected (a backtest over every family,
-//! milliseconds) once it has `reselect_every_days` new days, on the day of the week its
-//! id hashes to, so a fleet that started together does not re-select all on one day.
+//! its risk recomputed. Model upkeep goes where the alert is decided (see
+//! [`SelectionConfig::upkeep`]): within `reach_days` of its rating a battery is re-selected
+//! (a backtest over every family, milliseconds) every `reselect_every_days`, on the day of
+//! the cycle its id hashes to, so a fleet that started together does not re-select on one
+//! day; farther out its family is refitted as its history doubles (one fit).
 //!
 //! Why selection is not run in the background: the models are part of the partition's
 //! checkpointed state, and after a crash the replay must make the same decisions. A
@@ -23,7 +25,7 @@ use datafusion::arrow::array::RecordBatch;
 use serde::{Deserialize, Serialize};
 use voltcast_forecaster::{
     DailySeries, DayObservation, FailureRisk, Forecast, ModelKind, ModelRecord, RiskConfig,
-    SelectionConfig, select,
+    SelectionConfig, Standing, Upkeep, refit, select,
 };
 
 use crate::windows::{WindowState, daily};
@@ -56,6 +58,8 @@ type FastHash = foldhash::fast::RandomState;
 
 /// Days of history a [`RiskUpdate`] carries for the API.
 pub const RECENT_DAYS: usize = 30;
+/// Days a battery's recent pace is taken over (see [`Standing`]).
+const PACE_DAYS: usize = 28;
 /// Drivers are worked out from this probability up: below it nobody reads them.
 const DRIVERS_FROM_PROBABILITY: f64 = 0.5;
 /// Below this many batteries with closed days, a batch's forecasts run on one thread.
@@ -104,11 +108,15 @@ pub struct ForecastStats {
     pub repeated_days: u64,
     pub updates: u64,
     pub selections: u64,
+    /// Refits of a battery's family without a backtest (out of reach of its rating).
+    pub refits: u64,
     /// Thread CPU time spent on closed days (daily updates, risk, drivers), selections
-    /// excluded.
+    /// and refits excluded.
     pub update_seconds: f64,
     /// Thread CPU time the selections took.
     pub selection_seconds: f64,
+    /// Thread CPU time the refits took.
+    pub refit_seconds: f64,
     /// Selections that failed or panicked (the battery kept its model).
     pub failed_selections: u64,
 }
@@ -119,8 +127,10 @@ impl ForecastStats {
         self.repeated_days += o.repeated_days;
         self.updates += o.updates;
         self.selections += o.selections;
+        self.refits += o.refits;
         self.update_seconds += o.update_seconds;
         self.selection_seconds += o.selection_seconds;
+        self.refit_seconds += o.refit_seconds;
         self.failed_selections += o.failed_selections;
     }
 }
@@ -188,7 +198,8 @@ impl BatteryModels {
                     }
                 }
             });
-            out.stats.update_seconds = cpu.as_secs_f64() - out.stats.selection_seconds;
+            out.stats.update_seconds =
+                cpu.as_secs_f64() - out.stats.selection_seconds - out.stats.refit_seconds;
             out
         };
         let threads = settings.threads.max(1);
@@ -266,18 +277,24 @@ impl BatteryModel {
             record.observe(&row.observation);
             out.fits.push(record.kind());
         }
+        let standing = Standing::new(
+            row.rated - row.lifetime,
+            history
+                .window_through(day, PACE_DAYS)
+                .map(|d| f64::from(d[0])),
+            history.len_through(day),
+        );
         let reselect = settings.selection.reselect_every_days.max(1);
-        let due = match &self.record {
-            None => true,
-            Some(r) => {
-                r.reselection_due(&settings.selection)
-                    && (day as u32)
-                        .wrapping_add(stagger(id, reselect))
-                        .is_multiple_of(reselect)
-            }
-        };
-        if due {
-            self.reselect(id, history, day, settings, out);
+        let turn = (day as u32)
+            .wrapping_add(stagger(id, reselect))
+            .is_multiple_of(reselect);
+        match settings
+            .selection
+            .upkeep(self.record.as_ref(), standing, turn)
+        {
+            Upkeep::Keep => {}
+            Upkeep::Select => self.reselect(id, history, day, settings, out),
+            Upkeep::Refit => self.refit(id, history, day, settings, out),
         }
         if let Some(record) = &self.record {
             out.updates.push(assess(
@@ -289,6 +306,36 @@ impl BatteryModel {
                 &settings.risk,
             ));
             out.stats.updates += 1;
+        }
+    }
+
+    /// Refits the battery's family on the days through `day`; on failure it keeps the
+    /// model it had.
+    fn refit(
+        &mut self,
+        id: &Arc<str>,
+        history: &crate::windows::BatteryHistory,
+        day: i32,
+        settings: &ForecastSettings,
+        out: &mut BatteryOutcome,
+    ) {
+        let Some(previous) = self.record.as_ref() else {
+            return;
+        };
+        let days: Vec<[f32; 3]> = history
+            .window_through(day, settings.selection.fit_window_days)
+            .collect();
+        let series = series_of(&days, day + 1);
+        out.stats.refits += 1;
+        let mut cpu = std::time::Duration::ZERO;
+        let refitted = crate::memory::on_cpu(&mut cpu, || {
+            std::panic::catch_unwind(|| refit(&series, &settings.selection, previous))
+        });
+        out.stats.refit_seconds += cpu.as_secs_f64();
+        match refitted {
+            Ok(Ok(record)) => self.record = Some(record),
+            Ok(Err(e)) => tracing::warn!(battery = %id, why = %e, "model refit failed"),
+            Err(_) => tracing::warn!(battery = %id, "model refit panicked"),
         }
     }
 

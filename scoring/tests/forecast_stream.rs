@@ -1,6 +1,7 @@
-//! The forecast step on closed days: every battery gets a model, advanced daily and
-//! re-selected on a staggered weekly cadence, with a risk per closed day; the outcome is
-//! the same on any number of threads and days emitted twice change nothing.
+//! The forecast step on closed days: every battery gets a model, advanced daily; within
+//! reach of its rating it is re-selected on a staggered weekly cadence, out of reach its
+//! family is refitted as its history doubles; a risk per closed day; the outcome is the
+//! same on any number of threads and days emitted twice change nothing.
 
 use std::sync::Arc;
 
@@ -72,15 +73,21 @@ fn feed(
 fn closed_days_keep_every_battery_forecast_and_repeats_change_nothing() {
     let (batteries, days) = (60, 120);
     let (batches, state) = closed_days(batteries, days);
-    let fed = feed(&batches, &state, SelectionConfig::default(), 1, false);
+    // Every battery within reach: selection decides everywhere.
+    let everywhere = SelectionConfig {
+        reach_days: u32::MAX,
+        ..Default::default()
+    };
+    let fed = feed(&batches, &state, everywhere.clone(), 1, false);
     let (models, updates) = (&fed.models, &fed.updates);
     assert_eq!(models.len(), batteries);
     let stats = fed.stats.clone();
-    // One selection each at the start, then about one per battery per week.
-    let weekly = batteries as u64 * (days as u64 / 7);
+    // One selection each at the start; refits until a backtest is possible (58 days),
+    // then about one selection per battery per week.
+    let weekly = batteries as u64 * ((days as u64 - 58) / 7);
     assert!(
         stats.selections >= batteries as u64 + weekly / 2
-            && stats.selections <= batteries as u64 + weekly + batteries as u64,
+            && stats.selections <= 2 * batteries as u64 + weekly + batteries as u64,
         "{stats:?}"
     );
     // A model is chosen on a battery's first day: every closed day is an update.
@@ -105,7 +112,7 @@ fn closed_days_keep_every_battery_forecast_and_repeats_change_nothing() {
 
     // The same days, each delivered twice and worked on two threads: the repeats are
     // skipped, and the risks come out the same and in the same order.
-    let again = feed(&batches, &state, SelectionConfig::default(), 2, true);
+    let again = feed(&batches, &state, everywhere, 2, true);
     assert_eq!(again.stats.repeated_days, stats.days_in);
     assert_eq!(again.stats.updates, stats.updates);
     assert!(
@@ -122,6 +129,40 @@ fn closed_days_keep_every_battery_forecast_and_repeats_change_nothing() {
         timeless(again.models.record(&id)),
         timeless(models.record(&id))
     );
+}
+
+/// Out of reach of their rating, batteries get no backtest after their first model: their
+/// family (the default one, since none was ever chosen) is refitted as history doubles.
+#[test]
+fn batteries_out_of_reach_are_refitted_not_reselected() {
+    let (batteries, days) = (40, 120);
+    let (batches, state) = closed_days(batteries, days);
+    let nowhere = SelectionConfig {
+        reach_days: 0,
+        ..Default::default()
+    };
+    let fed = feed(&batches, &state, nowhere, 2, false);
+    let s = &fed.stats;
+    assert_eq!(
+        s.selections, batteries as u64,
+        "only the first model: {s:?}"
+    );
+    // The first model on day 1, then a refit once a battery has as many new days as its
+    // model was fitted on (at least a week), on its turn in the weekly cycle: 8-14,
+    // 16-28, 32-56, 64-112 days of history.
+    let b = batteries as u64;
+    assert!((3 * b..=4 * b).contains(&s.refits), "{s:?}");
+    assert_eq!(s.updates, s.days_in);
+    let mut last = std::collections::HashMap::new();
+    for u in &fed.updates {
+        last.insert(u.battery_id.clone(), u);
+    }
+    for (id, u) in last {
+        assert_eq!(u.model, voltcast_forecaster::UNSCORED_FAMILY, "{id}");
+        assert!(u.risk.low_confidence, "no backtest behind it: {id}");
+        let record = fed.models.record(&id).unwrap();
+        assert!(record.scores.is_empty() && record.days_since_backtest.is_none());
+    }
 }
 
 /// A selection that fails (here: a fit window of zero days leaves nothing to fit) leaves

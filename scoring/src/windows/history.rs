@@ -328,13 +328,23 @@ impl BatteryHistory {
 
     /// The `n` days ending with `day` (fewer when the history is shorter), oldest first,
     /// as cycles, minutes and trips: what a model of this battery is fitted on.
-    pub fn window_through(&self, day: i32, n: usize) -> impl Iterator<Item = [f32; 3]> + '_ {
-        let end = ((day - self.first_day + 1).max(0) as usize).min(self.days.len());
+    pub fn window_through(
+        &self,
+        day: i32,
+        n: usize,
+    ) -> impl ExactSizeIterator<Item = [f32; 3]> + '_ {
+        let end = self.len_through(day);
         let start = end.saturating_sub(n);
         self.days.range(start..end).map(|d| {
             let t = trips_of(d) & TRIPS_MAX;
             [cycles_of(d), minutes_of(d), f32::from(t)]
         })
+    }
+
+    /// Retained days up to and including `day`: the history a decision on that day sees,
+    /// however many later days the same batch has closed since.
+    pub fn len_through(&self, day: i32) -> usize {
+        ((day - self.first_day + 1).max(0) as usize).min(self.days.len())
     }
 
     /// Bytes this history occupies, heap included.
