@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use clap::Subcommand;
+use voltcast_scoring::VoltcastConfig;
 use voltcast_scoring::ingest::dead_letter::{DeadLetterQueue, Origin};
 use voltcast_scoring::ingest::decode::CsvLayout;
 use voltcast_scoring::ingest::simulate::{CSV_HEADER, FleetSimulator, SimulatorConfig, WireFormat};
@@ -65,12 +66,14 @@ pub enum BenchTarget {
     },
 }
 
-pub fn run(target: BenchTarget) -> anyhow::Result<()> {
+/// `config`: the loaded configuration; the forecast and pipeline benches take its
+/// `[forecast]` and `[risk]` sections, so a setting can be tried before it is deployed.
+pub fn run(target: BenchTarget, config: &VoltcastConfig) -> anyhow::Result<()> {
     if !matches!(target, BenchTarget::Pipeline(_)) {
         println!("bench build: {}", build_profile());
     }
     match target {
-        BenchTarget::Pipeline(args) => crate::bench_pipeline::run(args),
+        BenchTarget::Pipeline(args) => crate::bench_pipeline::run(args, config),
         BenchTarget::Ingest {
             records,
             batch_rows,
@@ -84,7 +87,7 @@ pub fn run(target: BenchTarget) -> anyhow::Result<()> {
             batteries,
             days,
             seed,
-        } => forecast(batteries, days, seed),
+        } => forecast(batteries, days, seed, config),
         BenchTarget::Alerts {
             alerts,
             concurrency,
@@ -105,7 +108,7 @@ pub(crate) fn build_profile() -> &'static str {
     }
 }
 
-fn forecast(batteries: usize, days: u32, seed: u64) -> anyhow::Result<()> {
+fn forecast(batteries: usize, days: u32, seed: u64, loaded: &VoltcastConfig) -> anyhow::Result<()> {
     use voltcast_scoring::evaluate::{EvaluationConfig, evaluate};
 
     let config = EvaluationConfig {
@@ -115,6 +118,8 @@ fn forecast(batteries: usize, days: u32, seed: u64) -> anyhow::Result<()> {
             seed,
             ..Default::default()
         },
+        selection: loaded.forecast.clone(),
+        risk: loaded.risk.clone(),
         ..Default::default()
     };
     let runtime = tokio::runtime::Builder::new_current_thread().build()?;

@@ -67,17 +67,19 @@ const MOCK_BYTES_PER_MESSAGE: usize = 220;
 /// What the mock broker keeps per partition before it drops the oldest messages.
 const MOCK_PARTITION_BYTES: usize = 5 << 20;
 
-pub fn run(args: PipelineArgs) -> anyhow::Result<()> {
+/// `models`: the loaded configuration, whose `[forecast]` and `[risk]` sections the bench
+/// runs with (the rest is the bench's own: topics, paths, an API off).
+pub fn run(args: PipelineArgs, models: &VoltcastConfig) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
         match args.input.clone() {
-            Some(path) => file(args, path).await,
-            None => kafka(args).await,
+            Some(path) => file(args, path, models).await,
+            None => kafka(args, models).await,
         }
     })
 }
 
-async fn kafka(args: PipelineArgs) -> anyhow::Result<()> {
+async fn kafka(args: PipelineArgs, models: &VoltcastConfig) -> anyhow::Result<()> {
     let sim = SimulatorConfig {
         batteries: args.batteries,
         days: args.days,
@@ -151,7 +153,7 @@ async fn kafka(args: PipelineArgs) -> anyhow::Result<()> {
         sim.batteries, sim.days
     );
     let dir = tempfile::tempdir()?;
-    configure(&mut config, &args, dir.path());
+    configure(&mut config, &args, dir.path(), models);
     measure(config, Some(total)).await
 }
 
@@ -208,7 +210,7 @@ fn ensure_nothing_dropped(
     Ok(())
 }
 
-async fn file(args: PipelineArgs, path: PathBuf) -> anyhow::Result<()> {
+async fn file(args: PipelineArgs, path: PathBuf, models: &VoltcastConfig) -> anyhow::Result<()> {
     let bytes = std::fs::metadata(&path)
         .with_context(|| format!("--input {}", path.display()))?
         .len();
@@ -223,13 +225,20 @@ async fn file(args: PipelineArgs, path: PathBuf) -> anyhow::Result<()> {
         ..Default::default()
     };
     config.file.path = path;
-    configure(&mut config, &args, dir.path());
+    configure(&mut config, &args, dir.path(), models);
     config.file.dead_letter_path = Some(dir.path().join("dead-letters.jsonl"));
     measure(config, None).await
 }
 
 /// `voltcast run`'s defaults, with its files in `dir` and the API off.
-fn configure(config: &mut VoltcastConfig, args: &PipelineArgs, dir: &std::path::Path) {
+fn configure(
+    config: &mut VoltcastConfig,
+    args: &PipelineArgs,
+    dir: &std::path::Path,
+    models: &VoltcastConfig,
+) {
+    config.forecast = models.forecast.clone();
+    config.risk = models.risk.clone();
     config.batch.max_rows = args.batch_rows;
     config
         .kafka
@@ -262,6 +271,7 @@ async fn measure(config: VoltcastConfig, total: Option<u64>) -> anyhow::Result<(
     let rss_before = crate::bench::resident_bytes();
     let services = Services::start(&config).await?;
     let counters = services.counters.clone();
+    let cpu_before = voltcast_scoring::memory::process_cpu_seconds();
     let started = Instant::now();
     // Milliseconds after `started` of the first message, and the most memory seen.
     let first_ms = Arc::new(AtomicU64::new(u64::MAX));
@@ -293,6 +303,7 @@ async fn measure(config: VoltcastConfig, total: Option<u64>) -> anyhow::Result<(
     };
     let report = voltcast_scoring::pipeline::run_with(&config, &services, all_read).await?;
     let end = started.elapsed().as_secs_f64();
+    let cpu = voltcast_scoring::memory::process_cpu_seconds() - cpu_before;
     watch.abort();
     services.finish(Duration::from_secs(5)).await;
     let first = match first_ms.load(Ordering::Relaxed) {
@@ -301,15 +312,17 @@ async fn measure(config: VoltcastConfig, total: Option<u64>) -> anyhow::Result<(
     };
     print_report(
         &report,
-        first,
-        end,
+        (first, end, cpu),
         rss_before,
         peak.load(Ordering::Relaxed) as usize,
     );
     Ok(())
 }
 
-fn print_report(r: &RunReport, first: f64, end: f64, rss_before: usize, peak: usize) {
+/// `times`: seconds after the start of the first message and of the end, and the
+/// process's CPU seconds over the run.
+fn print_report(r: &RunReport, times: (f64, f64, f64), rss_before: usize, peak: usize) {
+    let (first, end, cpu) = times;
     let events = r.received;
     // The source loop ends once the last batch's days have closed.
     let consumed = (r.source_seconds - first).max(1e-9);
@@ -332,20 +345,34 @@ fn print_report(r: &RunReport, first: f64, end: f64, rss_before: usize, peak: us
         events as f64 / whole,
     );
     let windows = t.windows.as_secs_f64();
-    // Every stage runs inside the source's loop now; the partitions' CPU time is summed
-    // over the threads they ran on, so what is left of the wall time is approximate.
-    let rest = t.archive + t.dead_letters + t.checkpoint + t.forecasts + t.alerts;
+    let f = &r.forecast;
+    // The stages' figures are CPU time of the threads that ran them (partitions and
+    // batteries run in parallel); what the process spent beyond them is the source loop
+    // (consume, decode, validate, batch) and librdkafka's own threads.
+    let stages = windows
+        + (t.archive + t.dead_letters + t.checkpoint + t.alerts + t.policy).as_secs_f64()
+        + f.update_seconds
+        + f.selection_seconds
+        + f.refit_seconds;
     println!(
-        "bench pipeline stages (s): consume + decode + validate (wall, less the stages) {:.2}, windows {windows:.2}, archive {:.2}, dead letters {:.2}, checkpoints {:.2}; forecast daily updates {:.2} ({} updates), selections {:.2} thread-s ({}), alerts {:.2} ({} stored)",
-        (consumed - windows - rest.as_secs_f64()).max(0.0),
+        "bench pipeline CPU: {cpu:.2} s for the process ({:.2} cores busy on average); stages {stages:.2} s; the rest (consume, decode, validate, librdkafka) {:.2} s",
+        cpu / whole,
+        (cpu - stages).max(0.0),
+    );
+    println!(
+        "bench pipeline stages (CPU s): windows {windows:.2}, archive {:.2}, dead letters {:.2}, checkpoints {:.2}, alert carry-out {:.2}; forecast daily updates {:.2} ({} risks, {} quiet days), selections {:.2} ({}), refits {:.2} ({}), alert policy {:.2} ({} stored)",
         t.archive.as_secs_f64(),
         t.dead_letters.as_secs_f64(),
         t.checkpoint.as_secs_f64(),
-        r.forecast.update_seconds,
-        r.forecast.updates,
-        r.forecast.selection_seconds,
-        r.forecast.selections,
-        r.alert_seconds,
+        t.alerts.as_secs_f64(),
+        f.update_seconds,
+        f.updates,
+        f.quiet_days,
+        f.selection_seconds,
+        f.selections,
+        f.refit_seconds,
+        f.refits,
+        t.policy.as_secs_f64(),
         r.alerts,
     );
     println!(

@@ -143,7 +143,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             eprintln!("voltcast: config ok");
             Ok(())
         }
-        Command::Bench { what } => bench::run(what),
+        Command::Bench { what } => bench::run(what, &load_config(cli.config)?),
         Command::HeadUnit(args) => runtime.block_on(head_unit(args)),
     }
 }

@@ -357,7 +357,7 @@ fn bench_pipeline_runs_the_whole_pipeline_on_a_backlog() {
         for figure in [
             "bench build:",
             "events/s first message -> last closed day",
-            "consume + decode + validate",
+            "the rest (consume, decode, validate",
             "forecast daily updates",
             "bytes per battery",
         ] {

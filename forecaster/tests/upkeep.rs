@@ -81,7 +81,12 @@ fn the_pace_is_the_larger_of_the_last_week_and_the_last_four() {
 
 #[test]
 fn within_reach_a_battery_is_reselected_weekly_and_out_of_reach_refitted() {
-    let config = SelectionConfig::default();
+    let config = SelectionConfig {
+        reselect_every_days: 7,
+        reach_days: 60,
+        refit_every_days: 91,
+        ..Default::default()
+    };
     let mut record = select(&series(200), &config, None).unwrap();
     assert_eq!(record.days_since_backtest, Some(0));
     let near = Standing {
@@ -137,7 +142,10 @@ fn within_reach_a_battery_is_reselected_weekly_and_out_of_reach_refitted() {
 
 #[test]
 fn a_short_history_within_reach_waits_for_a_backtest_it_can_run() {
-    let config = SelectionConfig::default();
+    let config = SelectionConfig {
+        reselect_every_days: 7,
+        ..Default::default()
+    };
     let first = select(&series(5), &config, None).unwrap();
     assert_eq!(first.kind(), ModelKind::Mean);
     assert_eq!(first.days_since_backtest, None);
@@ -158,7 +166,7 @@ fn a_short_history_within_reach_waits_for_a_backtest_it_can_run() {
         ModelKind::Mean,
         "still under min_history_days"
     );
-    // 30 days: enough for the default family (three weeks at least).
+    // 30 days: past min_history_days, enough for the default family.
     let refitted = refit(&series(30), &config, &record).unwrap();
     assert_eq!(refitted.kind(), voltcast_forecaster::UNSCORED_FAMILY);
     assert!(refitted.low_confidence);

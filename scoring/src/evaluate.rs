@@ -266,7 +266,8 @@ fn walk(b: &Battery, config: &EvaluationConfig, out: &mut Outcome) {
         let standing = Standing::new(b.rated - b.lifetime[t], recent.iter().copied(), t + 1);
         let turn = (t as u32).is_multiple_of(cycle);
         let started = std::time::Instant::now();
-        match config.selection.upkeep(Some(&record), standing, turn) {
+        let upkeep = config.selection.upkeep(Some(&record), standing, turn);
+        match upkeep {
             Upkeep::Keep => {}
             Upkeep::Select => {
                 if let Ok(r) = select(&s.slice(0, t + 1), &config.selection, Some(record.version)) {
@@ -282,6 +283,10 @@ fn walk(b: &Battery, config: &EvaluationConfig, out: &mut Outcome) {
                 out.refits.0 += 1;
                 out.refits.1 += started.elapsed().as_secs_f64();
             }
+        }
+        let weekly = (t as u32).is_multiple_of(crate::forecasting::QUIET_ASSESS_EVERY_DAYS);
+        if !(standing.near(config.selection.reach_days) || weekly || upkeep != Upkeep::Keep) {
+            continue; // as the stream: far from the rating, assessed on its turn
         }
         let started = std::time::Instant::now();
         let risk = failure_risk(&record, b.lifetime[t], b.rated, &config.risk);

@@ -5,7 +5,8 @@
 //! [`SelectionConfig::upkeep`]): within `reach_days` of its rating a battery is re-selected
 //! (a backtest over every family, milliseconds) every `reselect_every_days`, on the day of
 //! the cycle its id hashes to, so a fleet that started together does not re-select on one
-//! day; farther out its family is refitted as its history doubles (one fit).
+//! day; farther out its family is refitted as its history doubles (one fit), and its
+//! risk, nil that far out, is reassessed on its turn rather than daily.
 //!
 //! Why selection is not run in the background: the models are part of the partition's
 //! checkpointed state, and after a crash the replay must make the same decisions. A
@@ -60,6 +61,8 @@ type FastHash = foldhash::fast::RandomState;
 pub const RECENT_DAYS: usize = 30;
 /// Days a battery's recent pace is taken over (see [`Standing`]).
 const PACE_DAYS: usize = 28;
+/// Far from its rating, a battery's risk is reassessed this often.
+pub const QUIET_ASSESS_EVERY_DAYS: u32 = 7;
 /// Drivers are worked out from this probability up: below it nobody reads them.
 const DRIVERS_FROM_PROBABILITY: f64 = 0.5;
 /// Below this many batteries with closed days, a batch's forecasts run on one thread.
@@ -110,6 +113,9 @@ pub struct ForecastStats {
     pub selections: u64,
     /// Refits of a battery's family without a backtest (out of reach of its rating).
     pub refits: u64,
+    /// Closed days of batteries far from their rating that were not their turn to be
+    /// reassessed: the model took the day in, no risk was computed.
+    pub quiet_days: u64,
     /// Thread CPU time spent on closed days (daily updates, risk, drivers), selections
     /// and refits excluded.
     pub update_seconds: f64,
@@ -128,6 +134,7 @@ impl ForecastStats {
         self.updates += o.updates;
         self.selections += o.selections;
         self.refits += o.refits;
+        self.quiet_days += o.quiet_days;
         self.update_seconds += o.update_seconds;
         self.selection_seconds += o.selection_seconds;
         self.refit_seconds += o.refit_seconds;
@@ -284,19 +291,24 @@ impl BatteryModel {
                 .map(|d| f64::from(d[0])),
             history.len_through(day),
         );
-        let reselect = settings.selection.reselect_every_days.max(1);
-        let turn = (day as u32)
-            .wrapping_add(stagger(id, reselect))
-            .is_multiple_of(reselect);
-        match settings
+        let hash = id_hash(id);
+        let turn = on_turn(day, hash, settings.selection.reselect_every_days);
+        let upkeep = settings
             .selection
-            .upkeep(self.record.as_ref(), standing, turn)
-        {
+            .upkeep(self.record.as_ref(), standing, turn);
+        match upkeep {
             Upkeep::Keep => {}
             Upkeep::Select => self.reselect(id, history, day, settings, out),
             Upkeep::Refit => self.refit(id, history, day, settings, out),
         }
-        if let Some(record) = &self.record {
+        // Far from its rating a battery's risk is nil and moves slowly: it is reassessed
+        // on its turn (weekly) and when its model changes, near it every day.
+        let assessed = standing.near(settings.selection.reach_days)
+            || on_turn(day, hash, QUIET_ASSESS_EVERY_DAYS)
+            || upkeep != Upkeep::Keep;
+        if !assessed {
+            out.stats.quiet_days += 1;
+        } else if let Some(record) = &self.record {
             out.updates.push(assess(
                 id,
                 battery.vehicle,
@@ -434,9 +446,17 @@ fn series_of(days: &[[f32; 3]], end_day: i32) -> DailySeries {
     s
 }
 
-/// The day of the re-selection cycle a battery takes its turn on.
-fn stagger(id: &str, cycle: u32) -> u32 {
+/// Whether `day` is the battery's turn in a cycle of `cycle` days: the day of the cycle
+/// its id hashes to, so that a fleet that started together spreads its work.
+fn on_turn(day: i32, hash: u64, cycle: u32) -> bool {
+    let cycle = cycle.max(1);
+    (day as u32)
+        .wrapping_add((hash % u64::from(cycle)) as u32)
+        .is_multiple_of(cycle)
+}
+
+fn id_hash(id: &str) -> u64 {
     let mut h = foldhash::fast::FixedState::with_seed(7).build_hasher();
     h.write(id.as_bytes());
-    (h.finish() % cycle as u64) as u32
+    h.finish()
 }

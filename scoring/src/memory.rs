@@ -39,6 +39,17 @@ pub fn thread_cpu_time() -> std::time::Duration {
     std::time::Duration::ZERO
 }
 
+/// CPU seconds (user + system) of the whole process so far, every thread included.
+pub fn process_cpu_seconds() -> f64 {
+    // SAFETY: getrusage writes the struct we own and reads nothing else.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+        return 0.0;
+    }
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(usage.ru_utime) + secs(usage.ru_stime)
+}
+
 /// The CPU time `work` took on this thread.
 pub fn on_cpu<T>(spent: &mut std::time::Duration, work: impl FnOnce() -> T) -> T {
     let started = thread_cpu_time();

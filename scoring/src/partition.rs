@@ -76,7 +76,11 @@ struct PartitionStateRef<'a> {
 #[derive(Debug, Default, Clone, Copy)]
 pub struct TaskTimes {
     pub windows: Duration,
+    /// The forecast step on the task's thread (its battery threads report their own time
+    /// in `ForecastStats`).
     pub forecasts: Duration,
+    /// The alert policy deciding on the fresh risks.
+    pub policy: Duration,
 }
 
 /// What one batch of a partition produced.
@@ -209,9 +213,11 @@ impl PartitionTask {
                 )
             });
             if settings.alerts.enabled {
-                for risk in &risks {
-                    output.decisions.extend(self.policy.observe(risk, now));
-                }
+                on_cpu(&mut self.times.policy, || {
+                    for risk in &risks {
+                        output.decisions.extend(self.policy.observe(risk, now));
+                    }
+                });
             }
             output.risks.extend(risks);
         }
@@ -299,6 +305,7 @@ impl TaskWork {
         self.forecast.add(&task.forecast_stats);
         self.times.windows += task.times.windows;
         self.times.forecasts += task.times.forecasts;
+        self.times.policy += task.times.policy;
     }
 }
 

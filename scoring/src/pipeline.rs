@@ -68,8 +68,11 @@ impl BatchSink for BatchTally {
 pub struct WindowStageTimes {
     /// The day windows: dedupe, DataFusion partials, closing into histories.
     pub windows: Duration,
-    /// Daily model updates, selections, risk and the alert policy.
+    /// Daily model updates, selections, risk (the partitions' threads; the battery
+    /// threads' own time is in `ForecastStats`).
     pub forecasts: Duration,
+    /// The alert policy deciding on fresh risks.
+    pub policy: Duration,
     /// Raw rows and closed days written to the Parquet archive.
     pub archive: Duration,
     /// Late rows produced to the dead-letter topic and awaited.
@@ -556,6 +559,7 @@ pub async fn run_with(
     let window_times = WindowStageTimes {
         windows: work.times.windows,
         forecasts: work.times.forecasts,
+        policy: work.times.policy,
         ..stage.times
     };
     let tally = std::mem::take(&mut stage.tally);

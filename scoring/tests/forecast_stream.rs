@@ -76,6 +76,7 @@ fn closed_days_keep_every_battery_forecast_and_repeats_change_nothing() {
     // Every battery within reach: selection decides everywhere.
     let everywhere = SelectionConfig {
         reach_days: u32::MAX,
+        reselect_every_days: 7,
         ..Default::default()
     };
     let fed = feed(&batches, &state, everywhere.clone(), 1, false);
@@ -90,7 +91,8 @@ fn closed_days_keep_every_battery_forecast_and_repeats_change_nothing() {
             && stats.selections <= 2 * batteries as u64 + weekly + batteries as u64,
         "{stats:?}"
     );
-    // A model is chosen on a battery's first day: every closed day is an update.
+    // A model is chosen on a battery's first day and every battery is near its rating:
+    // every closed day is assessed.
     assert_eq!(stats.updates, stats.days_in, "{stats:?}");
     assert_eq!(updates.len() as u64, stats.updates, "{stats:?}");
     for u in updates {
@@ -152,17 +154,34 @@ fn batteries_out_of_reach_are_refitted_not_reselected() {
     // 16-28, 32-56, 64-112 days of history.
     let b = batteries as u64;
     assert!((3 * b..=4 * b).contains(&s.refits), "{s:?}");
-    assert_eq!(s.updates, s.days_in);
-    let mut last = std::collections::HashMap::new();
+    // Far from the rating, a risk on the battery's turn (weekly) and when its model
+    // changed; past it (reach 0 still counts a passed rating as near), every day.
+    assert_eq!(s.updates + s.quiet_days, s.days_in, "{s:?}");
+    let mut assessed = std::collections::HashMap::<_, Vec<(i32, f64)>>::new();
     for u in &fed.updates {
-        last.insert(u.battery_id.clone(), u);
+        let days = assessed.entry(u.battery_id.clone()).or_default();
+        days.push((u.day, u.risk.remaining));
     }
-    for (id, u) in last {
-        assert_eq!(u.model, voltcast_forecaster::UNSCORED_FAMILY, "{id}");
-        assert!(u.risk.low_confidence, "no backtest behind it: {id}");
-        let record = fed.models.record(&id).unwrap();
-        assert!(record.scores.is_empty() && record.days_since_backtest.is_none());
+    let mut far = 0;
+    for (id, d) in &assessed {
+        // (days between two assessments, and whether the battery was past its rating at
+        // both: then it is assessed daily)
+        let gaps = d
+            .windows(2)
+            .map(|w| (w[1].0 - w[0].0, w[0].1 <= 0.0 && w[1].1 <= 0.0));
+        if d.iter().all(|(_, remaining)| *remaining > 0.0) {
+            far += 1;
+            assert!(d.len() <= days as usize / 5, "{id}: {d:?}");
+        }
+        for (gap, past) in gaps {
+            let most = if past { 1 } else { 7 };
+            assert!(gap <= most, "{id}: {d:?}");
+        }
     }
+    assert!(
+        far > batteries / 2,
+        "most batteries far from their rating: {far}"
+    );
 }
 
 /// A selection that fails (here: a fit window of zero days leaves nothing to fit) leaves
