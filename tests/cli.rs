@@ -78,6 +78,35 @@ fn simulate_then_replay_accounts_for_every_message() {
     }
 }
 
+/// docker-compose.yml's fallback signing secret is public: `run` refuses to start with it
+/// and says how to set one.
+#[test]
+fn run_refuses_the_compose_placeholder_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let env = [
+        ("VOLTCAST_WEBHOOK__SECRET", "change-me-in-production"),
+        (
+            "VOLTCAST_WEBHOOK__URL_TEMPLATE",
+            "http://head-unit:8080/vehicles/{vehicle_id}/alerts",
+        ),
+        ("VOLTCAST_KAFKA__BROKERS", "127.0.0.1:1"),
+    ];
+    let out = voltcast(&["run"], dir.path(), &env);
+    let said = text(&out.stderr);
+    assert!(!out.status.success(), "{said}");
+    assert!(
+        said.contains("webhook.secret") && said.contains("VOLTCAST_WEBHOOK_SECRET"),
+        "{said}"
+    );
+    let own = [
+        ("VOLTCAST_WEBHOOK__SECRET", "s3cret-of-our-own"),
+        env[1],
+        env[2],
+    ];
+    let out = voltcast(&["config", "check"], dir.path(), &own);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
 #[test]
 fn config_check_prints_masked_config_and_names_bad_keys() {
     let dir = tempfile::tempdir().unwrap();

@@ -208,7 +208,7 @@ async fn receive(
     if let Some(delay) = config.response_delay {
         tokio::time::sleep(delay).await;
     }
-    if let Err(e) = signature::verify(
+    let signature = match signature::verify(
         config.secret.as_bytes(),
         header(TIMESTAMP_HEADER),
         header(SIGNATURE_HEADER),
@@ -216,9 +216,12 @@ async fn receive(
         now,
         config.tolerance_seconds,
     ) {
-        unit.count(|s| s.rejected += 1);
-        return error(StatusCode::UNAUTHORIZED, e);
-    }
+        Ok(canonical) => canonical,
+        Err(e) => {
+            unit.count(|s| s.rejected += 1);
+            return error(StatusCode::UNAUTHORIZED, e);
+        }
+    };
     let mut alert: InboxAlert = match serde_json::from_slice(&body) {
         Ok(a) => a,
         Err(e) => {
@@ -234,7 +237,6 @@ async fn receive(
         );
     }
     alert.booked = false;
-    let signature = header(SIGNATURE_HEADER).unwrap_or_default().to_string();
     let duplicate = {
         let mut inboxes = unit.shared.inboxes.lock().expect("inbox lock");
         while inboxes

@@ -49,7 +49,9 @@ pub fn sign(secret: &[u8], timestamp: i64, body: &[u8]) -> String {
     )
 }
 
-/// Checks a request's timestamp and signature headers against its body at `now`.
+/// Checks a request's timestamp and signature headers against its body at `now`; returns
+/// the signature in its canonical form (`v1=` and lower-case hex), the key a replay check
+/// must use: the header itself varies (`x,v1=...`, upper-case hex) for the same MAC.
 pub fn verify(
     secret: &[u8],
     timestamp: Option<&str>,
@@ -57,7 +59,7 @@ pub fn verify(
     body: &[u8],
     now: i64,
     tolerance_seconds: i64,
-) -> Result<(), SignatureError> {
+) -> Result<String, SignatureError> {
     let timestamp = timestamp.ok_or(SignatureError::Missing(TIMESTAMP_HEADER))?;
     let signature = signature.ok_or(SignatureError::Missing(SIGNATURE_HEADER))?;
     let ts: i64 = timestamp
@@ -79,7 +81,8 @@ pub fn verify(
     // Constant-time comparison: no timing oracle on the MAC.
     mac(secret, ts, body)
         .verify_slice(&given)
-        .map_err(|_| SignatureError::Mismatch)
+        .map_err(|_| SignatureError::Mismatch)?;
+    Ok(format!("v1={}", hex::encode(&given)))
 }
 
 #[cfg(test)]
@@ -92,7 +95,7 @@ mod tests {
         let sig = sign(b"s3cret", 1_000, body);
         assert_eq!(
             verify(b"s3cret", Some("1000"), Some(&sig), body, 1_010, 300),
-            Ok(())
+            Ok(sig.clone())
         );
         assert_eq!(
             verify(b"other", Some("1000"), Some(&sig), body, 1_010, 300),

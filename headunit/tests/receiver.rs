@@ -77,8 +77,12 @@ async fn rejects_bad_signatures_stale_timestamps_and_replays_and_dedupes_retries
     let (status, ok) = post(addr, &body, now, &good, "al-1").await;
     assert_eq!((status, ok["status"].as_str()), (200, Some("accepted")));
 
-    // The same request again, byte for byte: a replay.
+    // The same request again, byte for byte: a replay. And again with the header dressed
+    // differently (another scheme listed first, upper-case hex): the same MAC, a replay.
     let (status, err) = post(addr, &body, now, &good, "al-1").await;
+    assert_eq!(status, 409, "{err}");
+    let dressed = format!("x=1,v1={}", good.trim_start_matches("v1=").to_uppercase());
+    let (status, err) = post(addr, &body, now, &dressed, "al-1").await;
     assert_eq!(status, 409, "{err}");
 
     // An honest retry (new attempt, new signature) of the same alert: a duplicate.
@@ -109,7 +113,7 @@ async fn rejects_bad_signatures_stale_timestamps_and_replays_and_dedupes_retries
     assert_eq!(inbox.len(), 1);
     assert_eq!(inbox[0].alert_id, "al-1");
     let stats = unit.stats();
-    assert_eq!((stats.accepted, stats.duplicates, stats.replays), (1, 1, 1));
+    assert_eq!((stats.accepted, stats.duplicates, stats.replays), (1, 1, 2));
     assert_eq!(stats.rejected, 3);
 
     // The page and its data.

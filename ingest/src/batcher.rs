@@ -317,8 +317,11 @@ impl MicroBatcher {
         self.positions.is_empty()
     }
 
+    /// Rows and dead letters together: a flood of bad messages fills batches too, so the
+    /// dead letters are flushed (their delivery awaited) every `max_rows` messages rather
+    /// than piling up in the producer's queue until it refuses them.
     pub fn is_full(&self) -> bool {
-        self.rows >= self.config.max_rows
+        self.rows + self.dead_letters >= self.config.max_rows
     }
 
     /// Time left until the open batch is due; `None` when nothing is open.

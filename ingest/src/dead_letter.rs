@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use serde::Serialize;
@@ -23,6 +24,10 @@ pub const HEADER_DETAIL: &str = "voltcast.detail";
 pub const HEADER_SOURCE: &str = "voltcast.source.topic";
 pub const HEADER_PARTITION: &str = "voltcast.source.partition";
 pub const HEADER_OFFSET: &str = "voltcast.source.offset";
+
+/// How long a dead letter waits for room in a full producer queue before the source stops
+/// with an error (the broker is then unreachable, not merely behind).
+const QUEUE_FULL_PATIENCE: Duration = Duration::from_secs(60);
 
 /// Where a message came from: a topic partition and offset, or a file and line number.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
@@ -117,16 +122,29 @@ impl DeadLetterQueue {
                         key: HEADER_OFFSET,
                         value: Some(offset.as_str()),
                     });
-                let record = FutureRecord::<(), _>::to(topic)
+                let mut record = FutureRecord::<(), _>::to(topic)
                     .payload(&dl.payload)
                     .headers(headers);
-                let fut =
-                    producer
-                        .send_result(record)
-                        .map_err(|(e, _)| IngestError::DeadLetter {
-                            destination: topic.clone(),
-                            message: e.to_string(),
-                        })?;
+                // A full local queue is back-pressure, not a failure: the producer's own
+                // thread is delivering, so wait for room (bounded) and try again.
+                let deadline = std::time::Instant::now() + QUEUE_FULL_PATIENCE;
+                let fut = loop {
+                    match producer.send_result(record) {
+                        Ok(fut) => break fut,
+                        Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back))
+                            if std::time::Instant::now() < deadline =>
+                        {
+                            record = back;
+                            std::thread::sleep(Duration::from_millis(5));
+                        }
+                        Err((e, _)) => {
+                            return Err(IngestError::DeadLetter {
+                                destination: topic.clone(),
+                                message: e.to_string(),
+                            });
+                        }
+                    }
+                };
                 pending.push(fut);
             }
             Self::File { pending, .. } => {

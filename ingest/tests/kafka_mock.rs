@@ -177,3 +177,117 @@ async fn every_record_arrives_once_and_every_defect_is_dead_lettered() {
         assert!(high > 0);
     }
 }
+
+/// 200,000 malformed messages ahead of valid ones: every bad one dead-lettered (the
+/// producer's queue holds 100,000, so they must be flushed as they come), every valid one
+/// taken in, and the source never stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_bad_messages_is_dead_lettered_and_the_valid_ones_follow() {
+    const BAD: u64 = 200_000;
+    const PARTITIONS: i32 = 8;
+    const DLQ_PARTITIONS: i32 = 32;
+    let cluster = MockCluster::new(1).unwrap();
+    // The mock broker keeps 5 MiB per partition: spread the flood and its dead letters
+    // (~200 bytes each with their headers).
+    cluster.create_topic(TOPIC, PARTITIONS, 1).unwrap();
+    cluster.create_topic(DLQ, DLQ_PARTITIONS, 1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    let fleet_side = KafkaConfig {
+        brokers: brokers.clone(),
+        ..Default::default()
+    };
+    // The source's side: a producer queue far smaller than the flood (librdkafka's default
+    // is 100,000 messages; a slow broker fills it the same way).
+    let mut kafka = fleet_side.clone();
+    kafka
+        .properties
+        .insert("queue.buffering.max.messages".into(), "2000".into());
+    // Keyless dead letters spread over every partition (not stuck to one), so that none
+    // passes the mock broker's 5 MiB.
+    kafka
+        .properties
+        .insert("sticky.partitioning.linger.ms".into(), "0".into());
+    let producer: rdkafka::producer::FutureProducer = fleet_side
+        .producer_config()
+        .unwrap()
+        .set("linger.ms", "5")
+        .set("queue.buffering.max.messages", "1000000")
+        .create()
+        .unwrap();
+    let mut deliveries = Vec::new();
+    for i in 0..BAD {
+        let payload = format!("{{\"battery_id\": \"B{i}\", \"oops\": ");
+        let key = format!("k{i}");
+        let record = rdkafka::producer::FutureRecord::to(TOPIC)
+            .key(&key)
+            .payload(&payload);
+        deliveries.push(producer.send_result(record).map_err(|(e, _)| e).unwrap());
+        if deliveries.len() == 50_000 {
+            for d in deliveries.drain(..) {
+                d.await.unwrap().unwrap();
+            }
+        }
+    }
+    for d in deliveries.drain(..) {
+        d.await.unwrap().unwrap();
+    }
+    let mut sim = FleetSimulator::new(
+        SimulatorConfig {
+            batteries: 50,
+            days: 10,
+            malformed_rate: 0.0,
+            ..Default::default()
+        },
+        WireFormat::Json,
+    )
+    .unwrap();
+    let valid = publish_kafka(&mut sim, &producer, TOPIC, 0.0, None)
+        .await
+        .unwrap()
+        .messages;
+    let total = BAD + valid;
+
+    let counters = Arc::new(IngestCounters::default());
+    // A long batch deadline, as on a fast backlog: only the batch size flushes.
+    let source = KafkaSource::new(
+        &kafka,
+        BatchConfig {
+            max_rows: 50_000,
+            max_wait_ms: 60_000,
+        },
+        ValidationConfig::default(),
+        counters.clone(),
+    )
+    .unwrap();
+    let seen = counters.clone();
+    let all_read = async move {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        while seen.received() < total && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let mut sink = CollectingSink::default();
+    source
+        .run(&mut sink, all_read)
+        .await
+        .expect("the source keeps running through the flood");
+    assert_eq!(counters.received(), total, "not every message was consumed");
+    assert_eq!(counters.rejected_total(), BAD);
+    let rows: u64 = sink.per_battery().values().map(|(n, _)| n).sum();
+    assert_eq!(rows, valid, "every valid message after the flood taken in");
+
+    // Every bad message is on the dead-letter topic, once.
+    let probe: BaseConsumer = kafka.consumer_config().unwrap().create().unwrap();
+    let mut on_dlq = 0;
+    for p in 0..DLQ_PARTITIONS {
+        let (low, high) = probe
+            .fetch_watermarks(DLQ, p, Duration::from_secs(10))
+            .unwrap();
+        assert_eq!(
+            low, 0,
+            "the mock broker dropped dead letters of partition {p}"
+        );
+        on_dlq += (high - low) as u64;
+    }
+    assert_eq!(on_dlq, BAD);
+}

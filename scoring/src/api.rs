@@ -17,6 +17,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use subtle::ConstantTimeEq;
 
 use crate::alerts::{AlertError, AlertFilter, AlertService, AlertStatus, iso_day};
 
@@ -90,7 +91,10 @@ async fn bearer(State(s): State<ApiState>, req: Request, next: Next) -> Response
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
-        if given != Some(&**token) {
+        // Constant time: a byte-by-byte comparison that stops at the first difference
+        // tells a patient caller how much of its guess was right.
+        let matches = given.is_some_and(|g| bool::from(g.as_bytes().ct_eq(token.as_bytes())));
+        if !matches {
             return error(
                 StatusCode::UNAUTHORIZED,
                 "missing or wrong bearer token (Authorization: Bearer <api.token>)",
@@ -215,8 +219,18 @@ struct AckBody {
 async fn ack(
     State(s): State<ApiState>,
     Path(id): Path<String>,
+    headers: axum::http::HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
+    // A browser sends a form or text/plain post to any site without asking it first; a
+    // JSON post from another origin needs a CORS preflight this API never grants. So an
+    // acknowledgement must say it is JSON, even with an empty body.
+    if !is_json(&headers) {
+        return error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "POST /api/alerts/{id}/ack takes Content-Type: application/json (body optional: {\"by\": \"...\"})",
+        );
+    }
     let by = if body.is_empty() {
         None
     } else {
@@ -231,6 +245,15 @@ async fn ack(
         Err(e @ AlertError::NotActive(..)) => error(StatusCode::CONFLICT, e),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
     }
+}
+
+/// `Content-Type: application/json`, parameters (charset) allowed.
+fn is_json(headers: &axum::http::HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|essence| essence.trim().eq_ignore_ascii_case("application/json"))
 }
 
 async fn battery(State(s): State<ApiState>, Path(id): Path<String>) -> Response {

@@ -93,6 +93,10 @@ impl ConfigError {
 
 const ENV_PREFIX: &str = "VOLTCAST_";
 
+/// The signing secret docker-compose.yml falls back to when `VOLTCAST_WEBHOOK_SECRET` is
+/// unset: public, so a webhook signed with it proves nothing. Start-up refuses it.
+pub const COMPOSE_PLACEHOLDER_SECRET: &str = "change-me-in-production";
+
 impl VoltcastConfig {
     /// Loads from an optional file and the process environment.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
@@ -272,6 +276,12 @@ impl VoltcastConfig {
                 return Err(ConfigError::new(
                     "webhook.secret",
                     "is required when webhook.url_template is set (set VOLTCAST_WEBHOOK__SECRET)",
+                ));
+            }
+            if w.secret == COMPOSE_PLACEHOLDER_SECRET {
+                return Err(ConfigError::new(
+                    "webhook.secret",
+                    "is docker-compose.yml's placeholder, which anyone can read: set VOLTCAST_WEBHOOK_SECRET to one of your own (e.g. `openssl rand -hex 32`)",
                 ));
             }
             for (key, v) in [

@@ -56,7 +56,16 @@ impl Api {
     async fn call(&self, method: &str, path: &str) -> (u16, Value) {
         let url = format!("{}{path}", self.base);
         let mut req = match method {
-            "POST" => self.client.post(url),
+            "POST" => self
+                .client
+                .post(url)
+                .header("content-type", "application/json"),
+            "FORM" => self
+                .client
+                .post(url)
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body("by=evil"),
+            "BARE" => self.client.post(url),
             _ => self.client.get(url),
         };
         if let Some(t) = self.token {
@@ -108,6 +117,14 @@ async fn alerts_batteries_acks_auth_and_errors() {
     assert_eq!(s, 401, "{body}");
     assert!(body["error"].as_str().unwrap().contains("bearer"));
     assert_eq!(anonymous.call("GET", "/healthz").await.0, 200);
+    for wrong in ["letmeout", "letme", "letmein2", ""] {
+        let guess = Api {
+            base: api.base.clone(),
+            client: reqwest::Client::new(),
+            token: Some(wrong),
+        };
+        assert_eq!(guess.call("GET", "/api/alerts").await.0, 401, "{wrong:?}");
+    }
 
     let (s, all) = api.call("GET", "/api/alerts").await;
     assert_eq!(s, 200);
@@ -133,6 +150,14 @@ async fn alerts_batteries_acks_auth_and_errors() {
     }
 
     let id = open["alerts"][0]["alert_id"].as_str().unwrap().to_string();
+    // A cross-site form post (or one without a type) acknowledges nothing.
+    for how in ["FORM", "BARE"] {
+        let (s, e) = api.call(how, &format!("/api/alerts/{id}/ack")).await;
+        assert_eq!(s, 415, "{how}: {e}");
+        assert!(e["error"].as_str().unwrap().contains("application/json"));
+    }
+    let (_, still) = api.call("GET", &format!("/api/alerts/{id}")).await;
+    assert_eq!(still["status"], "open", "{still}");
     let (s, acked) = api.call("POST", &format!("/api/alerts/{id}/ack")).await;
     assert_eq!(
         (s, acked["status"].as_str()),

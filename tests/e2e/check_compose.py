@@ -12,13 +12,36 @@ import yaml
 
 binary = sys.argv[1]
 root = pathlib.Path.cwd()
-resolved = subprocess.run(
-    ["docker-compose", "-f", "docker-compose.yml", "config"],
-    check=True, capture_output=True, text=True,
-).stdout
-compose = yaml.safe_load(resolved)
+def resolve(secret):
+    """The compose file as docker-compose resolves it, with or without a secret set."""
+    env = {k: v for k, v in os.environ.items() if k != "VOLTCAST_WEBHOOK_SECRET"}
+    if secret:
+        env["VOLTCAST_WEBHOOK_SECRET"] = secret
+    out = subprocess.run(
+        ["docker-compose", "-f", "docker-compose.yml", "config"],
+        check=True, capture_output=True, text=True, env=env,
+    ).stdout
+    return yaml.safe_load(out)
+
+
+def service_env(service):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VOLTCAST_")}
+    env.update({k: str(v) for k, v in (service.get("environment") or {}).items()})
+    return env
+
+
 failures = []
 checked = 0
+# Without VOLTCAST_WEBHOOK_SECRET the stack falls back to a public placeholder, which
+# `voltcast run` must refuse, naming the key and the variable to set.
+voltcast = resolve(None)["services"]["voltcast"]
+r = subprocess.run([binary, "config", "check"], env=service_env(voltcast),
+                   capture_output=True, text=True, cwd="/tmp")
+checked += 1
+if r.returncode == 0 or "VOLTCAST_WEBHOOK_SECRET" not in r.stderr:
+    failures.append(f"voltcast: the placeholder secret was accepted: {r.stderr.strip()[:300]}")
+# As the README starts it: with a secret of the operator's own.
+compose = resolve("compose-check-secret")
 for name, service in compose["services"].items():
     build = service.get("build")
     if build is None:
@@ -32,8 +55,7 @@ for name, service in compose["services"].items():
     command = service.get("command") or []
     if isinstance(command, str):
         command = command.split()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VOLTCAST_")}
-    env.update({k: str(v) for k, v in (service.get("environment") or {}).items()})
+    env = service_env(service)
     runs = [command + ["--help"], ["config", "check"]]
     for args in runs:
         checked += 1
