@@ -26,6 +26,13 @@ pub struct ValidationConfig {
     pub max_rated_cycles: f64,
     /// How far ahead of the wall clock an event time may be.
     pub max_future_hours: i64,
+    /// Oldest battery accepted, in days (100 years): a larger age is a corrupt field, and
+    /// an absurd one would overflow the gap filling's day arithmetic.
+    pub max_age_days: i64,
+    /// Most lifetime cycles accepted, as a multiple of the rating: far past it a battery's
+    /// alert is long decided, and a glitch of 1e300 would raise a critical alert that the
+    /// next honest report then "resolves" as a replacement.
+    pub max_lifetime_over_rated: f64,
 }
 
 impl Default for ValidationConfig {
@@ -37,6 +44,8 @@ impl Default for ValidationConfig {
             max_minutes_per_report: 1440.0,
             max_rated_cycles: 100_000.0,
             max_future_hours: 24,
+            max_age_days: 36_500,
+            max_lifetime_over_rated: 10.0,
         }
     }
 }
@@ -119,6 +128,25 @@ impl ValidationConfig {
             return Err(Rejection::new(
                 RejectReason::OutOfRange,
                 "battery_rated_cycles is 0",
+            ));
+        }
+        if r.battery_age_days > self.max_age_days {
+            return Err(Rejection::new(
+                RejectReason::OutOfRange,
+                format!(
+                    "battery_age_days is {}, above the limit {}",
+                    r.battery_age_days, self.max_age_days
+                ),
+            ));
+        }
+        let most = self.max_lifetime_over_rated * r.battery_rated_cycles;
+        if r.lifetime_cycles_used > most {
+            return Err(Rejection::new(
+                RejectReason::OutOfRange,
+                format!(
+                    "lifetime_cycles_used is {}, above {} times the rating ({most})",
+                    r.lifetime_cycles_used, self.max_lifetime_over_rated
+                ),
             ));
         }
         for (name, v) in [

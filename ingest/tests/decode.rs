@@ -127,6 +127,14 @@ fn each_defect_gets_its_reason() {
     );
     assert_eq!(reason(&with("\"vehicle_id\":\"V1\",", "")), Ok(()));
     assert_eq!(reason(&with("}", ",\"unknown_extra\":[1,2]}")), Ok(()));
+    // Past its rating, within reason: kept.
+    assert_eq!(
+        reason(&with(
+            "\"lifetime_cycles_used\":1.5",
+            "\"lifetime_cycles_used\":1999"
+        )),
+        Ok(())
+    );
 
     let cases = [
         (with("}", ""), RejectReason::Malformed),
@@ -180,6 +188,25 @@ fn each_defect_gets_its_reason() {
         ),
         (
             with("\"battery_rated_cycles\":200", "\"battery_rated_cycles\":0"),
+            RejectReason::OutOfRange,
+        ),
+        (
+            with(
+                "\"lifetime_cycles_used\":1.5",
+                "\"lifetime_cycles_used\":1e300",
+            ),
+            RejectReason::OutOfRange,
+        ),
+        (
+            // More than 10 times its rating of 200.
+            with(
+                "\"lifetime_cycles_used\":1.5",
+                "\"lifetime_cycles_used\":2000.5",
+            ),
+            RejectReason::OutOfRange,
+        ),
+        (
+            with("\"battery_age_days\":10", "\"battery_age_days\":3000000000"),
             RejectReason::OutOfRange,
         ),
         (
