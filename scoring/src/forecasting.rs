@@ -334,20 +334,15 @@ impl BatteryModel {
         let Some(previous) = self.record.as_ref() else {
             return;
         };
-        let days: Vec<[f32; 3]> = history
-            .window_through(day, settings.selection.fit_window_days)
-            .collect();
-        let series = series_of(&days, day + 1);
-        out.stats.refits += 1;
-        let mut cpu = std::time::Duration::ZERO;
-        let refitted = crate::memory::on_cpu(&mut cpu, || {
-            std::panic::catch_unwind(|| refit(&series, &settings.selection, previous))
+        let n = settings.selection.fit_window_days;
+        let (refitted, seconds) = timed_fit(history, day, n, |series| {
+            refit(series, &settings.selection, previous)
         });
-        out.stats.refit_seconds += cpu.as_secs_f64();
+        out.stats.refits += 1;
+        out.stats.refit_seconds += seconds;
         match refitted {
-            Ok(Ok(record)) => self.record = Some(record),
-            Ok(Err(e)) => tracing::warn!(battery = %id, why = %e, "model refit failed"),
-            Err(_) => tracing::warn!(battery = %id, "model refit panicked"),
+            Ok(record) => self.record = Some(record),
+            Err(why) => tracing::warn!(battery = %id, %why, "model refit failed"),
         }
     }
 
@@ -361,27 +356,45 @@ impl BatteryModel {
         settings: &ForecastSettings,
         out: &mut BatteryOutcome,
     ) {
-        let days: Vec<[f32; 3]> = history.window_through(day, settings.keep_days()).collect();
-        let series = series_of(&days, day + 1);
         let version = self.record.as_ref().map(|r| r.version);
-        out.stats.selections += 1;
-        let mut cpu = std::time::Duration::ZERO;
-        let selected = crate::memory::on_cpu(&mut cpu, || {
-            std::panic::catch_unwind(|| select(&series, &settings.selection, version))
+        let (selected, seconds) = timed_fit(history, day, settings.keep_days(), |series| {
+            select(series, &settings.selection, version)
         });
-        out.stats.selection_seconds += cpu.as_secs_f64();
-        let why = match selected {
-            Ok(Ok(record)) => {
-                out.selections.push((record.kind(), cpu.as_secs_f64()));
+        out.stats.selections += 1;
+        out.stats.selection_seconds += seconds;
+        match selected {
+            Ok(record) => {
+                out.selections.push((record.kind(), seconds));
                 self.record = Some(record);
-                return;
             }
-            Ok(Err(e)) => e.to_string(),
-            Err(_) => "the selection panicked".to_string(),
-        };
-        out.stats.failed_selections += 1;
-        tracing::warn!(battery = %id, %why, "model selection failed");
+            Err(why) => {
+                out.stats.failed_selections += 1;
+                tracing::warn!(battery = %id, %why, "model selection failed");
+            }
+        }
     }
+}
+
+/// Runs `fit` on the battery's `n` days through `day`, timed on this thread's CPU clock,
+/// with a panic caught and turned into an error: a failed fit leaves the battery its model.
+fn timed_fit(
+    history: &crate::windows::BatteryHistory,
+    day: i32,
+    n: usize,
+    fit: impl FnOnce(&DailySeries) -> Result<ModelRecord, voltcast_forecaster::ForecastError>,
+) -> (Result<ModelRecord, String>, f64) {
+    let days: Vec<[f32; 3]> = history.window_through(day, n).collect();
+    let series = series_of(&days, day + 1);
+    let mut cpu = std::time::Duration::ZERO;
+    let fitted = crate::memory::on_cpu(&mut cpu, || {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| fit(&series)))
+    });
+    let fitted = match fitted {
+        Ok(Ok(record)) => Ok(record),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("the fit panicked".to_string()),
+    };
+    (fitted, cpu.as_secs_f64())
 }
 
 fn assess(
