@@ -33,8 +33,9 @@ use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload}
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-/// Identifies the format; bumped whenever the state's layout changes.
-const MAGIC: &[u8; 8] = b"VCPART01";
+/// Identifies the format; bumped whenever the state's layout changes (02: model records
+/// count days since their last backtest).
+const MAGIC: &[u8; 8] = b"VCPART02";
 const STATE: u8 = b'S';
 const CLAIM: u8 = b'C';
 /// A claim object: the magic and its kind, nothing else.
