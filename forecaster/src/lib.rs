@@ -33,6 +33,7 @@ pub use forecast::Forecast;
 pub use model::{FittedModel, Model, ModelKind};
 pub use risk::{FailureRisk, RiskConfig, failure_risk};
 pub use select::{
-    BacktestScore, ModelRecord, SelectionConfig, Standing, UNSCORED_FAMILY, Upkeep, refit, select,
+    BacktestScore, ModelRecord, QUIET_ASSESS_EVERY_DAYS, SelectionConfig, Standing,
+    UNSCORED_FAMILY, Upkeep, refit, select,
 };
 pub use series::{DailySeries, DayObservation};

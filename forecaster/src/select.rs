@@ -130,8 +130,11 @@ pub struct Standing {
 }
 
 impl Standing {
-    /// From the remaining cycles and the battery's last (up to) 28 days of cycles,
-    /// oldest first.
+    /// Days the recent pace is taken over.
+    pub const PACE_DAYS: usize = 28;
+
+    /// From the remaining cycles and the battery's last (up to) [`Self::PACE_DAYS`] days
+    /// of cycles, oldest first.
     pub fn new(remaining: f64, recent: impl ExactSizeIterator<Item = f64>, history: usize) -> Self {
         let n = recent.len();
         let (mut all, mut week) = (0.0, 0.0);
@@ -158,9 +161,12 @@ impl Standing {
     /// Rating within `days` at the recent pace, and not yet passed (past it the risk is
     /// certain whatever the model says).
     pub fn within(&self, days: u32) -> bool {
-        self.remaining > 0.0 && self.remaining <= self.pace * f64::from(days)
+        self.remaining > 0.0 && self.near(days)
     }
 }
+
+/// Far from its rating, a battery's risk is reassessed this often.
+pub const QUIET_ASSESS_EVERY_DAYS: u32 = 7;
 
 /// What a battery's model needs after a closed day.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -187,10 +193,10 @@ impl SelectionConfig {
         let Some(r) = record else {
             return Upkeep::Select;
         };
-        let backtestable = standing.history_days >= MIN_TRAIN_DAYS + self.horizon_days.max(1);
         if !turn {
             return Upkeep::Keep;
         }
+        let backtestable = standing.history_days >= MIN_TRAIN_DAYS + self.horizon_days.max(1);
         if standing.within(self.reach_days) && backtestable {
             let due = r
                 .days_since_backtest
@@ -208,6 +214,14 @@ impl SelectionConfig {
         } else {
             Upkeep::Keep
         }
+    }
+
+    /// Whether a battery's risk is worked out today. Far from its rating the risk is nil
+    /// and moves slowly: it is reassessed on its weekly turn (`weekly_turn`, the day of
+    /// the [`QUIET_ASSESS_EVERY_DAYS`] cycle its id hashes to) and when its model changed;
+    /// near it (or past it), every day.
+    pub fn assessed(&self, standing: Standing, upkeep: Upkeep, weekly_turn: bool) -> bool {
+        standing.near(self.reach_days) || weekly_turn || upkeep != Upkeep::Keep
     }
 }
 
@@ -316,15 +330,16 @@ pub fn backtest(
                 _ => kind.fit(&train).ok().map(|m| m.mean_path(h)),
             })
             .collect();
+        let ensemble = ensemble_path(&kinds, &paths, h);
         for (i, &kind) in kinds.iter().enumerate() {
             let path = match kind {
-                ModelKind::Ensemble => ensemble_path(&kinds, &paths, h),
-                _ => paths[i].clone(),
+                ModelKind::Ensemble => ensemble.as_deref(),
+                _ => paths[i].as_deref(),
             };
             sums[i] = match (sums[i], path) {
                 (Some((nrmse, sum_error)), Some(p)) => Some((
-                    nrmse + nrmse_of(actual, &p),
-                    sum_error + relative_sum_error(actual, &p),
+                    nrmse + nrmse_of(actual, p),
+                    sum_error + relative_sum_error(actual, p),
                 )),
                 _ => None,
             };

@@ -31,6 +31,31 @@ fn header<'a>(m: &'a rdkafka::message::BorrowedMessage<'_>, key: &str) -> &'a st
     std::str::from_utf8(v).unwrap()
 }
 
+/// Runs the Kafka source until `total` messages are read (or two minutes pass) and
+/// returns what it handed on.
+async fn consume(
+    kafka: KafkaConfig,
+    batches: BatchConfig,
+    counters: Arc<IngestCounters>,
+    total: u64,
+) -> Result<CollectingSink, voltcast_ingest::IngestError> {
+    let source = KafkaSource::new(
+        &kafka,
+        batches,
+        ValidationConfig::default(),
+        counters.clone(),
+    )
+    .unwrap();
+    let all_read = async move {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        while counters.received() < total && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let mut sink = CollectingSink::default();
+    source.run(&mut sink, all_read).await.map(|_| sink)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_record_arrives_once_and_every_defect_is_dead_lettered() {
     let cluster = MockCluster::new(1).unwrap();
@@ -81,27 +106,11 @@ async fn every_record_arrives_once_and_every_defect_is_dead_lettered() {
         ..Default::default()
     };
     let counters = Arc::new(IngestCounters::default());
-    let source = KafkaSource::new(
-        &kafka,
-        BatchConfig {
-            max_rows: 7_000,
-            max_wait_ms: 200,
-        },
-        ValidationConfig::default(),
-        counters.clone(),
-    )
-    .unwrap();
-    let seen = counters.clone();
-    let all_read = async move {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-        while seen.received() < total && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+    let batches = BatchConfig {
+        max_rows: 7_000,
+        max_wait_ms: 200,
     };
-    let consumer = tokio::spawn(async move {
-        let mut sink = CollectingSink::default();
-        source.run(&mut sink, all_read).await.map(|_| sink)
-    });
+    let consumer = tokio::spawn(consume(kafka.clone(), batches, counters.clone(), total));
 
     let producer = kafka
         .producer_config()
@@ -249,26 +258,11 @@ async fn a_flood_of_bad_messages_is_dead_lettered_and_the_valid_ones_follow() {
 
     let counters = Arc::new(IngestCounters::default());
     // A long batch deadline, as on a fast backlog: only the batch size flushes.
-    let source = KafkaSource::new(
-        &kafka,
-        BatchConfig {
-            max_rows: 50_000,
-            max_wait_ms: 60_000,
-        },
-        ValidationConfig::default(),
-        counters.clone(),
-    )
-    .unwrap();
-    let seen = counters.clone();
-    let all_read = async move {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-        while seen.received() < total && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+    let batches = BatchConfig {
+        max_rows: 50_000,
+        max_wait_ms: 60_000,
     };
-    let mut sink = CollectingSink::default();
-    source
-        .run(&mut sink, all_read)
+    let sink = consume(kafka.clone(), batches, counters.clone(), total)
         .await
         .expect("the source keeps running through the flood");
     assert_eq!(counters.received(), total, "not every message was consumed");

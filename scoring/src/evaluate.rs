@@ -20,8 +20,8 @@ use datafusion::arrow::array::RecordBatch;
 use serde::{Deserialize, Serialize};
 use voltcast_forecaster::select::{nrmse_of, relative_sum_error};
 use voltcast_forecaster::{
-    DailySeries, DayObservation, Model, ModelKind, RiskConfig, SelectionConfig, Standing, Upkeep,
-    failure_risk, refit, select,
+    DailySeries, DayObservation, Model, ModelKind, QUIET_ASSESS_EVERY_DAYS, RiskConfig,
+    SelectionConfig, Standing, Upkeep, failure_risk, refit, select,
 };
 use voltcast_ingest::MicroBatch;
 use voltcast_ingest::simulate::{
@@ -262,7 +262,7 @@ fn walk(b: &Battery, config: &EvaluationConfig, out: &mut Outcome) {
             trips: s.trips[t],
         });
         out.updates.1 += started.elapsed().as_secs_f64();
-        let recent = &s.cycles[(t + 1).saturating_sub(PACE_DAYS)..=t];
+        let recent = &s.cycles[(t + 1).saturating_sub(Standing::PACE_DAYS)..=t];
         let standing = Standing::new(b.rated - b.lifetime[t], recent.iter().copied(), t + 1);
         let turn = (t as u32).is_multiple_of(cycle);
         let started = std::time::Instant::now();
@@ -284,8 +284,8 @@ fn walk(b: &Battery, config: &EvaluationConfig, out: &mut Outcome) {
                 out.refits.1 += started.elapsed().as_secs_f64();
             }
         }
-        let weekly = (t as u32).is_multiple_of(crate::forecasting::QUIET_ASSESS_EVERY_DAYS);
-        if !(standing.near(config.selection.reach_days) || weekly || upkeep != Upkeep::Keep) {
+        let weekly_turn = (t as u32).is_multiple_of(QUIET_ASSESS_EVERY_DAYS);
+        if !config.selection.assessed(standing, upkeep, weekly_turn) {
             continue; // as the stream: far from the rating, assessed on its turn
         }
         let started = std::time::Instant::now();
@@ -298,9 +298,6 @@ fn walk(b: &Battery, config: &EvaluationConfig, out: &mut Outcome) {
         }
     }
 }
-
-/// Days the stream takes a battery's recent pace over.
-const PACE_DAYS: usize = 28;
 
 fn summarize(outcomes: &[Outcome], horizon: i32) -> Evaluation {
     let mut e = Evaluation::default();

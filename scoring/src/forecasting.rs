@@ -25,8 +25,8 @@ use std::sync::Arc;
 use datafusion::arrow::array::RecordBatch;
 use serde::{Deserialize, Serialize};
 use voltcast_forecaster::{
-    DailySeries, DayObservation, FailureRisk, Forecast, ModelKind, ModelRecord, RiskConfig,
-    SelectionConfig, Standing, Upkeep, refit, select,
+    DailySeries, DayObservation, FailureRisk, Forecast, ModelKind, ModelRecord,
+    QUIET_ASSESS_EVERY_DAYS, RiskConfig, SelectionConfig, Standing, Upkeep, refit, select,
 };
 
 use crate::windows::{WindowState, daily};
@@ -59,10 +59,6 @@ type FastHash = foldhash::fast::RandomState;
 
 /// Days of history a [`RiskUpdate`] carries for the API.
 pub const RECENT_DAYS: usize = 30;
-/// Days a battery's recent pace is taken over (see [`Standing`]).
-const PACE_DAYS: usize = 28;
-/// Far from its rating, a battery's risk is reassessed this often.
-pub const QUIET_ASSESS_EVERY_DAYS: u32 = 7;
 /// Drivers are worked out from this probability up: below it nobody reads them.
 const DRIVERS_FROM_PROBABILITY: f64 = 0.5;
 /// Below this many batteries with closed days, a batch's forecasts run on one thread.
@@ -287,7 +283,7 @@ impl BatteryModel {
         let standing = Standing::new(
             row.rated - row.lifetime,
             history
-                .window_through(day, PACE_DAYS)
+                .window_through(day, Standing::PACE_DAYS)
                 .map(|d| f64::from(d[0])),
             history.len_through(day),
         );
@@ -301,12 +297,8 @@ impl BatteryModel {
             Upkeep::Select => self.reselect(id, history, day, settings, out),
             Upkeep::Refit => self.refit(id, history, day, settings, out),
         }
-        // Far from its rating a battery's risk is nil and moves slowly: it is reassessed
-        // on its turn (weekly) and when its model changes, near it every day.
-        let assessed = standing.near(settings.selection.reach_days)
-            || on_turn(day, hash, QUIET_ASSESS_EVERY_DAYS)
-            || upkeep != Upkeep::Keep;
-        if !assessed {
+        let weekly_turn = on_turn(day, hash, QUIET_ASSESS_EVERY_DAYS);
+        if !settings.selection.assessed(standing, upkeep, weekly_turn) {
             out.stats.quiet_days += 1;
         } else if let Some(record) = &self.record {
             out.updates.push(assess(
