@@ -201,6 +201,7 @@ async fn latency(
             RiskConfig::default(),
         )),
         alerts: AlertConfig::default(),
+        archive: None,
     };
     let partitions = Arc::new(PartitionSet::on_sight(settings, None));
     let (tap, closed) = std::sync::mpsc::channel();

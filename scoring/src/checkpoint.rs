@@ -34,8 +34,8 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 /// Identifies the format; bumped whenever the state's layout changes (02: model records
-/// count days since their last backtest).
-const MAGIC: &[u8; 8] = b"VCPART02";
+/// count days since their last backtest; 03: the archive files a checkpoint commits).
+const MAGIC: &[u8; 8] = b"VCPART03";
 const STATE: u8 = b'S';
 const CLAIM: u8 = b'C';
 /// A claim object: the magic and its kind, nothing else.
@@ -90,6 +90,9 @@ pub enum CheckpointError {
          the topic (kafka-consumer-groups --reset-offsets --to-earliest --execute)"
     )]
     Legacy { path: String },
+    /// Committing or recovering the archive files a checkpoint lists.
+    #[error(transparent)]
+    Archive(#[from] crate::archive::ArchiveError),
 }
 
 /// A partition as the store names it.

@@ -25,11 +25,13 @@ use voltcast_ingest::{PartitionId, PartitionListener, SourcePosition};
 
 use crate::alerts::policy::{Episodes, EpisodesRef};
 use crate::alerts::{AlertConfig, Decision, EpisodePolicy};
+use crate::archive::{ParquetArchive, PartitionArchive};
 use crate::checkpoint::{CheckpointError, CheckpointStore, PartitionKey};
+use crate::error::ScoringError;
 use crate::forecasting::{BatteryModels, ForecastSettings, ForecastStats, RiskUpdate};
 use crate::memory::on_cpu;
 use crate::metrics::Metrics;
-use crate::windows::{DailyWindows, WindowConfig, WindowError, WindowState};
+use crate::windows::{DailyWindows, WindowConfig, WindowState};
 
 /// What every task of a run shares: how windows, forecasts and alerts behave.
 #[derive(Debug, Clone)]
@@ -38,6 +40,8 @@ pub struct PartitionSettings {
     /// None: the day windows only (tools and tests of the windows alone).
     pub forecast: Option<ForecastSettings>,
     pub alerts: AlertConfig,
+    /// Raw rows and closed days to Parquet, committed with each checkpoint.
+    pub archive: Option<ParquetArchive>,
 }
 
 impl PartitionSettings {
@@ -50,6 +54,7 @@ impl PartitionSettings {
                 enabled: false,
                 ..AlertConfig::default()
             },
+            archive: None,
         }
     }
 }
@@ -61,6 +66,8 @@ struct PartitionState {
     windows: WindowState,
     models: BatteryModels,
     episodes: Episodes,
+    /// Archive files this checkpoint commits (staged until it is durable).
+    archive: Vec<String>,
 }
 
 /// The same, borrowed: saving must not clone the state.
@@ -70,6 +77,7 @@ struct PartitionStateRef<'a> {
     windows: &'a WindowState,
     models: &'a BatteryModels,
     episodes: EpisodesRef<'a>,
+    archive: &'a [String],
 }
 
 /// CPU time a task's steps took (on whichever thread ran it).
@@ -81,6 +89,8 @@ pub struct TaskTimes {
     pub forecasts: Duration,
     /// The alert policy deciding on the fresh risks.
     pub policy: Duration,
+    /// Raw rows and closed days written to the archive (wall time: mostly I/O).
+    pub archive: Duration,
 }
 
 /// What one batch of a partition produced.
@@ -104,6 +114,7 @@ pub struct PartitionTask {
     pub windows: DailyWindows,
     pub models: BatteryModels,
     policy: EpisodePolicy,
+    archive: Option<PartitionArchive>,
     /// The number this owner writes its next checkpoint under.
     next_seq: u64,
     /// Changed since the last checkpoint.
@@ -113,8 +124,13 @@ pub struct PartitionTask {
 }
 
 impl PartitionTask {
-    fn fresh(key: PartitionKey, settings: &PartitionSettings) -> Self {
+    /// `staged`: archive files wait for the partition's checkpoint.
+    fn fresh(key: PartitionKey, settings: &PartitionSettings, staged: bool) -> Self {
         Self {
+            archive: settings
+                .archive
+                .as_ref()
+                .map(|a| PartitionArchive::new(a, &key, staged)),
             key,
             next_offset: None,
             windows: DailyWindows::new(one_shard(&settings.windows)),
@@ -134,6 +150,10 @@ impl PartitionTask {
         settings: &PartitionSettings,
     ) -> Self {
         Self {
+            archive: settings
+                .archive
+                .as_ref()
+                .map(|a| PartitionArchive::new(a, &key, true)),
             key,
             next_offset: state.next_offset,
             windows: DailyWindows::from_state(one_shard(&settings.windows), state.windows),
@@ -154,16 +174,26 @@ impl PartitionTask {
         now: EpochMillis,
         settings: &PartitionSettings,
         metrics: Option<&Metrics>,
-    ) -> Result<PartitionOutput, WindowError> {
+    ) -> Result<PartitionOutput, ScoringError> {
         let windows = &mut self.windows;
         let out = on_cpu(&mut self.times.windows, || {
             windows.apply_partition(rows, position, now)
         })?;
-        self.next_offset = Some(
-            self.next_offset
-                .map_or(position.next_offset, |n| n.max(position.next_offset)),
-        );
+        // Offsets from..to: where the state was, where this batch takes it.
+        let from = self.next_offset.unwrap_or(0);
+        let to = position.next_offset.max(from);
+        self.next_offset = Some(to);
         self.dirty = true;
+        if let Some(archive) = &mut self.archive {
+            let started = std::time::Instant::now();
+            if rows.num_rows() > 0 {
+                archive.raw(rows, from, to)?;
+            }
+            for closed in &out.closed {
+                archive.daily(closed, from, Some(to))?;
+            }
+            self.times.archive += started.elapsed();
+        }
         let mut output = PartitionOutput {
             closed: out.closed,
             late: out.late,
@@ -178,10 +208,15 @@ impl PartitionTask {
         &mut self,
         settings: &PartitionSettings,
         metrics: Option<&Metrics>,
-    ) -> Result<PartitionOutput, WindowError> {
+    ) -> Result<PartitionOutput, ScoringError> {
         let windows = &mut self.windows;
         let closed = on_cpu(&mut self.times.windows, || windows.close_all())?;
         self.dirty = true;
+        if let Some(archive) = &mut self.archive {
+            for batch in &closed {
+                archive.daily(batch, self.next_offset.unwrap_or(0), None)?;
+            }
+        }
         let mut output = PartitionOutput {
             closed,
             ..Default::default()
@@ -230,6 +265,7 @@ impl PartitionTask {
             windows: self.windows.state(),
             models: &self.models,
             episodes: self.policy.episodes(),
+            archive: self.archive.as_ref().map_or(&[], |a| a.staged()),
         }
     }
 
@@ -238,10 +274,28 @@ impl PartitionTask {
         if !self.dirty {
             return Ok(None);
         }
-        let bytes = store.save(&self.key, self.next_seq, &self.state())?;
+        let bytes = match store.save(&self.key, self.next_seq, &self.state()) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                if let (CheckpointError::Fenced { .. }, Some(archive)) = (&e, &mut self.archive) {
+                    archive.discard();
+                }
+                return Err(e);
+            }
+        };
         self.next_seq += 1;
         self.dirty = false;
+        if let Some(archive) = &mut self.archive {
+            archive.commit()?;
+        }
         Ok(Some(bytes))
+    }
+
+    /// The partition leaves without a checkpoint: what waited for one is dropped.
+    fn drop_unsaved(&mut self) {
+        if let Some(archive) = &mut self.archive {
+            archive.discard();
+        }
     }
 
     /// Where a new owner (or a restart) resumes this partition.
@@ -306,6 +360,7 @@ impl TaskWork {
         self.times.windows += task.times.windows;
         self.times.forecasts += task.times.forecasts;
         self.times.policy += task.times.policy;
+        self.times.archive += task.times.archive;
     }
 }
 
@@ -386,7 +441,7 @@ impl PartitionSet {
 
     /// A task for `key` from nothing (a partition seen for the first time).
     pub fn fresh_task(&self, key: PartitionKey) -> PartitionTask {
-        PartitionTask::fresh(key, &self.settings)
+        PartitionTask::fresh(key, &self.settings, self.checkpoints.is_some())
     }
 
     /// Loads `key`'s latest checkpoint and claims its next number.
@@ -396,19 +451,31 @@ impl PartitionSet {
         };
         let started = std::time::Instant::now();
         let loaded = store.load::<PartitionState>(&key)?;
-        let task = match loaded.state {
-            Some(state) => {
-                PartitionTask::restored(key.clone(), state, loaded.next_seq, &self.settings)
+        let (mut task, committed) = match loaded.state {
+            Some(mut state) => {
+                let committed = std::mem::take(&mut state.archive);
+                let task =
+                    PartitionTask::restored(key.clone(), state, loaded.next_seq, &self.settings);
+                (task, committed)
             }
-            None => PartitionTask {
-                next_seq: loaded.next_seq,
-                ..self.fresh_task(key.clone())
-            },
+            None => {
+                let task = PartitionTask {
+                    next_seq: loaded.next_seq,
+                    ..self.fresh_task(key.clone())
+                };
+                (task, Vec::new())
+            }
+        };
+        let (archived, rolled_back) = match &mut task.archive {
+            Some(archive) => archive.recover(&committed)?,
+            None => (0, 0),
         };
         tracing::info!(
             partition = %key,
             batteries = task.windows.state().battery_count(),
             next_offset = ?task.next_offset,
+            archived,
+            rolled_back,
             seconds = started.elapsed().as_secs_f64(),
             "partition state loaded"
         );
@@ -521,8 +588,12 @@ impl PartitionListener for PartitionSet {
 
     fn lost(&self, partitions: &[PartitionId]) {
         for p in partitions {
-            if let Some(task) = self.lock().remove(&key_of(p)) {
+            if let Some(mut task) = self.lock().remove(&key_of(p)) {
                 tracing::warn!(partition = %task.key, "partition lost: its state is dropped unsaved");
+                // A halted set plays a crash: it leaves its files as they lie.
+                if !self.is_halted() {
+                    task.drop_unsaved();
+                }
                 self.depart(&task);
             }
         }

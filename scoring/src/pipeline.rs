@@ -27,7 +27,6 @@ use crate::forecasting::ForecastSettings;
 use crate::memory::on_cpu;
 use crate::metrics::Metrics;
 use crate::partition::{PartitionOutput, PartitionSet, PartitionSettings, PartitionTask, TaskWork};
-use crate::windows::WindowError;
 
 /// Counts what reached the end of the pipeline.
 #[derive(Debug, Default)]
@@ -86,9 +85,10 @@ pub struct WindowStageTimes {
 const PARALLEL_MIN_ROWS: usize = 4_096;
 
 /// The streaming job as a sink: each partition's rows go to the partition's task
-/// (windows, forecasts, alert policy), in parallel across partitions; then, in order,
-/// late rows to the dead-letter queue, closed days to the archive, alert decisions to
-/// the alert service; then, when due, every changed partition is checkpointed.
+/// (windows, forecasts, alert policy, archive), in parallel across partitions; then, in
+/// order, late rows to the dead-letter queue, alert decisions to the alert service;
+/// then, when due, every changed partition is checkpointed (which commits its archive
+/// files).
 ///
 /// Decisions are carried out before the state that made them is checkpointed, so a
 /// crash can only repeat a decision (same id, recognised downstream), never lose one.
@@ -97,7 +97,6 @@ pub struct PartitionStage {
     pub times: WindowStageTimes,
     dead_letters: DeadLetterQueue,
     alerts: Option<Arc<AlertService>>,
-    archive: Option<ParquetArchive>,
     /// Closed days, also handed here (tests and tools).
     closed_tap: Option<std::sync::mpsc::Sender<RecordBatch>>,
     checkpoint_every: Option<Duration>,
@@ -112,7 +111,6 @@ impl PartitionStage {
             partitions,
             dead_letters,
             alerts: None,
-            archive: None,
             closed_tap: None,
             checkpoint_every: None,
             last_checkpoint: Instant::now(),
@@ -131,12 +129,6 @@ impl PartitionStage {
     /// Carry out alert decisions and keep the latest assessments in `alerts`.
     pub fn with_alerts(mut self, alerts: Arc<AlertService>) -> Self {
         self.alerts = Some(alerts);
-        self
-    }
-
-    /// Also archive raw rows and closed days as Parquet.
-    pub fn with_archive(mut self, archive: Option<ParquetArchive>) -> Self {
-        self.archive = archive;
         self
     }
 
@@ -178,7 +170,7 @@ impl PartitionStage {
     }
 
     /// Runs each partition's rows through its task.
-    fn run_tasks(&mut self, batch: &MicroBatch) -> Result<Vec<PartitionOutput>, WindowError> {
+    fn run_tasks(&mut self, batch: &MicroBatch) -> Result<Vec<PartitionOutput>, ScoringError> {
         let partitions = self.partitions.clone();
         let mut tasks = partitions.lock();
         let mut work: BTreeMap<PartitionKey, (RecordBatch, &SourcePosition)> = BTreeMap::new();
@@ -250,11 +242,6 @@ impl PartitionStage {
             }
             self.times.dead_letters += started.elapsed();
             for closed in out.closed {
-                if let Some(archive) = &mut self.archive {
-                    let started = Instant::now();
-                    archive.daily(&closed)?;
-                    self.times.archive += started.elapsed();
-                }
                 if let Some(tap) = &self.closed_tap {
                     // A listener that went away is not our failure.
                     let _ = tap.send(closed);
@@ -315,10 +302,6 @@ impl BatchSink for PartitionStage {
             return Err(e.into());
         }
         let started = Instant::now();
-        if let Some(archive) = &mut self.archive {
-            archive.raw(&batch.rows)?;
-            self.times.archive += started.elapsed();
-        }
         let outputs = self.run_tasks(&batch)?;
         self.carry_out(outputs).await?;
         self.refresh_metrics(batch.rows.num_rows(), started);
@@ -509,6 +492,7 @@ pub async fn run_with(
             config.risk.clone(),
         )),
         alerts: config.alerts.clone(),
+        archive: ParquetArchive::new(&config.archive),
     };
     let metrics = Some(services.metrics.clone());
     let (stage, source_seconds) = match config.source {
@@ -523,7 +507,6 @@ pub async fn run_with(
             let partitions = Arc::new(PartitionSet::assigned_by_group(settings, store, metrics));
             let mut stage = PartitionStage::new(partitions.clone(), late)
                 .with_alerts(services.alerts.clone())
-                .with_archive(ParquetArchive::new(&config.archive))
                 .with_metrics(services.metrics.clone());
             if checkpointed {
                 let interval = Duration::from_secs(config.checkpoint.interval_seconds);
@@ -542,7 +525,6 @@ pub async fn run_with(
             let partitions = Arc::new(PartitionSet::on_sight(settings, metrics));
             let mut stage = PartitionStage::new(partitions, DeadLetterQueue::file(&dead_letters))
                 .with_alerts(services.alerts.clone())
-                .with_archive(ParquetArchive::new(&config.archive))
                 .with_metrics(services.metrics.clone());
             let dlq = DeadLetterQueue::file(dead_letters);
             services.ready.store(true, Ordering::Relaxed);
@@ -560,6 +542,7 @@ pub async fn run_with(
         windows: work.times.windows,
         forecasts: work.times.forecasts,
         policy: work.times.policy,
+        archive: work.times.archive,
         ..stage.times
     };
     let tally = std::mem::take(&mut stage.tally);

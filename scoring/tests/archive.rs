@@ -54,11 +54,12 @@ async fn raw_rows_and_closed_days_are_archived_by_date() {
         path: dir.path().join("archive"),
     });
     let (late, _) = DeadLetterQueue::memory();
-    let partitions = Arc::new(PartitionSet::on_sight(
-        PartitionSettings::windows_only(WindowConfig::default()),
-        None,
-    ));
-    let mut stage = PartitionStage::new(partitions, late).with_archive(archive);
+    let settings = PartitionSettings {
+        archive,
+        ..PartitionSettings::windows_only(WindowConfig::default())
+    };
+    let partitions = Arc::new(PartitionSet::on_sight(settings, None));
+    let mut stage = PartitionStage::new(partitions, late);
     let (dlq, _) = DeadLetterQueue::memory();
     let counters = Arc::new(IngestCounters::default());
     let source = FileSource::new(

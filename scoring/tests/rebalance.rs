@@ -3,7 +3,10 @@
 //! more writes, its partitions resume elsewhere from their last checkpoints), the rest
 //! finish. The union of what they did must equal one uninterrupted instance's: every
 //! battery-day closed once with the same values, models continued rather than selected
-//! from scratch on each move, and every alert episode raised once with the same id.
+//! from scratch on each move, and every alert episode raised once with the same id. The
+//! instances share one archive folder: it must hold every record and closed day once.
+
+mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -21,6 +24,7 @@ use voltcast_ingest::{
     SinkError, SourcePosition, ValidationConfig,
 };
 use voltcast_scoring::alerts::{AlertConfig, AlertService, AlertStore};
+use voltcast_scoring::archive::{ArchiveConfig, ParquetArchive};
 use voltcast_scoring::checkpoint::CheckpointStore;
 use voltcast_scoring::forecasting::ForecastSettings;
 use voltcast_scoring::metrics::Metrics;
@@ -67,7 +71,8 @@ struct Instance {
     task: tokio::task::JoinHandle<()>,
 }
 
-fn settings() -> PartitionSettings {
+/// Archives to `ckpt`/archive.
+fn settings(ckpt: &Path) -> PartitionSettings {
     PartitionSettings {
         windows: WindowConfig::default(),
         forecast: Some(ForecastSettings {
@@ -75,13 +80,16 @@ fn settings() -> PartitionSettings {
             ..ForecastSettings::new(SelectionConfig::default(), RiskConfig::default())
         }),
         alerts: AlertConfig::default(),
+        archive: ParquetArchive::new(&ArchiveConfig {
+            path: ckpt.join("archive"),
+        }),
     }
 }
 
 fn start(kafka: &KafkaConfig, ckpt: &Path, read: Arc<AtomicU64>) -> Instance {
     let store = CheckpointStore::open(ckpt).unwrap();
     let partitions = Arc::new(PartitionSet::assigned_by_group(
-        settings(),
+        settings(ckpt),
         Some(store),
         None,
     ));
@@ -373,6 +381,16 @@ async fn partitions_move_with_their_state_between_instances() {
         differing.is_empty(),
         "latest assessments differ: {differing:?}"
     );
+
+    // One archive for the three: each record and each closed day once.
+    let (shared, single) = (ckpt.join("archive"), dir.path().join("single/archive"));
+    let raw = common::archived(&single, "raw", "event_time");
+    assert_eq!(raw.len() as u64, total);
+    assert!(common::archived(&shared, "raw", "event_time") == raw);
+    let daily = common::archived(&single, "daily", "day");
+    assert_eq!(daily.len(), want.days.len());
+    assert!(common::archived(&shared, "daily", "day") == daily);
+    assert_eq!(common::staged_files(&shared), 0);
 }
 
 /// The handoff itself, through the listener the consumer calls: a revoked partition is
@@ -384,7 +402,7 @@ async fn a_revoked_partition_is_continued_by_its_next_owner() {
     let dir = tempfile::tempdir().unwrap();
     let owner = |_: ()| {
         Arc::new(PartitionSet::assigned_by_group(
-            settings(),
+            settings(dir.path()),
             Some(CheckpointStore::open(dir.path()).unwrap()),
             None,
         ))

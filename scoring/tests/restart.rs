@@ -7,6 +7,11 @@
 //! The whole stream is published before consuming starts, so this is also the backlog
 //! catch-up case where partitions are drained unevenly (each partition's windows follow
 //! its own event time, so that does not matter).
+//!
+//! The raw and daily archive must also equal the uninterrupted run's: every record and
+//! every closed day archived once, nothing left half-written.
+
+mod common;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -21,6 +26,7 @@ use voltcast_ingest::{
     BatchConfig, BatchSink, DeadLetterQueue, IngestCounters, KafkaConfig, KafkaSource, MicroBatch,
     SinkError, SourcePosition, ValidationConfig,
 };
+use voltcast_scoring::archive::{ArchiveConfig, ParquetArchive};
 use voltcast_scoring::checkpoint::CheckpointStore;
 use voltcast_scoring::partition::{PartitionSet, PartitionSettings};
 use voltcast_scoring::pipeline::PartitionStage;
@@ -116,14 +122,16 @@ struct Incarnation {
 
 /// Runs one life of the pipeline: restores each assigned partition from its checkpoint
 /// in `ckpt`, consumes, and either is killed once `kill_at` offsets have been read or
-/// (None) runs to the end of the stream.
+/// (None) runs to the end of the stream. Archives to `ckpt`/archive.
 async fn live(kafka: &KafkaConfig, ckpt: &Path, total: i64, kill_at: Option<i64>) -> Incarnation {
     let store = CheckpointStore::open(ckpt).unwrap();
-    let partitions = Arc::new(PartitionSet::assigned_by_group(
-        PartitionSettings::windows_only(WindowConfig::default()),
-        Some(store),
-        None,
-    ));
+    let settings = PartitionSettings {
+        archive: ParquetArchive::new(&ArchiveConfig {
+            path: ckpt.join("archive"),
+        }),
+        ..PartitionSettings::windows_only(WindowConfig::default())
+    };
+    let partitions = Arc::new(PartitionSet::assigned_by_group(settings, Some(store), None));
     let (tx, rx) = std::sync::mpsc::channel();
     let (late_queue, _late) = DeadLetterQueue::memory();
     let stage = PartitionStage::new(partitions.clone(), late_queue)
@@ -309,6 +317,24 @@ async fn killed_and_restarted_runs_equal_an_uninterrupted_one() {
     assert!(differing.is_empty(), "first differences: {differing:?}");
     // Counts restored from the checkpoint and continued: nothing counted twice.
     assert_eq!(last.stats.unwrap(), want_stats);
+
+    // The archive: every record once, every closed day once, nothing left staged.
+    let (whole_archive, killed_archive) = (
+        dir.path().join("whole/archive"),
+        dir.path().join("killed/archive"),
+    );
+    let raw = common::archived(&whole_archive, "raw", "event_time");
+    assert!(raw.len() as i64 > total * 9 / 10, "raw rows: {}", raw.len());
+    let got_raw = common::archived(&killed_archive, "raw", "event_time");
+    assert_eq!(got_raw.len(), raw.len(), "raw rows archived");
+    assert!(got_raw == raw, "the same raw rows");
+    let daily = common::archived(&whole_archive, "daily", "day");
+    assert_eq!(daily.len(), want.series.len());
+    assert!(
+        common::archived(&killed_archive, "daily", "day") == daily,
+        "the same closed days, each once"
+    );
+    assert_eq!(common::staged_files(&killed_archive), 0);
 }
 
 /// A battery-day emitted by two lives (closed after the last checkpoint of the first)
