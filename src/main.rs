@@ -53,6 +53,11 @@ enum Command {
     Forecast(forecast::ForecastArgs),
     /// The head-unit simulator: receives signed alert webhooks, shows an in-dash page.
     HeadUnit(HeadUnitArgs),
+    /// Inspect the Parquet archive.
+    Archive {
+        #[command(subcommand)]
+        action: ArchiveAction,
+    },
     /// Measure throughput; prints its figures.
     Bench {
         #[command(subcommand)]
@@ -77,6 +82,17 @@ struct HeadUnitArgs {
     /// Largest accepted difference between a request's timestamp and this clock.
     #[arg(long, default_value_t = 300)]
     tolerance_seconds: i64,
+}
+
+#[derive(Subcommand)]
+enum ArchiveAction {
+    /// One JSON line: per table (raw, daily) the files, rows, distinct keys and an
+    /// order-independent digest of the rows; and the files still staged. Two archives of
+    /// the same stream (one run killed and restarted, one not) print the same line.
+    Summary {
+        /// The archive root (`archive.path`); default: the configured one.
+        path: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -145,6 +161,19 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Bench { what } => bench::run(what, &load_config(cli.config)?),
         Command::HeadUnit(args) => runtime.block_on(head_unit(args)),
+        Command::Archive {
+            action: ArchiveAction::Summary { path },
+        } => {
+            let path = match path {
+                Some(p) => p,
+                None => load_config(cli.config)?.archive.path,
+            };
+            let config = voltcast_scoring::archive::ArchiveConfig { path };
+            let archive = voltcast_scoring::archive::ParquetArchive::new(&config)
+                .context("archive.path is empty: the archive is off")?;
+            println!("{}", serde_json::to_string(&archive.summary()?)?);
+            Ok(())
+        }
     }
 }
 

@@ -243,6 +243,40 @@ fn forecast_scores_every_battery_from_csv_and_from_the_parquet_archive_alike() {
     let first = a.iter().zip(&b).find(|(x, y)| x != y);
     assert!(first.is_none(), "first difference: {first:?}");
 
+    // The archive's summary: every decoded row once, each battery-day once; a second
+    // archive of the same input summarizes the same.
+    let summary = |path: &str| {
+        let out = voltcast(&["archive", "summary", path], dir.path(), &[]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let first = summary("data/archive");
+    let csv_rows = std::fs::read_to_string(dir.path().join("fleet.csv"))
+        .unwrap()
+        .lines()
+        .count() as u64
+        - 1;
+    let raw_rows = first["raw"]["rows"].as_u64().unwrap();
+    assert!(
+        raw_rows > csv_rows * 95 / 100 && raw_rows <= csv_rows,
+        "{first}"
+    );
+    assert_eq!(first["daily"]["rows"], first["daily"]["keys"], "{first}");
+    assert!(
+        first["daily"]["rows"].as_u64().unwrap() >= 40 * 119,
+        "{first}"
+    );
+    assert_eq!(first["staged_files"], 0);
+    let out = voltcast(
+        &["run", "--input", "fleet.csv"],
+        dir.path(),
+        &[("VOLTCAST_ARCHIVE__PATH", "second")],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let second = summary("second");
+    assert_eq!(first["raw"]["digest"], second["raw"]["digest"]);
+    assert_eq!(first["daily"]["digest"], second["daily"]["digest"]);
+
     // A chart of one battery.
     run(&[
         "forecast",

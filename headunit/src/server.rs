@@ -131,6 +131,7 @@ impl HeadUnit {
         Router::new()
             .route("/", get(index))
             .route("/healthz", get(|| async { "ok" }))
+            .route("/received", get(received))
             .route("/vehicles/{vehicle_id}", get(vehicle_page))
             .route("/vehicles/{vehicle_id}/alerts", post(receive).get(inbox))
             .route("/vehicles/{vehicle_id}/alerts/{alert_id}/book", post(book))
@@ -280,6 +281,30 @@ async fn receive(
         });
     }
     Json(json!({ "status": "accepted", "alert_id": alert.alert_id })).into_response()
+}
+
+/// Everything this head unit accepted, by alert id, and its counts: what a fleet test
+/// compares across runs (each alert once, duplicates and replays counted apart).
+async fn received(State(unit): State<HeadUnit>) -> Response {
+    let mut alerts: Vec<_> = {
+        let inboxes = unit.shared.inboxes.lock().expect("inbox lock");
+        inboxes
+            .by_vehicle
+            .iter()
+            .flat_map(|(vehicle, list)| {
+                list.iter().map(move |a| {
+                    json!({
+                        "alert_id": a.alert_id,
+                        "vehicle_id": vehicle,
+                        "battery_id": a.battery_id,
+                        "severity": a.severity,
+                    })
+                })
+            })
+            .collect()
+    };
+    alerts.sort_by(|a, b| a["alert_id"].as_str().cmp(&b["alert_id"].as_str()));
+    Json(json!({ "stats": unit.stats(), "alerts": alerts })).into_response()
 }
 
 async fn inbox(State(unit): State<HeadUnit>, Path(vehicle_id): Path<String>) -> Response {

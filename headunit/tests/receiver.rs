@@ -131,6 +131,17 @@ async fn rejects_bad_signatures_stale_timestamps_and_replays_and_dedupes_retries
         .await
         .unwrap();
     assert_eq!(listed[0]["battery_id"], "B7");
+    // Everything accepted, once, with the counts.
+    let received: serde_json::Value = reqwest::get(format!("http://{addr}/received"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(received["alerts"].as_array().unwrap().len(), 1);
+    assert_eq!(received["alerts"][0]["alert_id"], "al-1");
+    assert_eq!(received["alerts"][0]["vehicle_id"], "V7");
+    assert_eq!(received["stats"]["duplicates"], 1);
 }
 
 #[tokio::test]
