@@ -137,6 +137,13 @@ pub trait BatchSink: Send {
     ) -> impl Future<Output = Result<Vec<SourcePosition>, SinkError>> + Send {
         async { Ok(Vec::new()) }
     }
+
+    /// The source has nothing to hand on (an idle stream): a stateful sink checkpoints
+    /// if one is due, so the last batches before a quiet spell become durable and
+    /// committed (lag 0) rather than waiting for the next record or a shutdown.
+    fn idle(&mut self) -> impl Future<Output = Result<Vec<SourcePosition>, SinkError>> + Send {
+        async { Ok(Vec::new()) }
+    }
 }
 
 pub struct MicroBatcher {

@@ -461,6 +461,9 @@ impl KafkaSource {
                 flush(&consumer, &mut topic_names, &mut batcher, &mut dlq, sink).await?;
                 // A backlog keeps every poll ready: let the runtime's other tasks in.
                 tokio::task::yield_now().await;
+            } else if batcher.is_empty() {
+                let durable = sink.idle().await.map_err(IngestError::Sink)?;
+                commit(&consumer, &durable, CommitMode::Async);
             }
         }
         flush(&consumer, &mut topic_names, &mut batcher, &mut dlq, sink).await?;

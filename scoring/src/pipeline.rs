@@ -321,6 +321,13 @@ impl BatchSink for PartitionStage {
         }
         Ok(self.checkpoint_now()?)
     }
+
+    async fn idle(&mut self) -> Result<Vec<SourcePosition>, SinkError> {
+        match self.checkpoint_every {
+            Some(every) if self.last_checkpoint.elapsed() >= every => Ok(self.checkpoint_now()?),
+            _ => Ok(Vec::new()),
+        }
+    }
 }
 
 /// What a run did, for the closing log line.

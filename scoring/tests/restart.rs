@@ -346,3 +346,88 @@ fn merge(into: &mut Series, from: Series) {
         }
     }
 }
+
+/// The last batches before a quiet spell are checkpointed (and so committed) by the
+/// idle stream itself, not left for the next record or a shutdown: a crash during the
+/// quiet spell re-reads nothing, and the lag the group shows reaches 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_stream_checkpoints_what_it_read_last() {
+    use voltcast_ingest::PartitionListener;
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic(TOPIC, 2, 1).unwrap();
+    let kafka = KafkaConfig {
+        brokers: cluster.bootstrap_servers(),
+        group_id: "idle".into(),
+        ..Default::default()
+    };
+    let producer = kafka.producer_config().unwrap().create().unwrap();
+    let sim = SimulatorConfig {
+        batteries: 20,
+        days: 10,
+        malformed_rate: 0.0,
+        ..Default::default()
+    };
+    let published = publish_kafka(
+        &mut FleetSimulator::new(sim, WireFormat::Json).unwrap(),
+        &producer,
+        TOPIC,
+        0.0,
+        None,
+    )
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let partitions = Arc::new(PartitionSet::assigned_by_group(
+        PartitionSettings::windows_only(WindowConfig::default()),
+        Some(CheckpointStore::open(dir.path()).unwrap()),
+        None,
+    ));
+    // Longer than the backlog takes: no batch finds a checkpoint due.
+    let mut stage = PartitionStage::new(partitions.clone(), DeadLetterQueue::memory().0)
+        .with_checkpoints_every(Duration::from_millis(1_500));
+    let source = KafkaSource::with_dead_letters(
+        &kafka,
+        BatchConfig {
+            max_rows: 100,
+            max_wait_ms: 20,
+        },
+        ValidationConfig::default(),
+        Arc::new(IngestCounters::default()),
+        DeadLetterQueue::memory().0,
+    )
+    .unwrap()
+    .with_partition_listener(partitions.clone());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(async move {
+        source
+            .run(&mut stage, async {
+                let _ = stopped.await;
+            })
+            .await
+            .unwrap();
+    });
+    let read = || -> i64 {
+        let tasks = partitions.lock();
+        tasks.values().filter_map(|t| t.next_offset).sum()
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while read() < published.messages as i64 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(read(), published.messages as i64, "the stream was read");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Where a new owner would start now, while the stream is still running.
+    let next_owner = PartitionSet::assigned_by_group(
+        PartitionSettings::windows_only(WindowConfig::default()),
+        Some(CheckpointStore::open(dir.path()).unwrap()),
+        None,
+    );
+    let ids: Vec<voltcast_ingest::PartitionId> = (0..2).map(|p| (Arc::from(TOPIC), p)).collect();
+    let resumes: i64 = next_owner.assigned(&ids).into_iter().flatten().sum();
+    assert_eq!(
+        resumes, published.messages as i64,
+        "checkpointed to the end"
+    );
+    let _ = stop.send(());
+    run.await.unwrap();
+}

@@ -335,3 +335,60 @@ async fn a_battery_moved_to_another_vehicle_is_reported_with_the_new_one() {
     let battery = w.state().battery("A").unwrap();
     assert_eq!(battery.vehicle.map(|v| &**v), Some("V-2"));
 }
+
+/// The stream's path: one partition's rows with its position.
+fn apply_partition(
+    w: &mut DailyWindows,
+    records: &[TelemetryRecord<'_>],
+) -> voltcast_scoring::windows::WindowOutput {
+    let b = batch(records);
+    w.apply_partition(&b.rows, &b.positions[0], 0).unwrap()
+}
+
+#[tokio::test]
+async fn one_battery_with_a_clock_a_day_ahead_does_not_close_the_fleets_day() {
+    // Jan 3 10:00: the fleet has reported up to now; battery X's clock is 26 h ahead
+    // (reports up to 24 h in the future pass validation against a skewed receiver).
+    // Its Jan 4 12:00 alone would put the watermark (minus 36 h) at Jan 3 00:00 and close
+    // Jan 2 while A's on-time report for Jan 2 evening is still on its way.
+    let mut w = DailyWindows::new(WindowConfig::default());
+    let out = apply_partition(
+        &mut w,
+        &[
+            report("A", "2013-01-03T10:00:00Z", 40.0, 0.1, 0.3, 2),
+            report("B", "2013-01-03T10:00:00Z", 40.0, 0.1, 0.3, 2),
+            report("X", "2013-01-04T12:00:00Z", 40.0, 0.1, 0.3, 2),
+            report("C", "2013-01-03T10:00:00Z", 40.0, 0.1, 0.3, 2),
+        ],
+    );
+    assert!(
+        out.closed.iter().all(|b| b.num_rows() == 0),
+        "nothing closes"
+    );
+    let out = apply_partition(
+        &mut w,
+        &[report("A", "2013-01-02T23:00:00Z", 10.0, 0.02, 0.25, 1)],
+    );
+    assert!(out.late.is_empty(), "A's Jan 2 report is on time");
+    assert_eq!(w.stats().late, 0);
+
+    // Once three batteries have reached Jan 4 12:00 the fleet has, and Jan 2 closes.
+    let out = apply_partition(
+        &mut w,
+        &[
+            report("A", "2013-01-04T12:00:00Z", 40.0, 0.1, 0.4, 2),
+            report("B", "2013-01-04T12:00:00Z", 40.0, 0.1, 0.4, 2),
+        ],
+    );
+    let closed = series(&out.closed, "A");
+    assert_eq!(
+        closed.iter().map(|r| r.0.as_str()).collect::<Vec<_>>(),
+        ["2013-01-02"],
+        "{closed:?}"
+    );
+    let out = apply_partition(
+        &mut w,
+        &[report("C", "2013-01-02T22:00:00Z", 10.0, 0.02, 0.25, 1)],
+    );
+    assert_eq!(out.late.len(), 1, "now Jan 2 has closed");
+}

@@ -25,13 +25,14 @@ pub mod watermark;
 
 use std::sync::Arc;
 
-use datafusion::arrow::array::{Array, RecordBatch};
+use datafusion::arrow::array::{Array, AsArray, RecordBatch};
+use datafusion::arrow::datatypes::TimestampMillisecondType;
 use datafusion::error::DataFusionError;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
-use voltcast_ingest::MicroBatch;
 use voltcast_ingest::dead_letter::DeadLetter;
 use voltcast_ingest::time::{EpochMillis, MILLIS_PER_DAY};
+use voltcast_ingest::{MicroBatch, SourcePosition, schema};
 
 pub use aggregate::DailyAggregator;
 pub use daily::daily_schema;
@@ -245,6 +246,9 @@ pub struct WindowState {
     /// Days before this one have closed.
     pub closed_before: Option<i32>,
     pub watermarks: Watermarks,
+    /// The event time a quorum of the partition's batteries has reached (the stream's
+    /// windows hold one partition): what moves its watermark.
+    pub quorum: watermark::Quorum,
     pub stats: WindowStats,
 }
 
@@ -339,6 +343,7 @@ impl DailyWindows {
             shards: vec![ShardState::default(); config.shard_count()],
             closed_before: None,
             watermarks,
+            quorum: watermark::Quorum::default(),
             stats: WindowStats::default(),
         };
         Self::from_state(config, state)
@@ -428,9 +433,25 @@ impl DailyWindows {
         let clock = RowClock {
             lateness_ms: self.config.allowed_lateness_hours * 3_600_000,
             watermark: st.watermarks.current(),
+            quorum: st.quorum,
+        };
+        // Where the rows take the quorum (the row clock retraces it row by row): the
+        // partition's event time, rather than its single latest row.
+        if rows.num_rows() > 0 {
+            let ids = column(rows, schema::BATTERY_ID)?.as_string::<i32>();
+            let times =
+                column(rows, schema::EVENT_TIME)?.as_primitive::<TimestampMillisecondType>();
+            for (id, t) in ids.iter().zip(times.values()) {
+                st.quorum
+                    .observe(shard::id_hash(id.unwrap_or_default()), *t);
+            }
+        }
+        let position = SourcePosition {
+            max_event_time: st.quorum.time(),
+            ..position.clone()
         };
         st.watermarks
-            .observe(std::slice::from_ref(position), &[], now);
+            .observe(std::slice::from_ref(&position), &[], now);
         let close = st.watermarks.advance(now).map(|w| day_of(w + 1));
         self.run(rows, late_before, close, Some(clock))
     }

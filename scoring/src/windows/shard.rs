@@ -81,6 +81,8 @@ pub(super) struct RowClock {
     pub lateness_ms: i64,
     /// The watermark before the batch's first row.
     pub watermark: Option<voltcast_ingest::time::EpochMillis>,
+    /// The time a quorum of the partition's batteries had reached before it.
+    pub quorum: super::watermark::Quorum,
 }
 
 #[derive(Default)]
@@ -145,8 +147,11 @@ impl ShardState {
             if let Some(c) = &mut clock {
                 let passed = c.watermark.map(|w| day_of(w + 1));
                 closed_before = closed_before.max(passed);
-                let w = t - c.lateness_ms;
-                c.watermark = Some(c.watermark.map_or(w, |m| m.max(w)));
+                c.quorum.observe(hash, t);
+                if let Some(q) = c.quorum.time() {
+                    let w = q - c.lateness_ms;
+                    c.watermark = Some(c.watermark.map_or(w, |m| m.max(w)));
+                }
             }
             if let Some(closed) = closed_before.filter(|c| day < *c) {
                 stats.late += 1;

@@ -107,6 +107,46 @@ impl Watermarks {
     }
 }
 
+/// How many batteries must have reached an event time before a partition's watermark
+/// follows it.
+pub const QUORUM: usize = 3;
+
+/// The event time a quorum of batteries has reached: the [`QUORUM`]-th latest among the
+/// batteries' latest event times (while fewer batteries were seen, the earliest of
+/// theirs). One battery with a clock a day ahead (reports up to `max_future_hours` are
+/// valid) cannot move a partition's watermark on its own and turn every on-time report of
+/// the day before into a late one; a fleet moves it as soon as a few of its cars report.
+///
+/// Exact with a fixed footprint: a battery's latest time only grows, so one dropped from
+/// the leaders (its time at most the new smallest) re-enters only by passing it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Quorum {
+    /// (battery id hash, latest event time), the first `len` in use.
+    leaders: [(u64, EpochMillis); QUORUM],
+    len: usize,
+}
+
+impl Quorum {
+    pub fn observe(&mut self, battery: u64, t: EpochMillis) {
+        let n = self.len;
+        if let Some(leader) = self.leaders[..n].iter_mut().find(|l| l.0 == battery) {
+            leader.1 = leader.1.max(t);
+        } else if n < QUORUM {
+            self.leaders[n] = (battery, t);
+            self.len += 1;
+        } else if let Some(last) = self.leaders.iter_mut().min_by_key(|l| l.1)
+            && t > last.1
+        {
+            *last = (battery, t);
+        }
+    }
+
+    /// None until a battery was seen.
+    pub fn time(&self) -> Option<EpochMillis> {
+        self.leaders[..self.len].iter().map(|l| l.1).min()
+    }
+}
+
 fn key(source: &str, partition: i32) -> String {
     format!("{source}/{partition}")
 }
@@ -123,6 +163,35 @@ mod tests {
             next_offset: 1,
             max_event_time: Some(t),
         }
+    }
+
+    #[test]
+    fn one_battery_ahead_does_not_move_the_quorum_time_a_few_do() {
+        let mut q = Quorum::default();
+        assert_eq!(q.time(), None);
+        q.observe(1, 100);
+        assert_eq!(q.time(), Some(100));
+        q.observe(2, 90);
+        q.observe(3, 95);
+        assert_eq!(q.time(), Some(90));
+        // Battery 4's clock is far ahead: the quorum time moves only to the third latest.
+        q.observe(4, 10_000);
+        assert_eq!(q.time(), Some(95));
+        q.observe(4, 20_000);
+        assert_eq!(
+            q.time(),
+            Some(95),
+            "the same battery again is still one battery"
+        );
+        // Two more batteries reach a later time: now three have, and it moves.
+        q.observe(5, 200);
+        q.observe(6, 210);
+        assert_eq!(q.time(), Some(200));
+        // A dropped battery re-enters only by passing the smallest leader.
+        q.observe(1, 150);
+        assert_eq!(q.time(), Some(200));
+        q.observe(1, 300);
+        assert_eq!(q.time(), Some(210));
     }
 
     #[test]
