@@ -171,13 +171,8 @@ impl PartitionArchive {
     /// the replay from its offset writes them again). Returns (committed, deleted).
     pub fn recover(&mut self, committed: &[String]) -> Result<(usize, usize), ArchiveError> {
         let staging = self.staging();
-        let mut found = Vec::new();
-        list_files(&staging, &staging, &mut found).map_err(|e| ArchiveError {
-            path: staging.display().to_string(),
-            message: e.to_string(),
-        })?;
         let (mut put, mut deleted) = (0, 0);
-        for rel in found {
+        for rel in files_under(&staging)? {
             let path = staging.join(&rel);
             if committed.contains(&rel) {
                 publish(&self.root, &path, &rel)?;
@@ -268,6 +263,17 @@ fn write_parquet(path: &Path, rows: &RecordBatch) -> Result<(), ArchiveError> {
     Ok(())
 }
 
+/// Every file under `dir` (none when it does not exist), relative to it with `/`
+/// separators.
+fn files_under(dir: &Path) -> Result<Vec<String>, ArchiveError> {
+    let mut found = Vec::new();
+    list_files(dir, dir, &mut found).map_err(|e| ArchiveError {
+        path: dir.display().to_string(),
+        message: e.to_string(),
+    })?;
+    Ok(found)
+}
+
 /// Every file under `dir`, as paths relative to `base` with `/` separators.
 fn list_files(base: &Path, dir: &Path, out: &mut Vec<String>) -> std::io::Result<()> {
     let entries = match std::fs::read_dir(dir) {
@@ -311,16 +317,10 @@ pub struct ArchiveSummary {
 impl ParquetArchive {
     /// Reads every visible file of both tables (`voltcast archive summary`).
     pub fn summary(&self) -> Result<ArchiveSummary, ArchiveError> {
-        let mut staged = Vec::new();
-        let staging = self.root.join(STAGING);
-        list_files(&staging, &staging, &mut staged).map_err(|e| ArchiveError {
-            path: staging.display().to_string(),
-            message: e.to_string(),
-        })?;
         Ok(ArchiveSummary {
             raw: self.table("raw", voltcast_ingest::schema::EVENT_TIME)?,
             daily: self.table("daily", crate::windows::daily::DAY)?,
-            staged_files: staged.len(),
+            staged_files: files_under(&self.root.join(STAGING))?.len(),
         })
     }
 
@@ -329,11 +329,7 @@ impl ParquetArchive {
         use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
         use std::hash::{Hash, Hasher};
         let dir = self.root.join(kind);
-        let mut files = Vec::new();
-        list_files(&dir, &dir, &mut files).map_err(|e| ArchiveError {
-            path: dir.display().to_string(),
-            message: e.to_string(),
-        })?;
+        let mut files = files_under(&dir)?;
         // Hidden files are temporaries, as every table reader treats them.
         files.retain(|f| !f.rsplit('/').next().unwrap_or("").starts_with(['.', '_']));
         let mut summary = TableSummary {

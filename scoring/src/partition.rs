@@ -127,10 +127,7 @@ impl PartitionTask {
     /// `staged`: archive files wait for the partition's checkpoint.
     fn fresh(key: PartitionKey, settings: &PartitionSettings, staged: bool) -> Self {
         Self {
-            archive: settings
-                .archive
-                .as_ref()
-                .map(|a| PartitionArchive::new(a, &key, staged)),
+            archive: archive_of(&key, settings, staged),
             key,
             next_offset: None,
             windows: DailyWindows::new(one_shard(&settings.windows)),
@@ -150,10 +147,7 @@ impl PartitionTask {
         settings: &PartitionSettings,
     ) -> Self {
         Self {
-            archive: settings
-                .archive
-                .as_ref()
-                .map(|a| PartitionArchive::new(a, &key, true)),
+            archive: archive_of(&key, settings, true),
             key,
             next_offset: state.next_offset,
             windows: DailyWindows::from_state(one_shard(&settings.windows), state.windows),
@@ -277,8 +271,8 @@ impl PartitionTask {
         let bytes = match store.save(&self.key, self.next_seq, &self.state()) {
             Ok(bytes) => bytes,
             Err(e) => {
-                if let (CheckpointError::Fenced { .. }, Some(archive)) = (&e, &mut self.archive) {
-                    archive.discard();
+                if matches!(e, CheckpointError::Fenced { .. }) {
+                    self.drop_unsaved();
                 }
                 return Err(e);
             }
@@ -307,6 +301,17 @@ impl PartitionTask {
             max_event_time: None,
         })
     }
+}
+
+/// The partition's part of the archive, if there is one (`staged`: its files wait for
+/// the partition's checkpoint).
+fn archive_of(
+    key: &PartitionKey,
+    settings: &PartitionSettings,
+    staged: bool,
+) -> Option<PartitionArchive> {
+    let archive = settings.archive.as_ref()?;
+    Some(PartitionArchive::new(archive, key, staged))
 }
 
 /// The windows of one partition run on one thread: the partitions are the parallelism.

@@ -238,22 +238,7 @@ async fn killed_and_restarted_runs_equal_an_uninterrupted_one() {
     ] {
         kafka.properties.insert(k.into(), v.into());
     }
-    let producer = kafka
-        .producer_config()
-        .unwrap()
-        .set("linger.ms", "5")
-        .create()
-        .unwrap();
-    let published = publish_kafka(
-        &mut FleetSimulator::new(sim, WireFormat::Json).unwrap(),
-        &producer,
-        TOPIC,
-        0.0,
-        None,
-    )
-    .await
-    .unwrap();
-    let total = published.messages as i64;
+    let total = publish(&kafka, sim).await;
     let dir = tempfile::tempdir().unwrap();
 
     // The uninterrupted run, in its own consumer group and checkpoint directory.
@@ -337,6 +322,26 @@ async fn killed_and_restarted_runs_equal_an_uninterrupted_one() {
     assert_eq!(common::staged_files(&killed_archive), 0);
 }
 
+/// Publishes the simulated fleet to `TOPIC`; returns the messages published.
+async fn publish(kafka: &KafkaConfig, sim: SimulatorConfig) -> i64 {
+    let producer = kafka
+        .producer_config()
+        .unwrap()
+        .set("linger.ms", "5")
+        .create()
+        .unwrap();
+    let published = publish_kafka(
+        &mut FleetSimulator::new(sim, WireFormat::Json).unwrap(),
+        &producer,
+        TOPIC,
+        0.0,
+        None,
+    )
+    .await
+    .unwrap();
+    published.messages as i64
+}
+
 /// A battery-day emitted by two lives (closed after the last checkpoint of the first)
 /// must carry the same values both times.
 fn merge(into: &mut Series, from: Series) {
@@ -360,22 +365,13 @@ async fn an_idle_stream_checkpoints_what_it_read_last() {
         group_id: "idle".into(),
         ..Default::default()
     };
-    let producer = kafka.producer_config().unwrap().create().unwrap();
     let sim = SimulatorConfig {
         batteries: 20,
         days: 10,
         malformed_rate: 0.0,
         ..Default::default()
     };
-    let published = publish_kafka(
-        &mut FleetSimulator::new(sim, WireFormat::Json).unwrap(),
-        &producer,
-        TOPIC,
-        0.0,
-        None,
-    )
-    .await
-    .unwrap();
+    let total = publish(&kafka, sim).await;
     let dir = tempfile::tempdir().unwrap();
     let partitions = Arc::new(PartitionSet::assigned_by_group(
         PartitionSettings::windows_only(WindowConfig::default()),
@@ -411,10 +407,10 @@ async fn an_idle_stream_checkpoints_what_it_read_last() {
         tasks.values().filter_map(|t| t.next_offset).sum()
     };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while read() < published.messages as i64 && tokio::time::Instant::now() < deadline {
+    while read() < total && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(read(), published.messages as i64, "the stream was read");
+    assert_eq!(read(), total, "the stream was read");
     tokio::time::sleep(Duration::from_secs(3)).await;
     // Where a new owner would start now, while the stream is still running.
     let next_owner = PartitionSet::assigned_by_group(
@@ -424,10 +420,7 @@ async fn an_idle_stream_checkpoints_what_it_read_last() {
     );
     let ids: Vec<voltcast_ingest::PartitionId> = (0..2).map(|p| (Arc::from(TOPIC), p)).collect();
     let resumes: i64 = next_owner.assigned(&ids).into_iter().flatten().sum();
-    assert_eq!(
-        resumes, published.messages as i64,
-        "checkpointed to the end"
-    );
+    assert_eq!(resumes, total, "checkpointed to the end");
     let _ = stop.send(());
     run.await.unwrap();
 }

@@ -442,8 +442,10 @@ impl DailyWindows {
             let times =
                 column(rows, schema::EVENT_TIME)?.as_primitive::<TimestampMillisecondType>();
             for (id, t) in ids.iter().zip(times.values()) {
-                st.quorum
-                    .observe(shard::id_hash(id.unwrap_or_default()), *t);
+                if st.quorum.takes(*t) {
+                    st.quorum
+                        .observe(shard::id_hash(id.unwrap_or_default()), *t);
+                }
             }
         }
         let position = SourcePosition {

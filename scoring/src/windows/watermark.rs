@@ -127,6 +127,12 @@ pub struct Quorum {
 }
 
 impl Quorum {
+    /// Whether a report at `t` can change the quorum: cheap, so callers can skip hashing
+    /// the battery id of reports that cannot.
+    pub fn takes(&self, t: EpochMillis) -> bool {
+        self.len < QUORUM || self.leaders.iter().any(|l| t > l.1)
+    }
+
     pub fn observe(&mut self, battery: u64, t: EpochMillis) {
         let n = self.len;
         if let Some(leader) = self.leaders[..n].iter_mut().find(|l| l.0 == battery) {
