@@ -55,6 +55,10 @@ pub enum BenchTarget {
         #[arg(long, default_value_t = 7)]
         seed: u64,
     },
+    /// Damaged messages (bit flips, truncation, huge and non-finite numbers, wrong types,
+    /// deep nesting, invalid UTF-8, duplicate keys, oversize) through the whole pipeline
+    /// on Kafka; fails unless rows + dead letters = messages, each letter with a reason.
+    Fuzz(crate::bench_fuzz::FuzzArgs),
     /// JSON (and CSV) -> validated Arrow batches on one core.
     Ingest {
         /// Messages to decode.
@@ -69,11 +73,12 @@ pub enum BenchTarget {
 /// `config`: the loaded configuration; the forecast and pipeline benches take its
 /// `[forecast]` and `[risk]` sections, so a setting can be tried before it is deployed.
 pub fn run(target: BenchTarget, config: &VoltcastConfig) -> anyhow::Result<()> {
-    if !matches!(target, BenchTarget::Pipeline(_)) {
+    if !matches!(target, BenchTarget::Pipeline(_) | BenchTarget::Fuzz(_)) {
         println!("bench build: {}", build_profile());
     }
     match target {
         BenchTarget::Pipeline(args) => crate::bench_pipeline::run(args, config),
+        BenchTarget::Fuzz(args) => crate::bench_fuzz::run(args),
         BenchTarget::Ingest {
             records,
             batch_rows,

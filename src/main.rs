@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_alerts;
+mod bench_fuzz;
 mod bench_pipeline;
 mod demo;
 mod forecast;

@@ -445,3 +445,42 @@ fn bench_pipeline_runs_the_whole_pipeline_on_a_backlog() {
         assert!(counts[0] > 0 && counts[0] == counts[1], "{polls}");
     }
 }
+
+/// `voltcast bench fuzz` on a smaller count (the e2e script runs a million): damaged
+/// messages of every kind through Kafka and the whole pipeline, and the books balance.
+#[test]
+fn bench_fuzz_accounts_for_every_damaged_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = voltcast(
+        &["bench", "fuzz", "--messages", "30000", "--seed", "11"],
+        dir.path(),
+        &[],
+    );
+    let said = text(&out.stdout);
+    assert!(out.status.success(), "{said}{}", text(&out.stderr));
+    let damage = said.lines().find(|l| l.contains("fuzz damage:")).unwrap();
+    for kind in [
+        "unchanged",
+        "bit_flip",
+        "truncate",
+        "huge_number",
+        "non_finite",
+        "wrong_type",
+        "deep_nesting",
+        "invalid_utf8",
+        "duplicate_key",
+        "oversize",
+    ] {
+        assert!(damage.contains(&format!("{kind} ")), "{kind} in {damage}");
+    }
+    // "N received, R rows, D dead letters": checked by the bench and again here.
+    let line = said.lines().find(|l| l.contains(" received, ")).unwrap();
+    let n: Vec<u64> = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|t| t.parse().ok())
+        .collect();
+    assert!(n[0] >= 30_000, "{line}");
+    assert_eq!(n[0], n[1] + n[2], "{line}");
+    assert!(n[1] > 0 && n[2] > 0, "{line}");
+    assert!(said.contains("books balance"), "{said}");
+}

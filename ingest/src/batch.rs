@@ -15,7 +15,7 @@ pub struct TelemetryBatchBuilder {
     vehicle_id: StringBuilder,
     event_time: TimestampMillisecondBuilder,
     age: Int32Builder,
-    trips: Int32Builder,
+    trips: Float64Builder,
     minutes: Float64Builder,
     cycles: Float64Builder,
     lifetime: Float64Builder,
@@ -35,7 +35,7 @@ impl TelemetryBatchBuilder {
             vehicle_id: StringBuilder::with_capacity(rows, rows * 8),
             event_time: TimestampMillisecondBuilder::with_capacity(rows).with_timezone("UTC"),
             age: Int32Builder::with_capacity(rows),
-            trips: Int32Builder::with_capacity(rows),
+            trips: Float64Builder::with_capacity(rows),
             minutes: f(),
             cycles: f(),
             lifetime: f(),
@@ -56,8 +56,7 @@ impl TelemetryBatchBuilder {
         self.event_time.append_value(r.event_time);
         self.age
             .append_value(r.battery_age_days.clamp(0, i32::MAX as i64) as i32);
-        self.trips
-            .append_value(r.number_of_trips.clamp(0, i32::MAX as i64) as i32);
+        self.trips.append_value(r.number_of_trips);
         self.minutes.append_value(r.daily_trip_duration);
         self.cycles.append_value(r.daily_cycles_used);
         self.lifetime.append_value(r.lifetime_cycles_used);

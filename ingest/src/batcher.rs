@@ -43,6 +43,10 @@ impl Default for BatchConfig {
 pub struct SourcePosition {
     pub source: Arc<str>,
     pub partition: i32,
+    /// The offset of the first message this batch covers. Where it is past the offset
+    /// the partition's state resumed from, the records between never arrived.
+    #[serde(default)]
+    pub first_offset: i64,
     /// The offset to resume from: one past the last message this batch covers.
     pub next_offset: i64,
     /// Latest event time among this partition's valid rows in the batch (watermarks).
@@ -93,6 +97,7 @@ impl MicroBatch {
             positions: vec![SourcePosition {
                 source,
                 partition: 0,
+                first_offset: 0,
                 next_offset: 0,
                 max_event_time: records.iter().map(|r| r.event_time).max(),
             }],
@@ -311,6 +316,7 @@ impl MicroBatcher {
         let pos = self.positions.entry(key).or_insert_with(|| SourcePosition {
             source: origin.source.clone(),
             partition: origin.partition,
+            first_offset: origin.offset,
             next_offset: origin.offset + 1,
             max_event_time: None,
         });
@@ -422,6 +428,7 @@ mod tests {
         b.resume_from(&[SourcePosition {
             source: source.clone(),
             partition: 0,
+            first_offset: 0,
             next_offset: 5,
             max_event_time: None,
         }]);
@@ -443,11 +450,11 @@ mod tests {
             "offsets 3 and 4 of partition 0 skipped"
         );
         assert_eq!(counters.received(), 2);
-        let next: Vec<_> = batch
+        let covered: Vec<_> = batch
             .positions
             .iter()
-            .map(|p| (p.partition, p.next_offset))
+            .map(|p| (p.partition, p.first_offset, p.next_offset))
             .collect();
-        assert_eq!(next, vec![(0, 6), (1, 1)]);
+        assert_eq!(covered, vec![(0, 5, 6), (1, 0, 1)]);
     }
 }

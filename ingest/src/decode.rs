@@ -37,8 +37,8 @@ struct JsonReport<'a> {
     vehicle_id: Option<Cow<'a, str>>,
     #[serde(alias = "Battery_Age_Days", deserialize_with = "whole_number")]
     battery_age_days: i64,
-    #[serde(alias = "Number_Of_Trips", deserialize_with = "whole_number")]
-    number_of_trips: i64,
+    #[serde(alias = "Number_Of_Trips")]
+    number_of_trips: f64,
     #[serde(alias = "Daily_Trip_Duration")]
     daily_trip_duration: f64,
     #[serde(alias = "Daily_Cycles_Used")]
@@ -397,7 +397,7 @@ impl CsvLayout {
             vehicle_id: field(CsvColumn::VehicleId).map(Cow::Borrowed),
             event_time,
             battery_age_days: whole(CsvColumn::Age)?,
-            number_of_trips: whole(CsvColumn::Trips)?,
+            number_of_trips: number(CsvColumn::Trips)?,
             daily_trip_duration: number(CsvColumn::Minutes)?,
             daily_cycles_used: number(CsvColumn::Cycles)?,
             lifetime_cycles_used: number(CsvColumn::Lifetime)?,

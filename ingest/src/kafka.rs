@@ -59,8 +59,26 @@ impl Default for KafkaConfig {
 }
 
 impl KafkaConfig {
-    /// Connection properties shared by the consumer and the producers.
+    /// Connection properties shared by the consumer and the producers: every user
+    /// property except those librdkafka would ignore (with a warning at each start) for
+    /// this kind of client.
+    fn client(&self, skip: &[&str]) -> Result<ClientConfig, IngestError> {
+        let mut cfg = self.connection_only()?;
+        for (k, v) in &self.properties {
+            if !skip.contains(&k.as_str()) {
+                cfg.set(k, v);
+            }
+        }
+        Ok(cfg)
+    }
+
+    /// Connection properties shared by the consumer and the producers, and every user
+    /// property (for clients of either kind: admin, probes).
     pub fn connection(&self) -> Result<ClientConfig, IngestError> {
+        self.client(&[])
+    }
+
+    fn connection_only(&self) -> Result<ClientConfig, IngestError> {
         let mut cfg = ClientConfig::new();
         match &self.event_hubs_connection_string {
             Some(cs) => {
@@ -71,9 +89,6 @@ impl KafkaConfig {
             None => {
                 cfg.set("bootstrap.servers", &self.brokers);
             }
-        }
-        for (k, v) in &self.properties {
-            cfg.set(k, v);
         }
         Ok(cfg)
     }
@@ -97,8 +112,8 @@ impl KafkaConfig {
     }
 
     pub fn consumer_config(&self) -> Result<ClientConfig, IngestError> {
-        let mut cfg = self.connection()?;
-        // Derived defaults first, then user overrides win (re-applied below).
+        let mut cfg = self.connection_only()?;
+        // Derived defaults first, then user overrides win.
         cfg.set("group.id", &self.group_id)
             .set("enable.auto.commit", "false")
             // A rebalance moves only the partitions that change owner: the others keep
@@ -117,7 +132,9 @@ impl KafkaConfig {
             // of messages) keeps the pipeline fed; the default 64 MB only held memory.
             .set("queued.max.messages.kbytes", "16384");
         for (k, v) in &self.properties {
-            cfg.set(k, v);
+            if !PRODUCER_ONLY.contains(&k.as_str()) {
+                cfg.set(k, v);
+            }
         }
         // Our commit protocol depends on this one: refuse to let it be overridden.
         cfg.set("enable.auto.commit", "false");
@@ -125,7 +142,7 @@ impl KafkaConfig {
     }
 
     pub fn producer_config(&self) -> Result<ClientConfig, IngestError> {
-        let mut cfg = self.connection()?;
+        let mut cfg = self.client(CONSUMER_ONLY)?;
         cfg.set("acks", "all").set("enable.idempotence", "true");
         Ok(cfg)
     }
@@ -136,6 +153,66 @@ impl KafkaConfig {
             .map_err(IngestError::kafka("creating the dead-letter producer"))
     }
 }
+
+/// librdkafka's consumer-only properties (scope "C" in its CONFIGURATION.md): one
+/// `kafka.properties` section serves the consumer and the producers, and a producer given
+/// these logs a CONFWARN at every start.
+const CONSUMER_ONLY: &[&str] = &[
+    "group.id",
+    "group.instance.id",
+    "partition.assignment.strategy",
+    "session.timeout.ms",
+    "heartbeat.interval.ms",
+    "group.protocol",
+    "group.protocol.type",
+    "group.remote.assignor",
+    "coordinator.query.interval.ms",
+    "max.poll.interval.ms",
+    "enable.auto.commit",
+    "auto.commit.interval.ms",
+    "enable.auto.offset.store",
+    "queued.min.messages",
+    "queued.max.messages.kbytes",
+    "fetch.wait.max.ms",
+    "fetch.queue.backoff.ms",
+    "fetch.message.max.bytes",
+    "max.partition.fetch.bytes",
+    "fetch.max.bytes",
+    "fetch.min.bytes",
+    "fetch.error.backoff.ms",
+    "isolation.level",
+    "enable.partition.eof",
+    "check.crcs",
+    "auto.offset.reset",
+];
+
+/// librdkafka's producer-only properties (scope "P"), kept from the consumer likewise.
+const PRODUCER_ONLY: &[&str] = &[
+    "transactional.id",
+    "transaction.timeout.ms",
+    "enable.idempotence",
+    "enable.gapless.guarantee",
+    "queue.buffering.max.messages",
+    "queue.buffering.max.kbytes",
+    "queue.buffering.max.ms",
+    "linger.ms",
+    "message.send.max.retries",
+    "retries",
+    "retry.backoff.ms",
+    "queue.buffering.backpressure.threshold",
+    "compression.codec",
+    "compression.type",
+    "compression.level",
+    "batch.num.messages",
+    "batch.size",
+    "delivery.report.only.error",
+    "sticky.partitioning.linger.ms",
+    "request.required.acks",
+    "acks",
+    "message.timeout.ms",
+    "delivery.timeout.ms",
+    "partitioner",
+];
 
 /// The parts of an Azure Event Hubs connection string that the Kafka endpoint needs.
 #[derive(Debug, Clone, PartialEq)]
@@ -611,6 +688,27 @@ mod tests {
             let err = EventHubsConnection::parse(cs).unwrap_err().to_string();
             assert!(err.contains(expect), "{cs:?} gave {err:?}");
             assert!(!err.contains("SharedAccessKey=b"), "secret leaked: {err}");
+        }
+    }
+
+    #[test]
+    fn each_client_gets_the_properties_of_its_kind() {
+        let mut cfg = KafkaConfig::default();
+        for (k, v) in [
+            ("session.timeout.ms", "6000"),
+            ("linger.ms", "5"),
+            ("socket.timeout.ms", "9000"),
+        ] {
+            cfg.properties.insert(k.into(), v.into());
+        }
+        let consumer = cfg.consumer_config().unwrap();
+        let producer = cfg.producer_config().unwrap();
+        assert_eq!(consumer.get("session.timeout.ms"), Some("6000"));
+        assert_eq!(consumer.get("linger.ms"), None);
+        assert_eq!(producer.get("linger.ms"), Some("5"));
+        assert_eq!(producer.get("session.timeout.ms"), None);
+        for shared in [&consumer, &producer] {
+            assert_eq!(shared.get("socket.timeout.ms"), Some("9000"));
         }
     }
 

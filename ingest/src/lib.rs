@@ -20,6 +20,7 @@ pub mod decode;
 pub mod error;
 pub mod file;
 pub mod kafka;
+pub mod mutate;
 pub mod record;
 pub mod reject;
 pub mod schema;

@@ -11,7 +11,9 @@ pub struct TelemetryRecord<'a> {
     pub vehicle_id: Option<Cow<'a, str>>,
     pub event_time: EpochMillis,
     pub battery_age_days: i64,
-    pub number_of_trips: i64,
+    /// Trips in the period: usually whole, but a resampled file splits them (a 12-hourly
+    /// half of 3 trips is 1.5), and the day's sum is what counts.
+    pub number_of_trips: f64,
     pub daily_trip_duration: f64,
     pub daily_cycles_used: f64,
     pub lifetime_cycles_used: f64,

@@ -33,7 +33,7 @@ static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new(VEHICLE_ID, DataType::Utf8, true),
         Field::new(EVENT_TIME, event_time_type(), false),
         Field::new(BATTERY_AGE_DAYS, DataType::Int32, false),
-        Field::new(NUMBER_OF_TRIPS, DataType::Int32, false),
+        Field::new(NUMBER_OF_TRIPS, DataType::Float64, false),
         Field::new(DAILY_TRIP_DURATION, DataType::Float64, false),
         Field::new(DAILY_CYCLES_USED, DataType::Float64, false),
         Field::new(LIFETIME_CYCLES_USED, DataType::Float64, false),

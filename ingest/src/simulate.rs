@@ -17,6 +17,7 @@ use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, LogNormal, Normal};
 use serde::{Deserialize, Serialize};
 
+use crate::mutate::{MessageMutator, Mutation};
 use crate::record::TelemetryRecord;
 use crate::reject::RejectReason;
 use crate::time::{EpochMillis, MILLIS_PER_DAY, parse_timestamp};
@@ -179,6 +180,10 @@ pub struct FleetSimulator {
     next: u32,
     noise: LogNormal<f64>,
     render: bool,
+    /// Damages every payload, for fuzzing ([`Self::with_mutator`]).
+    mutator: Option<MessageMutator>,
+    /// How many payloads each mutation damaged so far.
+    mutations: std::collections::BTreeMap<Mutation, u64>,
 }
 
 impl FleetSimulator {
@@ -198,6 +203,8 @@ impl FleetSimulator {
             next: 0,
             noise: LogNormal::new(-sigma * sigma / 2.0, sigma).expect("valid"),
             render: true,
+            mutator: None,
+            mutations: Default::default(),
             config,
         })
     }
@@ -210,6 +217,19 @@ impl FleetSimulator {
     pub fn without_payloads(mut self) -> Self {
         self.render = false;
         self
+    }
+
+    /// Every message's payload damaged by `mutator` (JSON only): a message then says
+    /// nothing of what it carries (no record, no defect), only of how it was damaged
+    /// ([`Self::mutations`]).
+    pub fn with_mutator(mut self, mutator: MessageMutator) -> Self {
+        self.mutator = Some(mutator);
+        self
+    }
+
+    /// How many payloads each mutation damaged so far.
+    pub fn mutations(&self) -> &std::collections::BTreeMap<Mutation, u64> {
+        &self.mutations
     }
 
     /// The next day's messages (in report order) and truth, or None after the last day.
@@ -271,7 +291,7 @@ impl FleetSimulator {
                         vehicle_id: Some(b.vehicle.clone().into()),
                         event_time: day * MILLIS_PER_DAY + at,
                         battery_age_days: b.age,
-                        number_of_trips: part_trips.max(0),
+                        number_of_trips: part_trips.max(0) as f64,
                         daily_trip_duration: round_to(minutes * share, 6),
                         daily_cycles_used: round_to(cycles * share, 9),
                         lifetime_cycles_used: round_to(lifetime, 9),
@@ -316,6 +336,15 @@ impl FleetSimulator {
         }
         // Exact duplicates arrive late in the day's stream, often in another micro-batch.
         messages.extend(duplicates);
+        if let Some(mutator) = &mut self.mutator {
+            for m in &mut messages {
+                let (mutation, payload) = mutator.mutate(&m.payload);
+                *self.mutations.entry(mutation).or_default() += 1;
+                m.payload = payload;
+                m.record = None;
+                m.defect = None;
+            }
+        }
         Some(SimDay {
             day,
             messages,

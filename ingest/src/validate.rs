@@ -22,6 +22,8 @@ pub struct ValidationConfig {
     pub max_cycles_per_report: f64,
     /// Most trip minutes one report may claim.
     pub max_minutes_per_report: f64,
+    /// Most trips one report may claim.
+    pub max_trips_per_report: f64,
     /// Largest rated-cycles figure accepted.
     pub max_rated_cycles: f64,
     /// How far ahead of the wall clock an event time may be.
@@ -42,6 +44,7 @@ impl Default for ValidationConfig {
             max_id_len: 64,
             max_cycles_per_report: 50.0,
             max_minutes_per_report: 1440.0,
+            max_trips_per_report: 1000.0,
             max_rated_cycles: 100_000.0,
             max_future_hours: 24,
             max_age_days: 36_500,
@@ -75,18 +78,18 @@ impl ValidationConfig {
                 ),
             ));
         }
-        for (name, v) in [
-            ("battery_age_days", r.battery_age_days),
-            ("number_of_trips", r.number_of_trips),
-        ] {
-            if v < 0 {
-                return Err(Rejection::new(
-                    RejectReason::Negative,
-                    format!("{name} is {v}"),
-                ));
-            }
+        if r.battery_age_days < 0 {
+            return Err(Rejection::new(
+                RejectReason::Negative,
+                format!("battery_age_days is {}", r.battery_age_days),
+            ));
         }
         let floats = [
+            (
+                "number_of_trips",
+                r.number_of_trips,
+                self.max_trips_per_report,
+            ),
             (
                 "daily_trip_duration",
                 r.daily_trip_duration,

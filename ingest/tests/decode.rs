@@ -125,6 +125,11 @@ fn each_defect_gets_its_reason() {
         reason(&with("\"number_of_trips\":3", "\"number_of_trips\":3.0")),
         Ok(())
     );
+    // A resampled file's half of 3 trips.
+    assert_eq!(
+        reason(&with("\"number_of_trips\":3", "\"number_of_trips\":1.5")),
+        Ok(())
+    );
     assert_eq!(reason(&with("\"vehicle_id\":\"V1\",", "")), Ok(()));
     assert_eq!(reason(&with("}", ",\"unknown_extra\":[1,2]}")), Ok(()));
     // Past its rating, within reason: kept.
@@ -153,8 +158,8 @@ fn each_defect_gets_its_reason() {
             RejectReason::BadType,
         ),
         (
-            with("\"number_of_trips\":3", "\"number_of_trips\":3.5"),
-            RejectReason::BadType,
+            with("\"number_of_trips\":3", "\"number_of_trips\":5000"),
+            RejectReason::OutOfRange,
         ),
         (
             with(

@@ -413,7 +413,7 @@ mod tests {
                 vehicle_id: None,
                 event_time: *t,
                 battery_age_days: 10,
-                number_of_trips: 2,
+                number_of_trips: 2.0,
                 daily_trip_duration: 30.0,
                 daily_cycles_used: 1.0,
                 lifetime_cycles_used: 10.0,

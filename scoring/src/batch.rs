@@ -200,6 +200,7 @@ async fn read_parquet(path: &Path, stage: &mut Cleansing) -> Result<(), BatchErr
             positions: vec![SourcePosition {
                 source: source.clone(),
                 partition: 0,
+                first_offset: 0,
                 next_offset: 0,
                 max_event_time: None,
             }],

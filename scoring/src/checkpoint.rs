@@ -36,7 +36,7 @@ use thiserror::Error;
 /// Identifies the format; bumped whenever the state's layout changes (02: model records
 /// count days since their last backtest; 03: the archive files a checkpoint commits; 04:
 /// the watermark's battery quorum).
-const MAGIC: &[u8; 8] = b"VCPART04";
+const MAGIC: &[u8; 8] = b"VCPART05";
 const STATE: u8 = b'S';
 const CLAIM: u8 = b'C';
 /// A claim object: the magic and its kind, nothing else.

@@ -49,6 +49,7 @@ pub struct Metrics {
     pub webhook_deliveries: IntCounterVec,
     pub outbox_depth: IntGauge,
     pub checkpoint_seconds: Histogram,
+    pub source_offsets_skipped: IntCounter,
     days_to_eol: DaysToEol,
     top_k: usize,
     /// What was last copied from the stages' own counters.
@@ -256,6 +257,12 @@ impl Metrics {
                 "voltcast_checkpoint_duration_seconds",
                 "Time to write a checkpoint.",
                 prometheus::exponential_buckets(0.001, 4.0, 9).expect("buckets"),
+            ),
+            source_offsets_skipped: counter(
+                &r,
+                "voltcast_source_offsets_skipped_total",
+                "Offsets a partition's records jumped over: records that never arrived \
+                 (0 unless the topic is transactional or compacted, or the broker lost them).",
             ),
             days_to_eol,
             top_k,

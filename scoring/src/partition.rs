@@ -173,6 +173,7 @@ impl PartitionTask {
         let out = on_cpu(&mut self.times.windows, || {
             windows.apply_partition(rows, position, now)
         })?;
+        self.check_contiguous(position, metrics);
         // Offsets from..to: where the state was, where this batch takes it.
         let from = self.next_offset.unwrap_or(0);
         let to = position.next_offset.max(from);
@@ -195,6 +196,31 @@ impl PartitionTask {
         };
         self.forecast(&mut output, settings, metrics);
         Ok(output)
+    }
+
+    /// Says so when the batch starts past where the state resumed: the records between
+    /// never reached this partition's state. Kafka leaves such gaps for transaction
+    /// markers and compacted records; anywhere else it is the broker or the consumer
+    /// losing records (tansu 0.6's memory engine does, after a seek into a batch), and
+    /// the counter is how an operator sees it.
+    fn check_contiguous(&self, position: &SourcePosition, metrics: Option<&Metrics>) {
+        let Some(expected) = self.next_offset else {
+            return;
+        };
+        let skipped = position.first_offset - expected;
+        if skipped <= 0 {
+            return;
+        }
+        tracing::warn!(
+            partition = %self.key,
+            expected,
+            got = position.first_offset,
+            skipped,
+            "offsets skipped: records between never arrived"
+        );
+        if let Some(m) = metrics {
+            m.source_offsets_skipped.inc_by(skipped as u64);
+        }
     }
 
     /// Closes every open window (end of a finite input).
@@ -294,10 +320,12 @@ impl PartitionTask {
 
     /// Where a new owner (or a restart) resumes this partition.
     pub fn position(&self) -> Option<SourcePosition> {
+        let next_offset = self.next_offset?;
         Some(SourcePosition {
             source: self.key.topic.clone(),
             partition: self.key.partition,
-            next_offset: self.next_offset?,
+            first_offset: next_offset,
+            next_offset,
             max_event_time: None,
         })
     }

@@ -488,3 +488,38 @@ fn a_single_file_checkpoint_of_an_earlier_release_stops_start_up_with_the_way_ou
         "{err}"
     );
 }
+
+/// A partition whose records jump past where its state resumed (a broker that skipped
+/// them, as tansu 0.6's memory engine does after a seek into a record batch) is counted
+/// and named, not silently taken as read.
+#[tokio::test]
+async fn records_a_partition_never_received_are_counted_as_skipped_offsets() {
+    let metrics = Arc::new(Metrics::new(5));
+    let settings = PartitionSettings::windows_only(WindowConfig::default());
+    let partitions = Arc::new(PartitionSet::on_sight(settings, Some(metrics.clone())));
+    let mut stage = PartitionStage::new(partitions, DeadLetterQueue::memory().0);
+    let sim = SimulatorConfig {
+        batteries: 5,
+        days: 3,
+        malformed_rate: 0.0,
+        ..Default::default()
+    };
+    let mut fleet = FleetSimulator::new(sim, WireFormat::Json)
+        .unwrap()
+        .without_payloads();
+    // Offsets each day's batch covers: 0..10, then 15..25 (5 never arrived), then 25..35.
+    for (first, next) in [(0, 10), (15, 25), (25, 35)] {
+        let day = fleet.next_day().unwrap();
+        let records: Vec<_> = day.messages.into_iter().filter_map(|m| m.record).collect();
+        let mut batch = MicroBatch::from_records(&records, Arc::from(TOPIC));
+        batch.positions[0].first_offset = first;
+        batch.positions[0].next_offset = next;
+        stage.accept(batch).await.unwrap();
+    }
+    assert_eq!(metrics.source_offsets_skipped.get(), 5);
+    let text = metrics.render();
+    assert!(
+        text.contains("voltcast_source_offsets_skipped_total 5"),
+        "{text}"
+    );
+}

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use datafusion::arrow::array::{AsArray, RecordBatch};
-use datafusion::arrow::datatypes::{Date32Type, Float64Type, Int64Type};
+use datafusion::arrow::datatypes::{Date32Type, Float64Type};
 use rdkafka::mocking::MockCluster;
 use voltcast_ingest::simulate::{FleetSimulator, SimulatorConfig, WireFormat, publish_kafka};
 use voltcast_ingest::{
@@ -35,7 +35,7 @@ use voltcast_scoring::windows::{WindowConfig, WindowStats, daily};
 const TOPIC: &str = "battery-telemetry";
 
 /// (battery, day) -> (trips, minutes, cycles, lifetime, imputed)
-type Series = BTreeMap<(String, i32), (i64, f64, f64, f64, bool)>;
+type Series = BTreeMap<(String, i32), (f64, f64, f64, f64, bool)>;
 
 /// Passes batches to the window stage and records how far each partition got, so the
 /// test knows where in the stream it is.
@@ -99,7 +99,7 @@ fn collect(series: &mut Series, batches: Vec<RecordBatch>) {
                 day.as_primitive::<Date32Type>().value(i),
             );
             let row = (
-                trips.as_primitive::<Int64Type>().value(i),
+                trips.as_primitive::<Float64Type>().value(i),
                 minutes.as_primitive::<Float64Type>().value(i),
                 cycles.as_primitive::<Float64Type>().value(i),
                 lifetime.as_primitive::<Float64Type>().value(i),

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use datafusion::arrow::array::{Array, AsArray, RecordBatch};
-use datafusion::arrow::datatypes::{Date32Type, Float64Type, Int64Type};
+use datafusion::arrow::datatypes::{Date32Type, Float64Type};
 use voltcast_ingest::time::{MILLIS_PER_DAY, parse_timestamp};
 use voltcast_ingest::{
     MicroBatch, RejectReason, SourcePosition, TelemetryBatchBuilder, TelemetryRecord,
@@ -16,7 +16,7 @@ fn report(
     minutes: f64,
     cycles: f64,
     lifetime: f64,
-    trips: i64,
+    trips: impl Into<f64>,
 ) -> TelemetryRecord<'static> {
     let t = parse_timestamp(at).unwrap();
     TelemetryRecord {
@@ -24,7 +24,7 @@ fn report(
         vehicle_id: Some(format!("V-{battery}").into()),
         event_time: t,
         battery_age_days: (t / MILLIS_PER_DAY - 15_706),
-        number_of_trips: trips,
+        number_of_trips: trips.into(),
         daily_trip_duration: minutes,
         daily_cycles_used: cycles,
         lifetime_cycles_used: lifetime,
@@ -50,6 +50,7 @@ fn batch(records: &[TelemetryRecord<'_>]) -> MicroBatch {
         positions: vec![SourcePosition {
             source: Arc::from("t"),
             partition: 0,
+            first_offset: 0,
             next_offset: 1,
             max_event_time: max,
         }],
@@ -60,7 +61,7 @@ fn batch(records: &[TelemetryRecord<'_>]) -> MicroBatch {
 
 /// Rows of closed batches for one battery: (day as YYYY-MM-DD, minutes, cycles, trips,
 /// lifetime, imputed), rounded to 9 decimals.
-fn series(batches: &[RecordBatch], battery: &str) -> Vec<(String, f64, f64, i64, f64, bool)> {
+fn series(batches: &[RecordBatch], battery: &str) -> Vec<(String, f64, f64, f64, f64, bool)> {
     let r9 = |v: f64| (v * 1e9).round() / 1e9;
     let mut out = Vec::new();
     for b in batches {
@@ -79,10 +80,7 @@ fn series(batches: &[RecordBatch], battery: &str) -> Vec<(String, f64, f64, i64,
                 .clone()
         };
         let (minutes, cycles, lifetime) = (f(daily::MINUTES), f(daily::CYCLES), f(daily::LIFETIME));
-        let trips = b
-            .column_by_name(daily::TRIPS)
-            .unwrap()
-            .as_primitive::<Int64Type>();
+        let trips = f(daily::TRIPS);
         let imputed = b.column_by_name(daily::IMPUTED).unwrap().as_boolean();
         for i in 0..b.num_rows() {
             if ids.value(i) == battery {
@@ -90,7 +88,7 @@ fn series(batches: &[RecordBatch], battery: &str) -> Vec<(String, f64, f64, i64,
                     voltcast_ingest::time::format_day(day.value(i) as i64),
                     r9(minutes.value(i)),
                     r9(cycles.value(i)),
-                    trips.value(i),
+                    r9(trips.value(i)),
                     r9(lifetime.value(i)),
                     imputed.value(i),
                 ));
@@ -145,8 +143,28 @@ async fn twelve_hourly_reports_resample_to_daily_sums() {
     assert_eq!(
         series(&closed, "A"),
         vec![
-            ("2013-01-01".into(), 70.0, 0.175, 5, 0.175, false),
-            ("2013-01-02".into(), 30.0, 0.075, 2, 0.25, false),
+            ("2013-01-01".into(), 70.0, 0.175, 5.0, 0.175, false),
+            ("2013-01-02".into(), 30.0, 0.075, 2.0, 0.25, false),
+        ]
+    );
+}
+
+/// A resampled file splits a day's 3 trips into 1.5 and 1.5 (as pandas writes them): the
+/// day keeps 3, and a lone half keeps 1.5 rather than losing the report.
+#[tokio::test]
+async fn fractional_trips_are_kept_and_summed() {
+    let (_, closed, late) = run(vec![batch(&[
+        report("A", "2013-01-01T00:00:00Z", 30.0, 0.075, 0.075, 1.5),
+        report("A", "2013-01-01T12:00:00Z", 40.0, 0.1, 0.175, 1.5),
+        report("A", "2013-01-02T12:00:00Z", 20.0, 0.05, 0.225, 1.5),
+    ])])
+    .await;
+    assert!(late.is_empty());
+    assert_eq!(
+        series(&closed, "A"),
+        vec![
+            ("2013-01-01".into(), 70.0, 0.175, 3.0, 0.175, false),
+            ("2013-01-02".into(), 20.0, 0.05, 1.5, 0.225, false),
         ]
     );
 }
@@ -163,8 +181,8 @@ async fn duplicates_count_once_within_and_across_batches() {
     assert_eq!(
         series(&closed, "A"),
         vec![
-            ("2013-01-01".into(), 60.0, 0.15, 4, 0.15, false),
-            ("2013-01-02".into(), 80.0, 0.2, 5, 0.35, false)
+            ("2013-01-01".into(), 60.0, 0.15, 4.0, 0.15, false),
+            ("2013-01-02".into(), 80.0, 0.2, 5.0, 0.35, false)
         ]
     );
     assert_eq!(w.stats().duplicates, 3);
@@ -181,12 +199,12 @@ async fn a_three_day_gap_interpolates_linearly() {
     assert_eq!(
         series(&closed, "A"),
         vec![
-            ("2013-01-01".into(), 40.0, 0.1, 2, 10.1, false),
-            ("2013-01-02".into(), 60.0, 0.15, 3, 10.25, true),
-            ("2013-01-03".into(), 80.0, 0.2, 4, 10.45, true),
-            ("2013-01-04".into(), 100.0, 0.25, 5, 10.7, true),
+            ("2013-01-01".into(), 40.0, 0.1, 2.0, 10.1, false),
+            ("2013-01-02".into(), 60.0, 0.15, 3.0, 10.25, true),
+            ("2013-01-03".into(), 80.0, 0.2, 4.0, 10.45, true),
+            ("2013-01-04".into(), 100.0, 0.25, 5.0, 10.7, true),
             // Re-anchored to the car's own lifetime figure on the reported day.
-            ("2013-01-05".into(), 120.0, 0.3, 6, 10.8, false),
+            ("2013-01-05".into(), 120.0, 0.3, 6.0, 10.8, false),
         ]
     );
     assert_eq!(w.stats().days_imputed, 3);

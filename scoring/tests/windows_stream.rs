@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use datafusion::arrow::array::{AsArray, RecordBatch};
-use datafusion::arrow::datatypes::{Date32Type, Float64Type, Int32Type, Int64Type};
+use datafusion::arrow::datatypes::{Date32Type, Float64Type, Int32Type};
 use rdkafka::mocking::MockCluster;
 use voltcast_ingest::simulate::{FleetSimulator, SimulatorConfig, WireFormat, publish_kafka};
 use voltcast_ingest::time::MILLIS_PER_DAY;
@@ -19,12 +19,12 @@ use voltcast_scoring::pipeline::PartitionStage;
 use voltcast_scoring::windows::{WindowConfig, daily};
 
 /// (day, trips, minutes, cycles, lifetime, age, imputed)
-type Row = (i32, i64, f64, f64, f64, i32, bool);
+type Row = (i32, f64, f64, f64, f64, i32, bool);
 
 #[derive(Default)]
 struct Day {
     seen: HashSet<i64>,
-    trips: i64,
+    trips: f64,
     minutes: f64,
     cycles: f64,
     lifetime: f64,
@@ -76,8 +76,7 @@ fn reference(sim: SimulatorConfig) -> BTreeMap<String, Vec<Row>> {
                         let f = k as f64 / gap as f64;
                         let cycles = last_cycles + (d.cycles - last_cycles) * f;
                         lifetime += cycles;
-                        let trips =
-                            (last_trips as f64 + (d.trips - last_trips) as f64 * f).round() as i64;
+                        let trips = last_trips + (d.trips - last_trips) * f;
                         let minutes = last_minutes + (d.minutes - last_minutes) * f;
                         rows.push((
                             last_day + k,
@@ -113,7 +112,7 @@ fn streamed(batches: &[RecordBatch]) -> BTreeMap<String, Vec<Row>> {
                 .or_default()
                 .push((
                     day.as_primitive::<Date32Type>().value(i),
-                    trips.as_primitive::<Int64Type>().value(i),
+                    trips.as_primitive::<Float64Type>().value(i),
                     minutes.as_primitive::<Float64Type>().value(i),
                     cycles.as_primitive::<Float64Type>().value(i),
                     lifetime.as_primitive::<Float64Type>().value(i),
@@ -131,7 +130,7 @@ fn close(a: f64, b: f64) -> bool {
 
 fn same(a: &Row, b: &Row) -> bool {
     a.0 == b.0
-        && a.1 == b.1
+        && close(a.1, b.1)
         && close(a.2, b.2)
         && close(a.3, b.3)
         && close(a.4, b.4)

@@ -42,7 +42,7 @@ static SCHEMA: LazyLock<SchemaRef> = LazyLock::new(|| {
         Field::new(VEHICLE_ID, DataType::Utf8, true),
         Field::new(DAY, DataType::Date32, false),
         Field::new(AGE, DataType::Int32, false),
-        Field::new(TRIPS, DataType::Int64, false),
+        Field::new(TRIPS, DataType::Float64, false),
         Field::new(MINUTES, DataType::Float64, false),
         Field::new(CYCLES, DataType::Float64, false),
         Field::new(LIFETIME, DataType::Float64, false),
@@ -149,7 +149,7 @@ pub(super) struct ClosedColumns {
     battery: Vec<u32>,
     day: Vec<i32>,
     age: Vec<i32>,
-    trips: Vec<i64>,
+    trips: Vec<f64>,
     minutes: Vec<f64>,
     cycles: Vec<f64>,
     lifetime: Vec<f64>,
@@ -237,7 +237,7 @@ impl ClosedColumns {
             Arc::new(vehicles),
             Arc::new(Date32Array::from(self.day)),
             Arc::new(Int32Array::from(self.age)),
-            Arc::new(Int64Array::from(self.trips)),
+            Arc::new(Float64Array::from(self.trips)),
             Arc::new(Float64Array::from(self.minutes)),
             Arc::new(Float64Array::from(self.cycles)),
             Arc::new(Float64Array::from(self.lifetime)),
@@ -305,7 +305,9 @@ pub fn closed_rows(batch: &datafusion::arrow::array::RecordBatch) -> Option<Vec<
     let days = col(DAY)?.as_primitive_opt::<Date32Type>()?;
     let cycles = col(CYCLES)?.as_primitive_opt::<Float64Type>()?;
     let minutes = col(MINUTES)?.as_primitive_opt::<Float64Type>()?;
-    let trips = col(TRIPS)?.as_primitive_opt::<Int64Type>()?;
+    // Whole trips (Int64) in archives written before fractional trips were kept.
+    let trips = datafusion::arrow::compute::cast(col(TRIPS)?, &DataType::Float64).ok()?;
+    let trips = trips.as_primitive_opt::<Float64Type>()?;
     let lifetime = col(LIFETIME)?.as_primitive_opt::<Float64Type>()?;
     let rated = col(RATED)?.as_primitive_opt::<Float64Type>()?;
     Some(
@@ -318,7 +320,7 @@ pub fn closed_rows(batch: &datafusion::arrow::array::RecordBatch) -> Option<Vec<
                 observation: voltcast_forecaster::DayObservation {
                     cycles: cycles.value(i),
                     minutes: minutes.value(i),
-                    trips: trips.value(i) as f64,
+                    trips: trips.value(i),
                 },
                 lifetime: lifetime.value(i),
                 rated: rated.value(i),

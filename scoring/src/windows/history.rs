@@ -24,7 +24,7 @@ pub struct ObservedDay {
     pub day: i32,
     pub cycles: f64,
     pub minutes: f64,
-    pub trips: i64,
+    pub trips: f64,
     pub age: i32,
     /// The largest lifetime the car reported that day (its end-of-day figure).
     pub reported_lifetime: f64,
@@ -36,7 +36,7 @@ pub struct ClosedValues {
     pub day: i32,
     pub cycles: f64,
     pub minutes: f64,
-    pub trips: i64,
+    pub trips: f64,
     pub age: i32,
     /// Running sum of daily cycles, re-anchored to the car's figure on reported days.
     pub lifetime: f64,
@@ -208,7 +208,7 @@ impl BatteryHistory {
                     day: last.day + k,
                     cycles,
                     minutes: last.minutes + (obs.minutes - last.minutes) * f,
-                    trips: (last.trips + (obs.trips as f64 - last.trips) * f).round() as i64,
+                    trips: last.trips + (obs.trips - last.trips) * f,
                     age: last.age + k,
                     lifetime,
                     imputed: true,
@@ -245,7 +245,9 @@ impl BatteryHistory {
             let want = (self.days.capacity() * 2).clamp(8, retention.max(1) + 1) - self.days.len();
             self.days.reserve_exact(want);
         }
-        let trips = v.trips.clamp(0, TRIPS_MAX as i64) as u8;
+        // The history keeps whole trips a day (what a model needs); the closed-day row
+        // keeps the exact sum.
+        let trips = v.trips.round().clamp(0.0, f64::from(TRIPS_MAX)) as u8;
         let flagged = if v.imputed { trips | IMPUTED } else { trips };
         self.days.push_back(pack(v.cycles, v.minutes, flagged));
         while self.days.len() > retention.max(1) {
@@ -259,7 +261,7 @@ impl BatteryHistory {
             day: v.day,
             cycles: v.cycles,
             minutes: v.minutes,
-            trips: v.trips as f64,
+            trips: v.trips,
             age: v.age,
             lifetime: v.lifetime,
         });
@@ -362,7 +364,7 @@ mod tests {
             day,
             cycles,
             minutes: cycles * 400.0,
-            trips: 4,
+            trips: 4.0,
             age: day,
             reported_lifetime: lifetime,
         }

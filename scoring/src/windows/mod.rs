@@ -116,7 +116,7 @@ impl ReadingStats {
 /// overflow for the rare extra reports.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DayPartial {
-    pub trips: i64,
+    pub trips: f64,
     pub minutes: f64,
     pub cycles: f64,
     pub lifetime_max: f64,
@@ -135,7 +135,7 @@ pub const NO_AGE: i32 = i32::MAX;
 impl Default for DayPartial {
     fn default() -> Self {
         Self {
-            trips: 0,
+            trips: 0.0,
             minutes: 0.0,
             cycles: 0.0,
             lifetime_max: 0.0,

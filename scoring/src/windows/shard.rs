@@ -177,7 +177,7 @@ impl ShardState {
     fn merge(&mut self, p: &RecordBatch) -> Result<(), WindowError> {
         let batteries = column(p, out::BATTERY)?.as_primitive::<UInt32Type>();
         let days = column(p, out::DAY)?.as_primitive::<Int64Type>();
-        let trips = column(p, out::TRIPS)?.as_primitive::<Int64Type>();
+        let trips = column(p, out::TRIPS)?.as_primitive::<Float64Type>();
         let minutes = column(p, out::MINUTES)?.as_primitive::<Float64Type>();
         let cycles = column(p, out::CYCLES)?.as_primitive::<Float64Type>();
         let age = column(p, out::AGE)?.as_primitive::<Int32Type>();
@@ -341,7 +341,7 @@ fn late_letter(rows: &RecordBatch, i: usize, closed_before: i32) -> DeadLetter {
         vehicle_id: str_at(s::VEHICLE_ID).map(Into::into),
         event_time: t,
         battery_age_days: i32_at(s::BATTERY_AGE_DAYS),
-        number_of_trips: i32_at(s::NUMBER_OF_TRIPS),
+        number_of_trips: f64_at(s::NUMBER_OF_TRIPS).unwrap_or_default(),
         daily_trip_duration: f64_at(s::DAILY_TRIP_DURATION).unwrap_or_default(),
         daily_cycles_used: f64_at(s::DAILY_CYCLES_USED).unwrap_or_default(),
         lifetime_cycles_used: f64_at(s::LIFETIME_CYCLES_USED).unwrap_or_default(),

@@ -166,6 +166,7 @@ mod tests {
         SourcePosition {
             source: Arc::from("t"),
             partition,
+            first_offset: 0,
             next_offset: 1,
             max_event_time: Some(t),
         }
