@@ -157,6 +157,11 @@ impl BatteryModels {
         self.batteries.is_empty()
     }
 
+    /// Drops a battery's model (evicted after a silence past the retention).
+    pub fn forget(&mut self, battery: &str) {
+        self.batteries.remove(battery);
+    }
+
     /// The model record of a battery, if it has one yet.
     pub fn record(&self, battery: &str) -> Option<&ModelRecord> {
         self.batteries.get(battery)?.record.as_ref()

@@ -50,6 +50,7 @@ pub struct Metrics {
     pub outbox_depth: IntGauge,
     pub checkpoint_seconds: Histogram,
     pub source_offsets_skipped: IntCounter,
+    pub batteries_evicted: IntCounter,
     days_to_eol: DaysToEol,
     top_k: usize,
     /// What was last copied from the stages' own counters.
@@ -258,6 +259,11 @@ impl Metrics {
                 "Time to write a checkpoint.",
                 prometheus::exponential_buckets(0.001, 4.0, 9).expect("buckets"),
             ),
+            batteries_evicted: counter(
+                &r,
+                "voltcast_batteries_evicted_total",
+                "Batteries forgotten (state, model, alert episode, API) after windows.retention_days without a report.",
+            ),
             source_offsets_skipped: counter(
                 &r,
                 "voltcast_source_offsets_skipped_total",
@@ -289,7 +295,7 @@ impl Metrics {
         for severity in ["warning", "critical"] {
             self.alerts_raised.with_label_values(&[severity]);
         }
-        for reason in ["replaced", "risk_fell"] {
+        for reason in ["replaced", "risk_fell", "silent"] {
             self.alerts_resolved.with_label_values(&[reason]);
         }
         for outcome in ["published", "failed"] {
@@ -335,6 +341,8 @@ impl Metrics {
         self.duplicate_records
             .inc_by(w.duplicates.saturating_sub(before.duplicates));
         self.late_records.inc_by(w.late.saturating_sub(before.late));
+        self.batteries_evicted
+            .inc_by(w.evicted.saturating_sub(before.evicted));
         *before = w.clone();
         self.batteries_tracked.set(batteries as i64);
     }

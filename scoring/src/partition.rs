@@ -104,6 +104,8 @@ pub struct PartitionOutput {
     pub risks: Vec<RiskUpdate>,
     /// Alert decisions, to carry out before the state that made them is checkpointed.
     pub decisions: Vec<Decision>,
+    /// Batteries forgotten after a silence past the retention.
+    pub evicted: Vec<Arc<str>>,
 }
 
 /// One partition's state and the work on it.
@@ -195,6 +197,7 @@ impl PartitionTask {
             ..Default::default()
         };
         self.forecast(&mut output, settings, metrics);
+        self.forget(out.evicted, settings, &mut output);
         Ok(output)
     }
 
@@ -223,6 +226,21 @@ impl PartitionTask {
         }
     }
 
+    /// Drops what the partition kept of batteries the windows evicted.
+    fn forget(
+        &mut self,
+        evicted: Vec<Arc<str>>,
+        settings: &PartitionSettings,
+        output: &mut PartitionOutput,
+    ) {
+        let days = settings.windows.retention_days;
+        for battery in &evicted {
+            self.models.forget(battery);
+            output.decisions.extend(self.policy.evict(battery, days));
+        }
+        output.evicted = evicted;
+    }
+
     /// Closes every open window (end of a finite input).
     pub fn finish(
         &mut self,
@@ -230,18 +248,19 @@ impl PartitionTask {
         metrics: Option<&Metrics>,
     ) -> Result<PartitionOutput, ScoringError> {
         let windows = &mut self.windows;
-        let closed = on_cpu(&mut self.times.windows, || windows.close_all())?;
+        let out = on_cpu(&mut self.times.windows, || windows.close_all_output())?;
         self.dirty = true;
         if let Some(archive) = &mut self.archive {
-            for batch in &closed {
+            for batch in &out.closed {
                 archive.daily(batch, self.next_offset.unwrap_or(0), None)?;
             }
         }
         let mut output = PartitionOutput {
-            closed,
+            closed: out.closed,
             ..Default::default()
         };
         self.forecast(&mut output, settings, metrics);
+        self.forget(out.evicted, settings, &mut output);
         Ok(output)
     }
 

@@ -234,7 +234,7 @@ impl PartitionStage {
 
     /// What the tasks produced, in partition order: late rows, closed days, alerts.
     async fn carry_out(&mut self, outputs: Vec<PartitionOutput>) -> Result<(), SinkError> {
-        let (mut decisions, mut risks) = (Vec::new(), Vec::new());
+        let (mut decisions, mut risks, mut evicted) = (Vec::new(), Vec::new(), Vec::new());
         for out in outputs {
             let started = Instant::now();
             for letter in out.late {
@@ -249,11 +249,12 @@ impl PartitionStage {
             }
             decisions.extend(out.decisions);
             risks.extend(out.risks);
+            evicted.extend(out.evicted);
         }
         // One pass over the alert store (one lock, at most one fsync) for the batch.
         if let Some(alerts) = &self.alerts {
             let mut busy = self.times.alerts;
-            on_cpu(&mut busy, || alerts.record(decisions, risks));
+            on_cpu(&mut busy, || alerts.record(decisions, risks, &evicted));
             self.times.alerts = busy;
         }
         let started = Instant::now();

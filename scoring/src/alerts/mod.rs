@@ -253,6 +253,16 @@ impl AlertService {
         &self.metrics
     }
 
+    /// Alerts matching `filter`, newest first (what `GET /api/alerts` lists).
+    pub fn query(&self, filter: &store::AlertFilter) -> Vec<Alert> {
+        self.lock().query(filter)
+    }
+
+    /// A battery's latest assessment (what `GET /api/batteries/{id}` shows).
+    pub fn latest(&self, battery: &str) -> Option<crate::forecasting::RiskUpdate> {
+        self.lock().latest(battery).cloned()
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, AlertStore> {
         // A panic while holding the lock leaves the store usable: every write is a
         // whole line, and the in-memory index is updated after it.
@@ -408,7 +418,8 @@ impl AlertService {
     /// Carries out a batch's decisions, then stores the fresh assessments as the
     /// batteries' latest under one lock of the store (a lock per update cost more than
     /// the policy on a backlog), and syncs the log if the batch stored an alert.
-    pub fn record(&self, decisions: Vec<Decision>, updates: Vec<RiskUpdate>) {
+    /// `evicted`: batteries forgotten after a silence; the API no longer lists them.
+    pub fn record(&self, decisions: Vec<Decision>, updates: Vec<RiskUpdate>, evicted: &[Arc<str>]) {
         for d in decisions {
             if let Err(e) = self.apply(d) {
                 tracing::error!(error = %e, "alert not recorded");
@@ -418,6 +429,9 @@ impl AlertService {
         let mut store = self.lock();
         for update in updates {
             store.set_latest(update);
+        }
+        for battery in evicted {
+            store.forget_latest(battery);
         }
         if let Err(e) = store.sync() {
             tracing::error!(error = %e, "syncing the alert log");
@@ -459,6 +473,6 @@ impl AlertStage {
                 decisions.extend(self.policy.observe(update, now));
             }
         }
-        self.service.record(decisions, batch);
+        self.service.record(decisions, batch, &[]);
     }
 }

@@ -23,7 +23,13 @@ const REPLACEMENT_LIFETIME_DROP: f64 = 1.0;
 #[derive(Debug, Clone, PartialEq)]
 pub enum ResolveReason {
     Replaced,
-    RiskFell { probability: f64 },
+    RiskFell {
+        probability: f64,
+    },
+    /// No report for longer than the retention: the battery was forgotten.
+    Silent {
+        days: usize,
+    },
 }
 
 impl ResolveReason {
@@ -32,6 +38,7 @@ impl ResolveReason {
         match self {
             ResolveReason::Replaced => "replaced",
             ResolveReason::RiskFell { .. } => "risk_fell",
+            ResolveReason::Silent { .. } => "silent",
         }
     }
 }
@@ -42,6 +49,9 @@ impl std::fmt::Display for ResolveReason {
             ResolveReason::Replaced => write!(f, "battery replaced"),
             ResolveReason::RiskFell { probability } => {
                 write!(f, "risk fell to {probability:.2}")
+            }
+            ResolveReason::Silent { days } => {
+                write!(f, "no report for over {days} days: battery forgotten")
             }
         }
     }
@@ -129,6 +139,24 @@ impl EpisodePolicy {
                 e.lifetime = Some(a.lifetime_cycles);
             }
         }
+    }
+
+    /// Forgets an evicted battery (silent for over `days`): its open alert is resolved.
+    /// The episode count stays for a battery that ever alerted, so if the id comes back
+    /// its alerts do not reuse the old ids (receivers dedupe by id).
+    pub fn evict(&mut self, battery: &str, days: usize) -> Option<Decision> {
+        let e = self.batteries.get_mut(battery)?;
+        let open = e.open.take();
+        if e.episode == 0 {
+            self.batteries.remove(battery);
+        } else {
+            (e.lifetime, e.age) = (None, None);
+        }
+        let (_, alert_id) = open?;
+        Some(Decision::Resolve {
+            alert_id,
+            reason: ResolveReason::Silent { days },
+        })
     }
 
     /// Open episodes right now.

@@ -201,6 +201,10 @@ impl AlertStore {
         self.latest.insert(update.battery_id.clone(), update);
     }
 
+    pub fn forget_latest(&mut self, battery: &str) {
+        self.latest.remove(battery);
+    }
+
     pub fn latest(&self, battery: &str) -> Option<&RiskUpdate> {
         self.latest.get(battery)
     }

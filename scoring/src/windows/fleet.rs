@@ -32,6 +32,9 @@ pub struct Fleet {
     packed_vehicles: PackedStrings,
     pub rated: Vec<f64>,
     pub histories: Vec<BatteryHistory>,
+    /// Slots of evicted batteries (their id is empty), reused by the next new ones.
+    #[serde(skip)]
+    free: Vec<u32>,
 }
 
 /// Strings by index, in one buffer. A replaced string is appended anew (vehicles change
@@ -44,6 +47,17 @@ struct PackedStrings {
 }
 
 impl PackedStrings {
+    /// Bytes no string points at any more (replaced or evicted).
+    fn unused(&self) -> usize {
+        let used: usize = self
+            .spans
+            .iter()
+            .filter(|(_, len)| *len != u32::MAX)
+            .map(|(_, len)| *len as usize)
+            .sum();
+        self.bytes.len() - used
+    }
+
     fn footprint(&self) -> usize {
         self.bytes.capacity() + self.spans.capacity() * 8
     }
@@ -86,17 +100,20 @@ struct FleetRecord {
 impl From<FleetRecord> for Fleet {
     fn from(r: FleetRecord) -> Self {
         let mut index = HashTable::with_capacity(r.ids.len());
+        let mut free = Vec::new();
         for (i, id) in r.ids.iter().enumerate() {
+            if id.is_empty() {
+                free.push(i as u32);
+                continue;
+            }
             index.insert_unique(id_hash(id), i as u32, |&j| id_hash(&r.ids[j as usize]));
         }
-        let mut packed_ids = PackedStrings::default();
-        let mut packed_vehicles = PackedStrings::default();
-        for (i, (id, vehicle)) in r.ids.iter().zip(&r.vehicles).enumerate() {
-            packed_ids.set(i, Some(id));
-            packed_vehicles.set(i, vehicle.as_deref());
-        }
+        // Reused lowest first, as before the checkpoint.
+        free.reverse();
+        let (packed_ids, packed_vehicles) = pack(&r.ids, &r.vehicles);
         Self {
             index,
+            free,
             packed_ids,
             packed_vehicles,
             ids: r.ids,
@@ -112,10 +129,25 @@ impl From<FleetRecord> for Fleet {
     }
 }
 
+/// Ids and vehicles packed afresh; an evicted battery's empty id is no string.
+fn pack(ids: &[Arc<str>], vehicles: &[Option<Arc<str>>]) -> (PackedStrings, PackedStrings) {
+    let mut packed_ids = PackedStrings::default();
+    let mut packed_vehicles = PackedStrings::default();
+    for (i, (id, vehicle)) in ids.iter().zip(vehicles).enumerate() {
+        packed_ids.set(i, (!id.is_empty()).then_some(&**id));
+        packed_vehicles.set(i, vehicle.as_deref());
+    }
+    (packed_ids, packed_vehicles)
+}
+
 impl Fleet {
     /// The index of battery `id` (whose [`id_hash`] is `hash`), added if new.
     pub(super) fn intern(&mut self, id: &str, hash: u64) -> u32 {
         if let Some(i) = self.find(id, hash) {
+            return i;
+        }
+        if let Some(i) = self.free.pop() {
+            self.reuse(i, id, hash);
             return i;
         }
         let i = self.ids.len() as u32;
@@ -131,6 +163,56 @@ impl Fleet {
         self.rated.push(0.0);
         self.histories.push(BatteryHistory::default());
         i
+    }
+
+    /// Gives an evicted battery's slot to battery `id`.
+    fn reuse(&mut self, i: u32, id: &str, hash: u64) {
+        let packed = &self.packed_ids;
+        self.index.insert_unique(hash, i, |&j| {
+            id_hash(packed.get(j as usize).unwrap_or_default())
+        });
+        let bi = i as usize;
+        self.ids[bi] = Arc::from(id);
+        self.packed_ids.set(bi, Some(id));
+    }
+
+    /// Forgets battery `b`: id, vehicle, rating and history. Its slot goes to the next
+    /// new battery, so a fleet that turns over keeps the size of its live part.
+    pub(super) fn evict(&mut self, b: u32) -> Arc<str> {
+        let bi = b as usize;
+        let hash = id_hash(&self.ids[bi]);
+        if let Ok(entry) = self.index.find_entry(hash, |&i| i == b) {
+            entry.remove();
+        }
+        let id = std::mem::replace(&mut self.ids[bi], Arc::from(""));
+        self.vehicles[bi] = None;
+        self.vehicle_hashes[bi] = 0;
+        self.packed_ids.set(bi, None);
+        self.packed_vehicles.set(bi, None);
+        self.rated[bi] = 0.0;
+        self.histories[bi] = BatteryHistory::default();
+        self.free.push(b);
+        id
+    }
+
+    /// Packs the ids and vehicles afresh once most of their bytes belong to evicted or
+    /// renamed batteries.
+    pub(super) fn compact_strings(&mut self) {
+        let unused = self.packed_ids.unused() + self.packed_vehicles.unused();
+        let held = self.packed_ids.bytes.len() + self.packed_vehicles.bytes.len();
+        if unused > 64 * 1024 && unused * 2 > held {
+            (self.packed_ids, self.packed_vehicles) = pack(&self.ids, &self.vehicles);
+        }
+    }
+
+    /// Whether slot `i` holds a battery (not an evicted one's empty slot).
+    pub fn is_live(&self, i: usize) -> bool {
+        self.ids.get(i).is_some_and(|id| !id.is_empty())
+    }
+
+    /// Batteries held (slots less evicted ones).
+    pub fn live(&self) -> usize {
+        self.ids.len() - self.free.len()
     }
 
     /// Records the battery's vehicle when it is new or changed.
@@ -176,6 +258,7 @@ impl Fleet {
             .copied()
     }
 
+    /// Slots, evicted ones included: battery indexes run below this.
     pub fn len(&self) -> usize {
         self.ids.len()
     }
@@ -215,7 +298,11 @@ pub struct BatteryView<'a> {
 }
 
 impl Fleet {
+    /// Battery `i`, unless its slot is empty (evicted).
     pub fn view(&self, i: usize) -> Option<BatteryView<'_>> {
+        if !self.is_live(i) {
+            return None;
+        }
         Some(BatteryView {
             id: self.ids.get(i)?,
             vehicle: self.vehicles.get(i)?.as_ref(),
@@ -226,5 +313,41 @@ impl Fleet {
 
     pub fn iter(&self) -> impl Iterator<Item = BatteryView<'_>> {
         (0..self.len()).filter_map(|i| self.view(i))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn intern(f: &mut Fleet, id: &str) -> u32 {
+        f.intern(id, id_hash(id))
+    }
+
+    #[test]
+    fn an_evicted_slot_is_reused_and_survives_a_checkpoint_empty() {
+        let mut fleet = Fleet::default();
+        for id in ["a", "b", "c"] {
+            intern(&mut fleet, id);
+        }
+        fleet.set_vehicle(1, "V-b");
+        assert_eq!(&*fleet.evict(1), "b");
+        assert_eq!((fleet.len(), fleet.live()), (3, 2));
+        assert_eq!(fleet.get("b"), None);
+        assert!(fleet.view(1).is_none());
+        assert_eq!(fleet.iter().count(), 2);
+
+        let bytes = postcard::to_allocvec(&fleet).unwrap();
+        let mut restored: Fleet = postcard::from_bytes(&bytes).unwrap();
+        for f in [&mut fleet, &mut restored] {
+            assert_eq!(f.get("a"), Some(0));
+            assert_eq!(f.get("c"), Some(2));
+            assert_eq!(f.get("b"), None);
+            assert_eq!(intern(f, "d"), 1, "the free slot first");
+            assert_eq!(f.id_of(1), "d");
+            assert_eq!(f.vehicle_of(1), None);
+            assert_eq!(intern(f, "e"), 3);
+            assert_eq!(f.live(), 4);
+        }
     }
 }

@@ -198,6 +198,8 @@ pub struct WindowStats {
     pub late: u64,
     pub days_closed: u64,
     pub days_imputed: u64,
+    /// Batteries forgotten after `retention_days` without a report.
+    pub evicted: u64,
 }
 
 impl WindowStats {
@@ -207,6 +209,7 @@ impl WindowStats {
         self.late += o.late;
         self.days_closed += o.days_closed;
         self.days_imputed += o.days_imputed;
+        self.evicted += o.evicted;
     }
 }
 
@@ -218,6 +221,9 @@ pub struct WindowOutput {
     pub closed: Vec<RecordBatch>,
     /// Rows for days that had already closed.
     pub late: Vec<DeadLetter>,
+    /// Batteries forgotten (silent past the retention): their models, alert episodes and
+    /// latest assessments go too.
+    pub evicted: Vec<Arc<str>>,
 }
 
 #[derive(Debug, Error)]
@@ -254,7 +260,7 @@ pub struct WindowState {
 
 impl WindowState {
     pub fn battery_count(&self) -> usize {
-        self.shards.iter().map(|s| s.fleet.len()).sum()
+        self.shards.iter().map(|s| s.fleet.live()).sum()
     }
 
     /// Bytes held, by part.
@@ -295,6 +301,10 @@ impl WindowState {
             let mut moved = Vec::with_capacity(old.fleet.len());
             let mut fleet = old.fleet;
             for i in 0..fleet.len() {
+                if !fleet.is_live(i) {
+                    moved.push((0, u32::MAX));
+                    continue;
+                }
                 let id = fleet.ids[i].clone();
                 let to = route(&id, n);
                 let b = shards[to].fleet.adopt(&mut fleet, i);
@@ -460,6 +470,11 @@ impl DailyWindows {
 
     /// Closes every open window (end of a finite input: a file replay or a test).
     pub fn close_all(&mut self) -> Result<Vec<RecordBatch>, WindowError> {
+        Ok(self.close_all_output()?.closed)
+    }
+
+    /// [`Self::close_all`], with what else closing did (batteries evicted).
+    pub fn close_all_output(&mut self) -> Result<WindowOutput, WindowError> {
         let last = self
             .state
             .shards
@@ -467,11 +482,11 @@ impl DailyWindows {
             .filter_map(|s| s.open.last_day())
             .max();
         let Some(last) = last else {
-            return Ok(Vec::new());
+            return Ok(WindowOutput::default());
         };
         let empty = RecordBatch::new_empty(voltcast_ingest::schema::telemetry_schema());
         let late_before = self.state.closed_before;
-        Ok(self.run(&empty, late_before, Some(last + 1), None)?.closed)
+        self.run(&empty, late_before, Some(last + 1), None)
     }
 
     fn run(
@@ -517,15 +532,15 @@ impl DailyWindows {
         &mut self,
         outputs: Vec<Result<ShardOutput, WindowError>>,
     ) -> Result<WindowOutput, WindowError> {
-        let mut late = Vec::new();
-        let mut closed = Vec::new();
+        let mut out = WindowOutput::default();
         for output in outputs {
             let output = output?;
             self.state.stats.add(&output.stats);
-            late.extend(output.late);
-            closed.extend(output.closed);
+            out.late.extend(output.late);
+            out.closed.extend(output.closed);
+            out.evicted.extend(output.evicted);
         }
-        Ok(WindowOutput { closed, late })
+        Ok(out)
     }
 }
 

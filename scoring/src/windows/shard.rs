@@ -89,6 +89,8 @@ pub(super) struct RowClock {
 pub(super) struct ShardOutput {
     pub closed: Option<RecordBatch>,
     pub late: Vec<DeadLetter>,
+    /// Batteries silent for longer than the retention, forgotten as their days closed.
+    pub evicted: Vec<Arc<str>>,
     pub stats: WindowStats,
 }
 
@@ -110,7 +112,12 @@ impl ShardState {
             }
         }
         if let Some(day) = task.close_before {
+            let closing = self.open.days().next().is_some_and(|d| d.day() < day);
             output.closed = self.close_before(day, task.retention_days, &mut output.stats);
+            if closing {
+                output.evicted = self.evict_silent(day, task.retention_days);
+                output.stats.evicted += output.evicted.len() as u64;
+            }
         }
         Ok(output)
     }
@@ -259,6 +266,36 @@ impl ShardState {
         }
         stats.days_closed += closed.len() as u64;
         closed.finish(&self.fleet)
+    }
+}
+
+impl ShardState {
+    /// Forgets the batteries whose last closed day is more than `retention_days` before
+    /// `closed_before` and that have no open window: a car scrapped or sold out of the
+    /// fleet would otherwise keep its history, model and alert state forever. Decided
+    /// by the closing of days, so a replay after a crash evicts the same batteries.
+    fn evict_silent(&mut self, closed_before: i32, retention_days: usize) -> Vec<Arc<str>> {
+        let oldest_kept = closed_before.saturating_sub(retention_days as i32);
+        let mut open = vec![false; self.fleet.len()];
+        for day in self.open.days() {
+            for b in day.batteries() {
+                open[*b as usize] = true;
+            }
+        }
+        let mut evicted = Vec::new();
+        for (b, is_open) in open.into_iter().enumerate() {
+            let silent = self.fleet.is_live(b)
+                && self.fleet.histories[b]
+                    .last_day()
+                    .is_none_or(|d| d < oldest_kept);
+            if silent && !is_open {
+                evicted.push(self.fleet.evict(b as u32));
+            }
+        }
+        if !evicted.is_empty() {
+            self.fleet.compact_strings();
+        }
+        evicted
     }
 }
 
