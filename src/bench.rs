@@ -59,6 +59,9 @@ pub enum BenchTarget {
     /// deep nesting, invalid UTF-8, duplicate keys, oversize) through the whole pipeline
     /// on Kafka; fails unless rows + dead letters = messages, each letter with a reason.
     Fuzz(crate::bench_fuzz::FuzzArgs),
+    /// A partition handed to a new owner: checkpoint size per battery (models included)
+    /// and the time from assignment to the first processed batch.
+    Handoff(crate::bench_handoff::HandoffArgs),
     /// JSON (and CSV) -> validated Arrow batches on one core.
     Ingest {
         /// Messages to decode.
@@ -73,12 +76,16 @@ pub enum BenchTarget {
 /// `config`: the loaded configuration; the forecast and pipeline benches take its
 /// `[forecast]` and `[risk]` sections, so a setting can be tried before it is deployed.
 pub fn run(target: BenchTarget, config: &VoltcastConfig) -> anyhow::Result<()> {
-    if !matches!(target, BenchTarget::Pipeline(_) | BenchTarget::Fuzz(_)) {
+    if !matches!(
+        target,
+        BenchTarget::Pipeline(_) | BenchTarget::Fuzz(_) | BenchTarget::Handoff(_)
+    ) {
         println!("bench build: {}", build_profile());
     }
     match target {
         BenchTarget::Pipeline(args) => crate::bench_pipeline::run(args, config),
         BenchTarget::Fuzz(args) => crate::bench_fuzz::run(args),
+        BenchTarget::Handoff(args) => crate::bench_handoff::run(args, config),
         BenchTarget::Ingest {
             records,
             batch_rows,

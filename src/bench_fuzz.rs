@@ -173,7 +173,7 @@ async fn fuzz(args: FuzzArgs) -> anyhow::Result<()> {
 
 fn probe(kafka: &KafkaConfig) -> anyhow::Result<BaseConsumer> {
     Ok(kafka
-        .connection()?
+        .consumer_config()?
         .set("group.id", "voltcast-fuzz-check")
         .set("enable.auto.commit", "false")
         .create()?)

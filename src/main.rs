@@ -3,6 +3,7 @@
 mod bench;
 mod bench_alerts;
 mod bench_fuzz;
+mod bench_handoff;
 mod bench_pipeline;
 mod demo;
 mod forecast;

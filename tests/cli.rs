@@ -484,3 +484,30 @@ fn bench_fuzz_accounts_for_every_damaged_message() {
     assert!(n[1] > 0 && n[2] > 0, "{line}");
     assert!(said.contains("books balance"), "{said}");
 }
+
+/// `voltcast bench handoff` on a small partition: the state built the stream's way, every
+/// battery with a model, handed to a new owner that continues it.
+#[test]
+fn bench_handoff_moves_a_partition_with_its_models() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = voltcast(
+        &[
+            "bench",
+            "handoff",
+            "--batteries",
+            "300",
+            "--days",
+            "60",
+            "--forecast-days",
+            "20",
+        ],
+        dir.path(),
+        &[],
+    );
+    let said = text(&out.stdout);
+    assert!(out.status.success(), "{said}{}", text(&out.stderr));
+    assert!(said.contains("300 batteries, 300 with a model"), "{said}");
+    for figure in ["per battery (state, models", "processed its first batch"] {
+        assert!(said.contains(figure), "{figure:?} in {said}");
+    }
+}

@@ -622,7 +622,12 @@ fn commit(
     if offsets.count() == 0 {
         return;
     }
-    if let Err(e) = consumer.commit(&offsets, mode) {
+    // A synchronous commit waits on the broker.
+    let committed = match mode {
+        CommitMode::Sync => crate::blocking::off_runtime(|| consumer.commit(&offsets, mode)),
+        CommitMode::Async => consumer.commit(&offsets, mode),
+    };
+    if let Err(e) = committed {
         tracing::warn!(error = %e, "committing offsets (advisory; the next checkpoint retries)");
     }
 }

@@ -14,6 +14,7 @@
 
 pub mod batch;
 pub mod batcher;
+pub mod blocking;
 pub mod counters;
 pub mod dead_letter;
 pub mod decode;

@@ -113,16 +113,24 @@ async fn readyz(State(s): State<ApiState>) -> Response {
 }
 
 async fn metrics(State(s): State<ApiState>) -> Response {
-    (s.refresh)();
-    {
-        let store = s.alerts.store.lock().unwrap_or_else(|e| e.into_inner());
-        s.alerts.metrics().refresh_fleet(store.latest_all());
+    // A pass over every battery's latest assessment, under the store's lock: on a
+    // thread for blocking work, so a scrape never holds up the runtime's other tasks.
+    let rendered = tokio::task::spawn_blocking(move || {
+        (s.refresh)();
+        {
+            let store = s.alerts.store.lock().unwrap_or_else(|e| e.into_inner());
+            s.alerts.metrics().refresh_fleet(store.latest_all());
+        }
+        s.alerts.metrics().render()
+    })
+    .await;
+    match rendered {
+        Ok(text) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response(),
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("rendering metrics: {e}"),
+        ),
     }
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        s.alerts.metrics().render(),
-    )
-        .into_response()
 }
 
 #[derive(Debug, Deserialize)]

@@ -359,7 +359,20 @@ impl Metrics {
             snapshot.observe(u.risk.days_to_eol);
             top.push(u);
         }
-        top.sort_by(|a, b| b.risk.probability.total_cmp(&a.risk.probability));
+        // The K most at risk without sorting the fleet: this runs under the store's lock,
+        // which every batch's alert decisions wait on. Ties go by id, so a scrape shows
+        // the same K whatever the map's order.
+        let most_at_risk = |a: &&RiskUpdate, b: &&RiskUpdate| {
+            b.risk
+                .probability
+                .total_cmp(&a.risk.probability)
+                .then_with(|| a.battery_id.cmp(&b.battery_id))
+        };
+        if top.len() > self.top_k && self.top_k > 0 {
+            top.select_nth_unstable_by(self.top_k - 1, most_at_risk);
+            top.truncate(self.top_k);
+        }
+        top.sort_unstable_by(most_at_risk);
         self.batteries_at_risk.set(at_risk);
         self.fleet_daily_cycles.set(cycles);
         *self.days_to_eol.0.lock().unwrap_or_else(|e| e.into_inner()) = snapshot;
@@ -447,5 +460,66 @@ impl Collector for DaysToEol {
         f.set_field_type(proto::MetricType::HISTOGRAM);
         f.mut_metric().push(m);
         vec![f]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use voltcast_forecaster::{FailureRisk, Forecast, ModelKind};
+
+    use super::*;
+
+    fn assessed(battery: &str, probability: f64, days: u32) -> RiskUpdate {
+        RiskUpdate {
+            battery_id: Arc::from(battery),
+            vehicle_id: None,
+            day: 0,
+            age: 100,
+            lifetime: 10.0,
+            rated: 200.0,
+            model: ModelKind::AutoEts,
+            model_version: 1,
+            risk: FailureRisk {
+                probability,
+                expected_cycles: 1.0,
+                sd_cycles: 0.1,
+                remaining: 190.0,
+                days_to_eol: Some(days),
+                low_confidence: false,
+                at_risk: probability >= 0.9,
+            },
+            forecast: Forecast::default(),
+            recent: Vec::new(),
+            drivers: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_top_at_risk_gauge_holds_the_k_most_likely_to_fail() {
+        let m = Metrics::new(3);
+        // 50 batteries, probabilities 0.00 .. 0.98 in a scrambled order.
+        let fleet: Vec<_> = (0..50)
+            .map(|i| (i * 17) % 50)
+            .map(|i| assessed(&format!("B{i:02}"), i as f64 / 50.0, 100 - i))
+            .collect();
+        m.refresh_fleet(fleet.iter());
+        let text = m.render();
+        let shown: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("voltcast_top_at_risk_days_to_eol{"))
+            .collect();
+        assert_eq!(shown.len(), 3, "{shown:?}");
+        for (id, days) in [("B49", 51), ("B48", 52), ("B47", 53)] {
+            assert!(
+                shown
+                    .iter()
+                    .any(|l| l.contains(&format!("battery_id=\"{id}\""))
+                        && l.ends_with(&format!(" {days}"))),
+                "{id} in {shown:?}"
+            );
+        }
+        assert!(text.contains("voltcast_batteries_at_risk 5"), "{text}");
     }
 }

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use datafusion::arrow::array::RecordBatch;
 use tokio::sync::watch;
 use voltcast_ingest::arrow::array::{Array, AsArray};
+use voltcast_ingest::blocking::off_runtime;
 use voltcast_ingest::dead_letter::DeadLetterQueue;
 use voltcast_ingest::{
     BatchSink, FileSource, IngestCounters, KafkaSource, MicroBatch, SinkError, SourcePosition,
@@ -147,7 +148,8 @@ impl PartitionStage {
     /// Checkpoints every partition that changed; returns the positions now durable.
     pub fn checkpoint_now(&mut self) -> Result<Vec<SourcePosition>, CheckpointError> {
         let started = Instant::now();
-        let durable = self.partitions.checkpoint_all()?;
+        // Serializing and fsyncing every changed partition.
+        let durable = off_runtime(|| self.partitions.checkpoint_all())?;
         self.last_checkpoint = Instant::now();
         self.times.checkpoint += started.elapsed();
         Ok(durable)
@@ -158,11 +160,12 @@ impl PartitionStage {
         let outputs = {
             let partitions = self.partitions.clone();
             let mut tasks = partitions.lock();
-            let mut outputs = Vec::with_capacity(tasks.len());
-            for task in tasks.values_mut() {
-                outputs.push(task.finish(&partitions.settings, partitions.metrics())?);
-            }
-            outputs
+            off_runtime(|| {
+                tasks
+                    .values_mut()
+                    .map(|task| task.finish(&partitions.settings, partitions.metrics()))
+                    .collect::<Result<Vec<_>, _>>()
+            })?
         };
         self.carry_out(outputs)
             .await
@@ -254,7 +257,8 @@ impl PartitionStage {
         // One pass over the alert store (one lock, at most one fsync) for the batch.
         if let Some(alerts) = &self.alerts {
             let mut busy = self.times.alerts;
-            on_cpu(&mut busy, || alerts.record(decisions, risks, &evicted));
+            // The outbox fsyncs each alert before it is stored.
+            off_runtime(|| on_cpu(&mut busy, || alerts.record(decisions, risks, &evicted)));
             self.times.alerts = busy;
         }
         let started = Instant::now();
@@ -303,7 +307,8 @@ impl BatchSink for PartitionStage {
             return Err(e.into());
         }
         let started = Instant::now();
-        let outputs = self.run_tasks(&batch)?;
+        // Windows, forecasts and archive files: the CPU (and disk) for the whole batch.
+        let outputs = off_runtime(|| self.run_tasks(&batch))?;
         self.carry_out(outputs).await?;
         self.refresh_metrics(batch.rows.num_rows(), started);
         let positions = self.tally.accept(batch).await?;
