@@ -18,7 +18,7 @@ use voltcast_ingest::{
     schema,
 };
 
-use crate::alerts::publish::AlertPublisher;
+use crate::alerts::publish::{AlertPublisher, EventOutbox};
 use crate::alerts::{AlertService, AlertStore, DeliveryWorker, Outbox};
 use crate::archive::ParquetArchive;
 use crate::checkpoint::{CheckpointError, CheckpointStore, PartitionKey};
@@ -390,11 +390,13 @@ impl Services {
                 .producer_config()?
                 .create()
                 .map_err(crate::alerts::AlertError::Kafka)?;
+            let outbox = Arc::new(EventOutbox::open(&config.alerts.store_path.join("events"))?);
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-            alerts = alerts.with_events(tx);
+            alerts = alerts.with_events(outbox.clone(), tx);
             let publisher = AlertPublisher {
                 producer,
                 topic: config.alerts.topic.clone(),
+                outbox,
             };
             workers.push(tokio::spawn(publisher.run(rx, metrics.clone())));
         }

@@ -217,8 +217,10 @@ pub enum AlertError {
 pub struct AlertService {
     pub store: Mutex<AlertStore>,
     webhook: Option<(WebhookConfig, mpsc::UnboundedSender<Delivery>, Arc<Outbox>)>,
-    /// Taken (closed) at shutdown so the publisher drains and stops.
-    events: Mutex<Option<mpsc::UnboundedSender<AlertEvent>>>,
+    /// The event outbox and the publisher's wake-up; the sender is taken (closed) at
+    /// shutdown so the publisher drains and stops.
+    events: Option<Arc<publish::EventOutbox>>,
+    wake_publisher: Mutex<Option<mpsc::UnboundedSender<()>>>,
     metrics: Arc<Metrics>,
 }
 
@@ -227,7 +229,8 @@ impl AlertService {
         Self {
             store: Mutex::new(store),
             webhook: None,
-            events: Mutex::new(None),
+            events: None,
+            wake_publisher: Mutex::new(None),
             metrics,
         }
     }
@@ -243,9 +246,15 @@ impl AlertService {
         self
     }
 
-    /// Publish every lifecycle event to `events` (the Kafka publisher).
-    pub fn with_events(mut self, events: mpsc::UnboundedSender<AlertEvent>) -> Self {
-        self.events = Mutex::new(Some(events));
+    /// Record every lifecycle event in `outbox` before the store records the decision,
+    /// and wake the Kafka publisher through `wake`.
+    pub fn with_events(
+        mut self,
+        outbox: Arc<publish::EventOutbox>,
+        wake: mpsc::UnboundedSender<()>,
+    ) -> Self {
+        self.events = Some(outbox);
+        self.wake_publisher = Mutex::new(Some(wake));
         self
     }
 
@@ -287,9 +296,8 @@ impl AlertService {
                     .alerts_raised
                     .with_label_values(&[alert.severity.as_str()])
                     .inc();
+                self.publish(EventKind::Raised, &alert)?;
                 store.put(&alert)?;
-                drop(store);
-                self.publish(EventKind::Raised, alert);
             }
             Decision::Escalate {
                 previous,
@@ -304,16 +312,18 @@ impl AlertService {
                     .alerts_raised
                     .with_label_values(&[alert.severity.as_str()])
                     .inc();
-                let superseded = store.update(&previous, |a| {
+                let superseded = store.preview(&previous, |a| {
                     a.status = AlertStatus::Escalated;
                     a.resolution = Some(format!("escalated to {}", alert.alert_id));
-                })?;
-                store.put(&alert)?;
-                drop(store);
-                if let Some(old) = superseded {
-                    self.publish(EventKind::Resolved, old);
+                });
+                if let Some(old) = &superseded {
+                    self.publish(EventKind::Resolved, old)?;
                 }
-                self.publish(EventKind::Escalated, alert);
+                self.publish(EventKind::Escalated, &alert)?;
+                if let Some(old) = &superseded {
+                    store.put(old)?;
+                }
+                store.put(&alert)?;
             }
             Decision::Resolve { alert_id, reason } => {
                 let done = self
@@ -328,13 +338,15 @@ impl AlertService {
                     .alerts_resolved
                     .with_label_values(&[reason.kind()])
                     .inc();
-                let resolved = self.lock().update(&alert_id, |a| {
+                let mut store = self.lock();
+                let resolved = store.preview(&alert_id, |a| {
                     a.status = AlertStatus::Resolved;
                     a.resolved_at = Some(now);
                     a.resolution = Some(reason.to_string());
-                })?;
+                });
                 if let Some(a) = resolved {
-                    self.publish(EventKind::Resolved, a);
+                    self.publish(EventKind::Resolved, &a)?;
+                    store.put(&a)?;
                 }
             }
         }
@@ -354,15 +366,16 @@ impl AlertService {
         }
         let now = Utc::now();
         let acked = store
-            .update(alert_id, |a| {
+            .preview(alert_id, |a| {
                 a.status = AlertStatus::Acknowledged;
                 a.acknowledged_at = Some(now);
                 a.acknowledged_by = Some(by.to_string());
-            })?
+            })
             .ok_or_else(|| AlertError::NotFound(alert_id.to_string()))?;
+        self.publish(EventKind::Acknowledged, &acked)?;
+        store.put(&acked)?;
         drop(store);
         self.metrics.alerts_acknowledged.inc();
-        self.publish(EventKind::Acknowledged, acked.clone());
         Ok(acked)
     }
 
@@ -401,16 +414,33 @@ impl AlertService {
         Ok(())
     }
 
-    fn publish(&self, event: EventKind, alert: Alert) {
-        let events = self.events.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(tx) = &*events {
-            let _ = tx.send(AlertEvent { event, alert });
+    /// Makes the event durable in the outbox (the publisher sends it), before the
+    /// caller records the decision in the store: a crash in between repeats the
+    /// decision, and with it the event, under the same id.
+    fn publish(&self, event: EventKind, alert: &Alert) -> Result<(), AlertError> {
+        let Some(outbox) = &self.events else {
+            return Ok(());
+        };
+        outbox.enqueue(&AlertEvent {
+            event,
+            alert: alert.clone(),
+        })?;
+        if let Some(wake) = &*self
+            .wake_publisher
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+        {
+            let _ = wake.send(());
         }
+        Ok(())
     }
 
     /// No more events to Kafka: the publisher sends what it has and stops.
     pub fn close_events(&self) {
-        self.events.lock().unwrap_or_else(|e| e.into_inner()).take();
+        self.wake_publisher
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
     }
 }
 

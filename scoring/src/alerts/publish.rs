@@ -1,47 +1,184 @@
 //! Alert events to Kafka: the `battery-alerts` topic, keyed by battery so one battery's
-//! events stay in order on one partition. The producer is idempotent with `acks=all`
-//! (the same settings as the dead-letter producer), so a broker retry does not duplicate
-//! an event; consumers dedupe by `alert_id` across voltcast restarts.
+//! events stay in order on one partition.
+//!
+//! At least once across crashes: an event is a file in the event outbox (written to a temp
+//! file, fsynced, renamed, numbered in decision order) before the alert store records the
+//! decision, and the file is removed only once the broker acknowledged the event
+//! (idempotent producer, `acks=all`). A restart publishes what is left, in order. An event
+//! that was published just before a crash may go out again: it carries the same id
+//! (header `voltcast.event_id`, `{alert_id}:{event}`), which readers dedupe on.
 
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use tokio::sync::mpsc;
 
-use super::AlertEvent;
+use super::{AlertError, AlertEvent};
 use crate::metrics::Metrics;
+
+/// The header naming an event: the same on every copy of it.
+pub const HEADER_EVENT_ID: &str = "voltcast.event_id";
+
+impl AlertEvent {
+    /// `{alert_id}:{event}`: unique per lifecycle step, the same on a re-send.
+    pub fn id(&self) -> String {
+        let kind = serde_json::to_value(self.event)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        format!("{}:{kind}", self.alert.alert_id)
+    }
+}
+
+/// Events decided but not yet acknowledged by the broker, one file each.
+pub struct EventOutbox {
+    dir: PathBuf,
+    next: AtomicU64,
+}
+
+impl EventOutbox {
+    pub fn open(dir: &Path) -> Result<Self, AlertError> {
+        std::fs::create_dir_all(dir).map_err(|e| error(dir, e))?;
+        let outbox = Self {
+            dir: dir.to_path_buf(),
+            next: AtomicU64::new(0),
+        };
+        let last = outbox.files().last().and_then(|p| number(p));
+        outbox
+            .next
+            .store(last.map_or(0, |n| n + 1), Ordering::SeqCst);
+        Ok(outbox)
+    }
+
+    /// Durably records `event` after every event recorded before it.
+    pub fn enqueue(&self, event: &AlertEvent) -> Result<(), AlertError> {
+        use std::io::Write;
+        let n = self.next.fetch_add(1, Ordering::SeqCst);
+        let path = self.dir.join(format!("{n:020}.json"));
+        let tmp = self.dir.join(format!(".{n:020}.json.tmp"));
+        let bytes = serde_json::to_vec(event).expect("alert events serialize");
+        let written = std::fs::File::create(&tmp)
+            .and_then(|mut f| f.write_all(&bytes).and_then(|()| f.sync_all()))
+            .and_then(|()| std::fs::rename(&tmp, &path));
+        written.map_err(|e| error(&path, e))
+    }
+
+    /// Event files in decision order.
+    fn files(&self) -> Vec<PathBuf> {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        let mut files: Vec<PathBuf> = entries
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| number(p).is_some())
+            .collect();
+        files.sort();
+        files
+    }
+
+    /// Events not yet published, in decision order.
+    pub fn pending(&self) -> Vec<(PathBuf, AlertEvent)> {
+        self.files()
+            .into_iter()
+            .filter_map(|path| {
+                let bytes = std::fs::read(&path).ok()?;
+                match serde_json::from_slice(&bytes) {
+                    Ok(event) => Some((path, event)),
+                    Err(e) => {
+                        tracing::error!(path = %path.display(), error = %e, "unreadable alert event: left in the outbox");
+                        None
+                    }
+                }
+            })
+            .collect()
+    }
+
+    fn complete(&self, path: &Path) {
+        if let Err(e) = std::fs::remove_file(path)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::error!(path = %path.display(), error = %e, "removing a published alert event");
+        }
+    }
+}
+
+fn number(path: &Path) -> Option<u64> {
+    path.file_name()?
+        .to_str()?
+        .strip_suffix(".json")?
+        .parse()
+        .ok()
+}
+
+fn error(path: &Path, source: std::io::Error) -> AlertError {
+    AlertError::Outbox {
+        path: path.display().to_string(),
+        source,
+    }
+}
 
 pub struct AlertPublisher {
     pub producer: FutureProducer,
     pub topic: String,
+    pub outbox: Arc<EventOutbox>,
 }
 
 impl AlertPublisher {
-    /// Publishes events until the channel closes; a failure is logged and counted (the
-    /// event is in the alert store either way).
-    pub async fn run(
-        self,
-        mut events: mpsc::UnboundedReceiver<AlertEvent>,
-        metrics: std::sync::Arc<Metrics>,
-    ) {
-        while let Some(e) = events.recv().await {
-            let payload = serde_json::to_vec(&e).expect("alert events serialize");
-            let record = FutureRecord::to(&self.topic)
-                .key(e.alert.battery_id.as_bytes())
-                .payload(&payload);
-            let outcome = match self
-                .producer
-                .send(record, std::time::Duration::from_secs(30))
-                .await
-            {
-                Ok(_) => "published",
-                Err((err, _)) => {
-                    tracing::error!(topic = %self.topic, alert_id = %e.alert.alert_id, error = %err, "alert event not published");
-                    "failed"
-                }
-            };
+    /// Publishes the outbox's events, those left by an earlier run first, each time
+    /// `wake` says there are new ones, until `wake` closes (then once more). A failed
+    /// send is retried with backoff: an event leaves the outbox only once published.
+    pub async fn run(self, mut wake: mpsc::UnboundedReceiver<()>, metrics: Arc<Metrics>) {
+        loop {
+            self.drain(&metrics).await;
+            if wake.recv().await.is_none() {
+                self.drain(&metrics).await;
+                return;
+            }
+            // Many decisions in one batch wake once.
+            while wake.try_recv().is_ok() {}
+        }
+    }
+
+    async fn drain(&self, metrics: &Metrics) {
+        for (path, event) in self.outbox.pending() {
+            let mut backoff = Duration::from_millis(200);
+            while let Err(e) = self.send(&event).await {
+                metrics
+                    .alert_events_published
+                    .with_label_values(&["failed"])
+                    .inc();
+                tracing::warn!(topic = %self.topic, event_id = %event.id(), error = %e, "alert event not published yet; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
             metrics
                 .alert_events_published
-                .with_label_values(&[outcome])
+                .with_label_values(&["published"])
                 .inc();
+            self.outbox.complete(&path);
         }
+    }
+
+    async fn send(&self, event: &AlertEvent) -> Result<(), rdkafka::error::KafkaError> {
+        let payload = serde_json::to_vec(event).expect("alert events serialize");
+        let id = event.id();
+        let headers = OwnedHeaders::new().insert(Header {
+            key: HEADER_EVENT_ID,
+            value: Some(id.as_str()),
+        });
+        let record = FutureRecord::to(&self.topic)
+            .key(event.alert.battery_id.as_bytes())
+            .payload(&payload)
+            .headers(headers);
+        self.producer
+            .send(record, Duration::from_secs(30))
+            .await
+            .map(|_| ())
+            .map_err(|(e, _)| e)
     }
 }

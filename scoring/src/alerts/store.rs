@@ -143,6 +143,14 @@ impl AlertStore {
     }
 
     /// Changes a stored alert; returns it changed, or None if there is no such alert.
+    /// What `change` would make of an alert, without recording it (so the alert's
+    /// event can be made durable first).
+    pub fn preview(&self, alert_id: &str, change: impl FnOnce(&mut Alert)) -> Option<Alert> {
+        let mut a = self.alerts[*self.by_id.get(alert_id)?].clone();
+        change(&mut a);
+        Some(a)
+    }
+
     pub fn update(
         &mut self,
         alert_id: &str,

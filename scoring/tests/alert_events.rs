@@ -1,0 +1,151 @@
+//! Alert events reach the `battery-alerts` topic at least once across crashes: decided
+//! events wait in a durable outbox, so a crash after the alert store recorded a decision
+//! but before the event was published still publishes it, once, on restart.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::mocking::MockCluster;
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use voltcast_forecaster::{FailureRisk, Forecast, ModelKind};
+use voltcast_scoring::alerts::publish::{AlertPublisher, EventOutbox, HEADER_EVENT_ID};
+use voltcast_scoring::alerts::{AlertConfig, AlertService, AlertStore, Decision, EpisodePolicy};
+use voltcast_scoring::forecasting::RiskUpdate;
+use voltcast_scoring::metrics::Metrics;
+
+const TOPIC: &str = "battery-alerts";
+
+fn assessed(day: i32, probability: f64) -> RiskUpdate {
+    RiskUpdate {
+        battery_id: Arc::from("B1"),
+        vehicle_id: Some(Arc::from("V1")),
+        day,
+        age: 1200,
+        lifetime: 190.0,
+        rated: 200.0,
+        model: ModelKind::AutoEts,
+        model_version: 1,
+        risk: FailureRisk {
+            probability,
+            expected_cycles: 12.0,
+            sd_cycles: 1.0,
+            remaining: 10.0,
+            days_to_eol: Some(25),
+            low_confidence: false,
+            at_risk: probability >= 0.9,
+        },
+        forecast: Forecast::default(),
+        recent: Vec::new(),
+        drivers: Vec::new(),
+    }
+}
+
+/// One run of voltcast's alert side; the publisher runs only when `brokers` is given.
+fn service(dir: &Path) -> (Arc<AlertService>, tokio::sync::mpsc::UnboundedReceiver<()>) {
+    let outbox = Arc::new(EventOutbox::open(&dir.join("events")).unwrap());
+    let (wake, woken) = tokio::sync::mpsc::unbounded_channel();
+    let store = AlertStore::open(&dir.join("alerts")).unwrap();
+    let service =
+        AlertService::new(store, Arc::new(Metrics::new(5))).with_events(outbox.clone(), wake);
+    (Arc::new(service), woken)
+}
+
+/// Publishes what the outbox under `dir` holds, until it is empty.
+async fn publish(dir: &Path, brokers: &str) {
+    let outbox = Arc::new(EventOutbox::open(&dir.join("events")).unwrap());
+    let producer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "true")
+        .create()
+        .unwrap();
+    let (wake, woken) = tokio::sync::mpsc::unbounded_channel::<()>();
+    drop(wake); // nothing more will come: publish what is there and stop
+    let publisher = AlertPublisher {
+        producer,
+        topic: TOPIC.into(),
+        outbox,
+    };
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        publisher.run(woken, Arc::new(Metrics::new(5))),
+    )
+    .await
+    .expect("the publisher finishes");
+}
+
+/// Every event on the topic: (event id header, event kind).
+fn on_topic(brokers: &str) -> Vec<(String, String)> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "probe")
+        .create()
+        .unwrap();
+    let (_, high) = consumer
+        .fetch_watermarks(TOPIC, 0, Duration::from_secs(10))
+        .unwrap();
+    let mut list = TopicPartitionList::new();
+    list.add_partition_offset(TOPIC, 0, Offset::Beginning)
+        .unwrap();
+    consumer.assign(&list).unwrap();
+    let mut events = Vec::new();
+    while (events.len() as i64) < high {
+        let Some(msg) = consumer.poll(Duration::from_secs(10)) else {
+            panic!("read {} of {high} events", events.len());
+        };
+        let msg = msg.unwrap();
+        let id = msg
+            .headers()
+            .and_then(|h| h.iter().find(|h| h.key == HEADER_EVENT_ID))
+            .and_then(|h| h.value)
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+            .unwrap_or_default();
+        let body: serde_json::Value = serde_json::from_slice(msg.payload().unwrap()).unwrap();
+        events.push((id, body["event"].as_str().unwrap_or_default().to_string()));
+    }
+    events
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_decided_before_a_crash_is_published_once_after_it() {
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic(TOPIC, 1, 1).unwrap();
+    let brokers = cluster.bootstrap_servers();
+    let dir = tempfile::tempdir().unwrap();
+
+    // First run: the battery's alert is raised and resolved, both recorded in the
+    // store; the process dies before its publisher sent either.
+    let mut policy = EpisodePolicy::new(AlertConfig::default());
+    let raised = policy.observe(&assessed(1, 0.97), Utc::now());
+    let resolved = policy.observe(&assessed(2, 0.1), Utc::now());
+    let alert_id = match &raised[..] {
+        [Decision::Raise(a)] => a.alert_id.clone(),
+        other => panic!("{other:?}"),
+    };
+    {
+        let (alerts, _woken) = service(dir.path());
+        alerts.record([raised.clone(), resolved].concat(), Vec::new(), &[]);
+    }
+    assert!(on_topic(&brokers).is_empty());
+
+    // The restart replays the raise (the stream repeats its decisions after a crash):
+    // the store knows it, so nothing is decided twice, and the publisher sends what the
+    // first run left.
+    {
+        let (alerts, _woken) = service(dir.path());
+        alerts.record(raised, Vec::new(), &[]);
+        publish(dir.path(), &brokers).await;
+    }
+    let want = vec![
+        (format!("{alert_id}:raised"), "raised".to_string()),
+        (format!("{alert_id}:resolved"), "resolved".to_string()),
+    ];
+    assert_eq!(on_topic(&brokers), want);
+
+    // Another restart: the outbox is empty, nothing goes out again.
+    publish(dir.path(), &brokers).await;
+    assert_eq!(on_topic(&brokers), want);
+}
