@@ -370,6 +370,7 @@ pub struct Services {
     /// Where the API listens, when it does.
     pub api_addr: Option<SocketAddr>,
     stop_deliveries: Option<watch::Sender<Option<tokio::time::Instant>>>,
+    stop_view: Option<watch::Sender<bool>>,
     workers: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -420,6 +421,7 @@ impl Services {
             };
             workers.push(tokio::spawn(worker.run(rx, stop_rx)));
         }
+        let stop_view = Self::start_view(config, &alerts, &mut workers);
         let counters = Arc::new(IngestCounters::default());
         let ready = Arc::new(AtomicBool::new(false));
         let listen = config.api.listen.trim();
@@ -452,8 +454,34 @@ impl Services {
             ready,
             api_addr,
             stop_deliveries,
+            stop_view,
             workers,
         })
+    }
+
+    /// The fleet-wide alert view, when the alerts topic is in use: without it (a topic
+    /// that cannot be read) the API serves this instance's alerts only, and says so.
+    fn start_view(
+        config: &VoltcastConfig,
+        alerts: &Arc<AlertService>,
+        workers: &mut Vec<tokio::task::JoinHandle<()>>,
+    ) -> Option<watch::Sender<bool>> {
+        let a = &config.alerts;
+        if !(a.enabled && a.publish_to_kafka && a.fleet_view && config.source == SourceKind::Kafka)
+        {
+            return None;
+        }
+        match crate::alerts::view::AlertTopicReader::new(&config.kafka, &a.topic) {
+            Ok(reader) => {
+                let (stop, stopped) = watch::channel(false);
+                workers.push(tokio::spawn(reader.run(alerts.clone(), stopped)));
+                Some(stop)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "no fleet-wide alert view: the API lists this instance's alerts only");
+                None
+            }
+        }
     }
 
     /// Stops the workers; webhook deliveries get up to `drain` to finish, and what is
@@ -464,6 +492,9 @@ impl Services {
         }
         // The publisher ends once its channel is drained and closed.
         self.alerts.close_events();
+        if let Some(stop) = &self.stop_view {
+            let _ = stop.send(true);
+        }
         for w in self.workers {
             let _ = w.await;
         }

@@ -24,6 +24,7 @@ pub mod outbox;
 pub mod policy;
 pub mod publish;
 pub mod store;
+pub mod view;
 
 use std::sync::{Arc, Mutex};
 
@@ -54,6 +55,9 @@ pub struct AlertConfig {
     /// Kafka topic for alert events (when the source is Kafka).
     pub topic: String,
     pub publish_to_kafka: bool,
+    /// Read the whole alerts topic into this instance's store, so its API lists every
+    /// instance's alerts (Kafka source with publishing on).
+    pub fleet_view: bool,
     /// Folder of the alert log.
     pub store_path: std::path::PathBuf,
 }
@@ -67,6 +71,7 @@ impl Default for AlertConfig {
             critical_days: 7,
             topic: "battery-alerts".into(),
             publish_to_kafka: true,
+            fleet_view: true,
             store_path: "data/alerts".into(),
         }
     }
@@ -209,6 +214,8 @@ pub enum AlertError {
     Kafka(rdkafka::error::KafkaError),
     #[error("no alert {0}")]
     NotFound(String),
+    #[error("the fleet-wide alert view: {0}")]
+    View(String),
     #[error("alert {0} is {1:?} and can no longer be acknowledged")]
     NotActive(String, AlertStatus),
 }
@@ -260,6 +267,11 @@ impl AlertService {
 
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    /// Takes in another instance's alert event (the fleet-wide view).
+    pub fn merge_event(&self, event: &AlertEvent) {
+        self.lock().merge(&event.alert);
     }
 
     /// Alerts matching `filter`, newest first (what `GET /api/alerts` lists).

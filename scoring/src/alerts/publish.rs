@@ -130,30 +130,52 @@ pub struct AlertPublisher {
 
 impl AlertPublisher {
     /// Publishes the outbox's events, those left by an earlier run first, each time
-    /// `wake` says there are new ones, until `wake` closes (then once more). A failed
-    /// send is retried with backoff: an event leaves the outbox only once published.
+    /// `wake` says there are new ones, until `wake` closes. A failed send is retried
+    /// with backoff: an event leaves the outbox only once published. At shutdown one
+    /// last pass gets up to 5 s; what it cannot send waits for the next start.
     pub async fn run(self, mut wake: mpsc::UnboundedReceiver<()>, metrics: Arc<Metrics>) {
         loop {
-            self.drain(&metrics).await;
-            if wake.recv().await.is_none() {
-                self.drain(&metrics).await;
-                return;
+            if !self.drain(&metrics, Some(&mut wake)).await {
+                break;
             }
-            // Many decisions in one batch wake once.
-            while wake.try_recv().is_ok() {}
+            match wake.recv().await {
+                // Many decisions in one batch wake once.
+                Some(()) => while wake.try_recv().is_ok() {},
+                None => break,
+            }
+        }
+        let last = tokio::time::timeout(Duration::from_secs(5), self.drain(&metrics, None)).await;
+        if !matches!(last, Ok(true)) {
+            tracing::warn!(topic = %self.topic, "alert events left in the outbox for the next start");
         }
     }
 
-    async fn drain(&self, metrics: &Metrics) {
+    /// Publishes the pending events in order; true when none is left. With `wake`, a
+    /// failed send is retried with backoff until it goes through or `wake` closes;
+    /// without, the first failure ends the pass.
+    async fn drain(
+        &self,
+        metrics: &Metrics,
+        mut wake: Option<&mut mpsc::UnboundedReceiver<()>>,
+    ) -> bool {
         for (path, event) in self.outbox.pending() {
             let mut backoff = Duration::from_millis(200);
-            while let Err(e) = self.send(&event).await {
+            loop {
+                let Err(e) = self.send(&event).await else {
+                    break;
+                };
                 metrics
                     .alert_events_published
                     .with_label_values(&["failed"])
                     .inc();
-                tracing::warn!(topic = %self.topic, event_id = %event.id(), error = %e, "alert event not published yet; retrying");
-                tokio::time::sleep(backoff).await;
+                tracing::warn!(topic = %self.topic, event_id = %event.id(), error = %e, "alert event not published yet");
+                let Some(w) = wake.as_deref_mut() else {
+                    return false;
+                };
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    woken = w.recv() => if woken.is_none() { return false },
+                }
                 backoff = (backoff * 2).min(Duration::from_secs(30));
             }
             metrics
@@ -162,6 +184,7 @@ impl AlertPublisher {
                 .inc();
             self.outbox.complete(&path);
         }
+        true
     }
 
     async fn send(&self, event: &AlertEvent) -> Result<(), rdkafka::error::KafkaError> {

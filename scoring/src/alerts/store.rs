@@ -127,6 +127,27 @@ impl AlertStore {
         }
     }
 
+    /// Takes in an alert as another instance's event describes it (the fleet-wide view):
+    /// kept in memory only (the topic, read again from its start, rebuilds it), and only
+    /// when it is news: a status this store already has, or has gone past, is an echo of
+    /// its own decision or an event read before. Returns whether it changed anything.
+    pub fn merge(&mut self, alert: &Alert) -> bool {
+        let rank = |s: AlertStatus| match s {
+            AlertStatus::Open => 0,
+            AlertStatus::Acknowledged => 1,
+            AlertStatus::Escalated | AlertStatus::Resolved => 2,
+        };
+        let known = self
+            .by_id
+            .get(&alert.alert_id)
+            .map(|&i| rank(self.alerts[i].status));
+        if known.is_some_and(|r| r >= rank(alert.status)) {
+            return false;
+        }
+        self.index(alert.clone());
+        true
+    }
+
     /// Inserts or replaces an alert, writing it to the log first.
     pub fn put(&mut self, alert: &Alert) -> Result<(), AlertError> {
         if let Some(log) = &mut self.log {

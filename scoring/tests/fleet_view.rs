@@ -1,0 +1,129 @@
+//! One fleet-wide alert view from any instance: two `run` pipelines share a telemetry
+//! topic's partitions (one consumer group) on librdkafka's mock cluster, each raising the
+//! alerts of its own batteries, and each one's store (what its API serves) comes to list
+//! the alerts of both, read from the alerts topic.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use rdkafka::mocking::MockCluster;
+use voltcast_scoring::VoltcastConfig;
+use voltcast_scoring::alerts::AlertFilter;
+use voltcast_scoring::ingest::simulate::{
+    FleetSimulator, SimulatorConfig, WireFormat, publish_kafka,
+};
+use voltcast_scoring::pipeline::{Services, run_with};
+
+fn ids(services: &Services) -> BTreeSet<String> {
+    services
+        .alerts
+        .query(&AlertFilter::default())
+        .into_iter()
+        .map(|a| a.alert_id)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_instance_lists_the_alerts_of_every_instance() {
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("battery-telemetry", 4, 1).unwrap();
+    cluster.create_topic("battery-telemetry-dlq", 1, 1).unwrap();
+    cluster.create_topic("battery-alerts", 4, 1).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = |name: &str| {
+        let mut c = VoltcastConfig::default();
+        c.kafka.brokers = cluster.bootstrap_servers();
+        c.api.listen = String::new();
+        c.alerts.store_path = dir.path().join(name).join("alerts");
+        c.checkpoint.path = dir.path().join("checkpoint");
+        c.archive.path = std::path::PathBuf::new();
+        c.batch.max_rows = 2_000;
+        c
+    };
+    let (a_config, b_config) = (config("a"), config("b"));
+    let producer = a_config
+        .kafka
+        .producer_config()
+        .unwrap()
+        .set("linger.ms", "5")
+        .create()
+        .unwrap();
+    let sim = SimulatorConfig {
+        batteries: 240,
+        days: 150,
+        seed: 3,
+        ..Default::default()
+    };
+    let mut fleet = FleetSimulator::new(sim, WireFormat::Json).unwrap();
+    let total = publish_kafka(&mut fleet, &producer, "battery-telemetry", 0.0, None)
+        .await
+        .unwrap()
+        .messages;
+
+    let a = Services::start(&a_config).await.unwrap();
+    let b = Services::start(&b_config).await.unwrap();
+    let read = |s: &Services| s.counters.clone();
+    let (a_read, b_read) = (read(&a), read(&b));
+    let (stop_a, stopped_a) = tokio::sync::oneshot::channel::<()>();
+    let (stop_b, stopped_b) = tokio::sync::oneshot::channel::<()>();
+    let (a_run, b_run, ()) = tokio::join!(
+        async {
+            run_with(&a_config, &a, async {
+                let _ = stopped_a.await;
+            })
+            .await
+        },
+        async {
+            run_with(&b_config, &b, async {
+                let _ = stopped_b.await;
+            })
+            .await
+        },
+        async {
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while a_read.received() + b_read.received() < total && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            // Both have joined and split the partitions by now; let the last days close.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let _ = stop_a.send(());
+            let _ = stop_b.send(());
+        }
+    );
+    a_run.unwrap();
+    b_run.unwrap();
+    assert!(
+        a_read.received() > 0 && b_read.received() > 0,
+        "both instances consumed"
+    );
+
+    // Each instance raised its own batteries' alerts; within a bound, each lists all.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (in_a, in_b) = (ids(&a), ids(&b));
+        if in_a == in_b && !in_a.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "views differ: {} in A only, {} in B only",
+            in_a.difference(&in_b).count(),
+            in_b.difference(&in_a).count()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let own = |name: &str| {
+        std::fs::read_to_string(dir.path().join(name).join("alerts/alerts.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .map(|v| v["alert_id"].as_str().unwrap().to_string())
+            .collect::<BTreeSet<_>>()
+    };
+    let (own_a, own_b) = (own("a"), own("b"));
+    assert!(!own_a.is_empty() && !own_b.is_empty(), "both raised alerts");
+    let union: BTreeSet<_> = own_a.union(&own_b).cloned().collect();
+    assert_eq!(ids(&a), union, "A lists every alert, its own and B's");
+    a.finish(Duration::from_secs(1)).await;
+    b.finish(Duration::from_secs(1)).await;
+}
