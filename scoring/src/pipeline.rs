@@ -471,10 +471,29 @@ impl Services {
         {
             return None;
         }
-        match crate::alerts::view::AlertTopicReader::new(&config.kafka, &a.topic) {
+        match crate::alerts::view::AlertTopicReader::new(
+            &config.kafka,
+            &a.topic,
+            &a.forecasts_topic,
+        ) {
             Ok(reader) => {
                 let (stop, stopped) = watch::channel(false);
-                workers.push(tokio::spawn(reader.run(alerts.clone(), stopped)));
+                workers.push(tokio::spawn(reader.run(alerts.clone(), stopped.clone())));
+                match config.kafka.producer_config().and_then(|c| {
+                    c.create().map_err(voltcast_ingest::IngestError::kafka(
+                        "creating the forecasts producer",
+                    ))
+                }) {
+                    Ok(producer) => {
+                        alerts.track_latest_changes();
+                        let publisher = crate::alerts::publish::ForecastPublisher {
+                            producer,
+                            topic: a.forecasts_topic.clone(),
+                        };
+                        workers.push(tokio::spawn(publisher.run(alerts.clone(), stopped)));
+                    }
+                    Err(e) => tracing::warn!(error = %e, "latest forecasts not published"),
+                }
                 Some(stop)
             }
             Err(e) => {

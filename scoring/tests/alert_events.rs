@@ -149,3 +149,39 @@ async fn an_event_decided_before_a_crash_is_published_once_after_it() {
     publish(dir.path(), &brokers).await;
     assert_eq!(on_topic(&brokers), want);
 }
+
+/// An alert id already announced on the topic (another deployment sharing it, or another
+/// instance before a handoff) does not stop the battery's owner from carrying out its
+/// own decision: its log records it and its event (and webhook) go out.
+#[tokio::test]
+async fn an_alert_seen_on_the_topic_is_still_carried_out_by_its_owner() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut policy = EpisodePolicy::new(AlertConfig::default());
+    let raised = policy.observe(&assessed(1, 0.97), Utc::now());
+    let Decision::Raise(alert) = raised[0].clone() else {
+        panic!("{raised:?}")
+    };
+    let (alerts, _woken) = service(dir.path());
+    alerts.merge_event(&voltcast_scoring::alerts::AlertEvent {
+        event: voltcast_scoring::alerts::EventKind::Raised,
+        alert: alert.clone(),
+    });
+    assert_eq!(
+        alerts.query(&Default::default()).len(),
+        1,
+        "listed from the topic"
+    );
+    assert!(
+        EventOutbox::open(&dir.path().join("events"))
+            .unwrap()
+            .pending()
+            .is_empty()
+    );
+    alerts.record(raised, Vec::new(), &[]);
+    let log = std::fs::read_to_string(dir.path().join("alerts/alerts.jsonl")).unwrap();
+    assert!(log.contains(&alert.alert_id), "the owner's log records it");
+    let pending = EventOutbox::open(&dir.path().join("events"))
+        .unwrap()
+        .pending();
+    assert_eq!(pending.len(), 1, "and its event goes out");
+}

@@ -1,7 +1,8 @@
 //! One fleet-wide alert view from any instance: two `run` pipelines share a telemetry
 //! topic's partitions (one consumer group) on librdkafka's mock cluster, each raising the
 //! alerts of its own batteries, and each one's store (what its API serves) comes to list
-//! the alerts of both, read from the alerts topic.
+//! the alerts of both, read from the alerts topic, and every battery's latest forecast,
+//! read from the forecasts topic.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -29,6 +30,7 @@ async fn each_instance_lists_the_alerts_of_every_instance() {
     cluster.create_topic("battery-telemetry", 4, 1).unwrap();
     cluster.create_topic("battery-telemetry-dlq", 1, 1).unwrap();
     cluster.create_topic("battery-alerts", 4, 1).unwrap();
+    cluster.create_topic("battery-forecasts", 4, 1).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let config = |name: &str| {
         let mut c = VoltcastConfig::default();
@@ -97,18 +99,28 @@ async fn each_instance_lists_the_alerts_of_every_instance() {
         "both instances consumed"
     );
 
-    // Each instance raised its own batteries' alerts; within a bound, each lists all.
+    // Each instance raised its own batteries' alerts and assessed its own batteries;
+    // within a bound, each lists all alerts and shows every battery's latest forecast.
+    let batteries: Vec<String> = (0..240).map(|i| format!("B{i:06}")).collect();
+    let assessed = |s: &Services| {
+        batteries
+            .iter()
+            .filter(|b| s.alerts.latest(b).is_some())
+            .count()
+    };
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let (in_a, in_b) = (ids(&a), ids(&b));
-        if in_a == in_b && !in_a.is_empty() {
+        if in_a == in_b && !in_a.is_empty() && assessed(&a) == 240 && assessed(&b) == 240 {
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "views differ: {} in A only, {} in B only",
+            "views differ: {} alerts in A only, {} in B only; batteries with a forecast: {} in A, {} in B",
             in_a.difference(&in_b).count(),
-            in_b.difference(&in_a).count()
+            in_b.difference(&in_a).count(),
+            assessed(&a),
+            assessed(&b)
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

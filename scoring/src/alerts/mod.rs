@@ -54,6 +54,8 @@ pub struct AlertConfig {
     pub critical_days: u32,
     /// Kafka topic for alert events (when the source is Kafka).
     pub topic: String,
+    /// Compacted topic of each battery's latest assessment (with `fleet_view`).
+    pub forecasts_topic: String,
     pub publish_to_kafka: bool,
     /// Read the whole alerts topic into this instance's store, so its API lists every
     /// instance's alerts (Kafka source with publishing on).
@@ -70,6 +72,7 @@ impl Default for AlertConfig {
             clear_probability: 0.5,
             critical_days: 7,
             topic: "battery-alerts".into(),
+            forecasts_topic: "battery-forecasts".into(),
             publish_to_kafka: true,
             fleet_view: true,
             store_path: "data/alerts".into(),
@@ -269,6 +272,21 @@ impl AlertService {
         &self.metrics
     }
 
+    /// Remember which batteries' assessments change, for [`Self::take_changed_latest`].
+    pub fn track_latest_changes(&self) {
+        self.lock().track_changes();
+    }
+
+    /// The assessments that changed since the last call (to publish).
+    pub fn take_changed_latest(&self) -> Vec<crate::forecasting::RiskUpdate> {
+        self.lock().take_changed()
+    }
+
+    /// Takes in another instance's latest assessment (the fleet-wide view).
+    pub fn merge_latest(&self, update: crate::forecasting::RiskUpdate) {
+        self.lock().merge_latest(update);
+    }
+
     /// Takes in another instance's alert event (the fleet-wide view).
     pub fn merge_event(&self, event: &AlertEvent) {
         self.lock().merge(&event.alert);
@@ -300,7 +318,7 @@ impl AlertService {
                 // that succeeds at once cannot be recorded before the alert exists (and
                 // be lost, leaving the alert `pending` for ever).
                 let mut store = self.lock();
-                if store.get(&alert.alert_id).is_some() {
+                if store.recorded(&alert.alert_id).is_some() {
                     return Ok(()); // carried out before a crash; replayed since
                 }
                 self.send_webhook(&mut alert)?;
@@ -316,7 +334,7 @@ impl AlertService {
                 mut alert,
             } => {
                 let mut store = self.lock(); // as for Raise
-                if store.get(&alert.alert_id).is_some() {
+                if store.recorded(&alert.alert_id).is_some() {
                     return Ok(());
                 }
                 self.send_webhook(&mut alert)?;
@@ -340,7 +358,7 @@ impl AlertService {
             Decision::Resolve { alert_id, reason } => {
                 let done = self
                     .lock()
-                    .get(&alert_id)
+                    .recorded(&alert_id)
                     .is_some_and(|a| !a.status.is_active());
                 if done {
                     return Ok(());

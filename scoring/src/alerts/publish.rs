@@ -205,3 +205,47 @@ impl AlertPublisher {
             .map_err(|(e, _)| e)
     }
 }
+
+/// Each battery's latest assessment to a compacted topic keyed by battery, so the other
+/// instances' APIs can show batteries they do not own. Once a second, the assessments
+/// that changed since (at most the fleet's size, however deep a backlog is), and once
+/// more at shutdown. A lost one is replaced by the battery's next day: no outbox.
+pub struct ForecastPublisher {
+    pub producer: FutureProducer,
+    pub topic: String,
+}
+
+impl ForecastPublisher {
+    pub async fn run(
+        self,
+        service: Arc<super::AlertService>,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) {
+        loop {
+            let last = tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => false,
+                _ = stop.changed() => true,
+            };
+            let changed = service.take_changed_latest();
+            let payloads: Vec<Vec<u8>> = changed
+                .iter()
+                .map(|u| serde_json::to_vec(u).expect("assessments serialize"))
+                .collect();
+            let mut sent = Vec::with_capacity(changed.len());
+            for (update, payload) in changed.iter().zip(&payloads) {
+                let record = FutureRecord::to(&self.topic)
+                    .key(update.battery_id.as_bytes())
+                    .payload(payload);
+                sent.push(self.producer.send(record, Duration::from_secs(5)));
+            }
+            for result in futures::future::join_all(sent).await {
+                if let Err((e, _)) = result {
+                    tracing::warn!(topic = %self.topic, error = %e, "a latest forecast not published (the next replaces it)");
+                }
+            }
+            if last {
+                return;
+            }
+        }
+    }
+}

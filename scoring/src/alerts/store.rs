@@ -29,6 +29,12 @@ pub struct AlertStore {
     alerts: Vec<Alert>,
     by_id: HashMap<String, usize, foldhash::fast::RandomState>,
     latest: HashMap<Arc<str>, RiskUpdate, foldhash::fast::RandomState>,
+    /// Batteries whose latest assessment changed since [`Self::take_changed`], when the
+    /// forecasts are published for the other instances.
+    changed: Option<std::collections::HashSet<Arc<str>, foldhash::fast::RandomState>>,
+    /// Alerts known only from the topic (another instance's, or this one's before a
+    /// restart), not from this store's own log.
+    merged: std::collections::HashSet<String, foldhash::fast::RandomState>,
 }
 
 /// `GET /api/alerts` filters.
@@ -71,6 +77,8 @@ impl AlertStore {
             alerts: Vec::new(),
             by_id: HashMap::default(),
             latest: HashMap::default(),
+            changed: None,
+            merged: Default::default(),
         }
     }
 
@@ -144,12 +152,27 @@ impl AlertStore {
         if known.is_some_and(|r| r >= rank(alert.status)) {
             return false;
         }
+        if known.is_none() {
+            self.merged.insert(alert.alert_id.clone());
+        }
         self.index(alert.clone());
         true
     }
 
+    /// An alert as this store's own log has it: the decisions this instance carried
+    /// out. One known only from the topic does not count: the owner of a battery carries
+    /// out its own decisions (webhook included) even if another instance, or a
+    /// deployment sharing the topic, announced the same alert id.
+    pub fn recorded(&self, alert_id: &str) -> Option<&Alert> {
+        if self.merged.contains(alert_id) {
+            return None;
+        }
+        self.get(alert_id)
+    }
+
     /// Inserts or replaces an alert, writing it to the log first.
     pub fn put(&mut self, alert: &Alert) -> Result<(), AlertError> {
+        self.merged.remove(&alert.alert_id);
         if let Some(log) = &mut self.log {
             let line = serde_json::to_string(alert).expect("alerts serialize");
             let written = log
@@ -227,10 +250,44 @@ impl AlertStore {
     }
 
     pub fn set_latest(&mut self, update: RiskUpdate) {
+        if let Some(changed) = &mut self.changed {
+            changed.insert(update.battery_id.clone());
+        }
         self.latest.insert(update.battery_id.clone(), update);
     }
 
+    /// Another instance's assessment of its battery (the fleet-wide view): taken when it
+    /// is for a later day than the one held.
+    pub fn merge_latest(&mut self, update: RiskUpdate) {
+        let newer = self
+            .latest
+            .get(&update.battery_id)
+            .is_none_or(|held| update.day > held.day);
+        if newer {
+            self.latest.insert(update.battery_id.clone(), update);
+        }
+    }
+
+    /// From now on, remember which batteries' assessments change.
+    pub fn track_changes(&mut self) {
+        self.changed.get_or_insert_with(Default::default);
+    }
+
+    /// The assessments changed since the last call.
+    pub fn take_changed(&mut self) -> Vec<RiskUpdate> {
+        let Some(changed) = &mut self.changed else {
+            return Vec::new();
+        };
+        changed
+            .drain()
+            .filter_map(|b| self.latest.get(&b).cloned())
+            .collect()
+    }
+
     pub fn forget_latest(&mut self, battery: &str) {
+        if let Some(changed) = &mut self.changed {
+            changed.remove(battery);
+        }
         self.latest.remove(battery);
     }
 

@@ -16,16 +16,23 @@ use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::watch;
 
 use super::{AlertError, AlertEvent, AlertService};
+use crate::forecasting::RiskUpdate;
 use voltcast_ingest::KafkaConfig;
 
 pub struct AlertTopicReader {
     consumer: StreamConsumer,
     topic: String,
+    forecasts_topic: String,
 }
 
 impl AlertTopicReader {
-    /// Assigns every partition of `topic` from its beginning.
-    pub fn new(kafka: &KafkaConfig, topic: &str) -> Result<Self, AlertError> {
+    /// Assigns every partition of the alerts `topic`, and of `forecasts_topic` (each
+    /// battery's latest assessment) when it exists, from their beginnings.
+    pub fn new(
+        kafka: &KafkaConfig,
+        topic: &str,
+        forecasts_topic: &str,
+    ) -> Result<Self, AlertError> {
         let consumer: StreamConsumer = kafka
             .consumer_config()
             .map_err(|e| AlertError::View(e.to_string()))?
@@ -37,45 +44,57 @@ impl AlertTopicReader {
             )
             .create()
             .map_err(AlertError::Kafka)?;
-        let metadata = consumer
-            .fetch_metadata(Some(topic), Duration::from_secs(10))
-            .map_err(AlertError::Kafka)?;
-        let partitions = metadata
-            .topics()
-            .iter()
-            .find(|t| t.name() == topic)
-            .map_or(0, |t| t.partitions().len());
-        if partitions == 0 {
-            return Err(AlertError::View(format!("topic {topic} has no partitions")));
-        }
         let mut list = TopicPartitionList::new();
-        for p in 0..partitions as i32 {
-            list.add_partition_offset(topic, p, Offset::Beginning)
-                .map_err(AlertError::Kafka)?;
+        for (t, required) in [(topic, true), (forecasts_topic, false)] {
+            let partitions = partitions_of(&consumer, t)?;
+            if partitions == 0 {
+                if required {
+                    return Err(AlertError::View(format!("topic {t} has no partitions")));
+                }
+                tracing::warn!(
+                    topic = t,
+                    "no such topic: the API shows only this instance's batteries' forecasts"
+                );
+            }
+            for p in 0..partitions as i32 {
+                list.add_partition_offset(t, p, Offset::Beginning)
+                    .map_err(AlertError::Kafka)?;
+            }
         }
         consumer.assign(&list).map_err(AlertError::Kafka)?;
         Ok(Self {
             consumer,
             topic: topic.to_string(),
+            forecasts_topic: forecasts_topic.to_string(),
         })
     }
 
-    /// Merges events into `service`'s store until `stop` turns true.
+    /// Merges events and assessments into `service`'s store until `stop` turns true.
     pub async fn run(self, service: Arc<AlertService>, mut stop: watch::Receiver<bool>) {
         loop {
             let msg = tokio::select! {
                 msg = self.consumer.recv() => msg,
                 _ = stop.changed() => return,
             };
-            let event = match msg {
-                Ok(m) => serde_json::from_slice::<AlertEvent>(m.payload().unwrap_or_default()),
+            let msg = match msg {
+                Ok(m) => m,
                 Err(e) => {
                     tracing::warn!(topic = %self.topic, error = %e, "reading alert events; retrying");
                     tokio::time::sleep(Duration::from_millis(500)).await;
                     continue;
                 }
             };
-            match event {
+            let payload = msg.payload().unwrap_or_default();
+            if msg.topic() == self.forecasts_topic {
+                match serde_json::from_slice::<RiskUpdate>(payload) {
+                    Ok(update) => service.merge_latest(update),
+                    Err(e) => {
+                        tracing::warn!(topic = %self.forecasts_topic, error = %e, "not an assessment: skipped")
+                    }
+                }
+                continue;
+            }
+            match serde_json::from_slice::<AlertEvent>(payload) {
                 Ok(event) => service.merge_event(&event),
                 Err(e) => {
                     tracing::warn!(topic = %self.topic, error = %e, "an alert event that is not one: skipped")
@@ -83,4 +102,16 @@ impl AlertTopicReader {
             }
         }
     }
+}
+
+/// Partitions of `topic` (0 when the broker does not know it).
+fn partitions_of(consumer: &StreamConsumer, topic: &str) -> Result<usize, AlertError> {
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .map_err(AlertError::Kafka)?;
+    Ok(metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic && t.error().is_none())
+        .map_or(0, |t| t.partitions().len()))
 }
