@@ -59,6 +59,7 @@ async fn fuzz(args: FuzzArgs) -> anyhow::Result<()> {
     cluster.create_topic(&topic, partitions, 1)?;
     cluster.create_topic(&dlq, partitions, 1)?;
     cluster.create_topic(&config.alerts.topic, 1, 1)?;
+    cluster.create_topic(&config.alerts.forecasts_topic, 1, 1)?;
     // Keyless dead letters spread over every partition, so none passes the mock's limit.
     config
         .kafka

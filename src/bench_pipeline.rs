@@ -118,10 +118,12 @@ async fn kafka(args: PipelineArgs, models: &VoltcastConfig) -> anyhow::Result<()
     config.kafka.group_id = format!("bench-{stamp}");
     config.kafka.dead_letter_topic = format!("{topic}-dlq");
     config.alerts.topic = format!("{topic}-alerts");
+    config.alerts.forecasts_topic = format!("{topic}-forecasts");
     for t in [
         &topic,
         &config.kafka.dead_letter_topic,
         &config.alerts.topic,
+        &config.alerts.forecasts_topic,
     ] {
         let n = if *t == topic { partitions } else { 1 };
         create_topic(cluster.as_ref(), &config.kafka, t, n).await?;

@@ -111,6 +111,7 @@ pub async fn run(args: DemoArgs, config: VoltcastConfig) -> anyhow::Result<()> {
     for (topic, partitions) in [
         (TELEMETRY, 3),
         (config.alerts.topic.as_str(), 3),
+        (config.alerts.forecasts_topic.as_str(), 3),
         (config.kafka.dead_letter_topic.as_str(), 1),
     ] {
         cluster

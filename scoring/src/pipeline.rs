@@ -479,10 +479,12 @@ impl Services {
             Ok(reader) => {
                 let (stop, stopped) = watch::channel(false);
                 workers.push(tokio::spawn(reader.run(alerts.clone(), stopped.clone())));
-                match config.kafka.producer_config().and_then(|c| {
-                    c.create().map_err(voltcast_ingest::IngestError::kafka(
-                        "creating the forecasts producer",
-                    ))
+                match config.kafka.producer_config().and_then(|mut c| {
+                    // A round waits on its deliveries: a missing topic or a broker away
+                    // must not hold the next round (or shutdown) for librdkafka's 5 min.
+                    c.set("message.timeout.ms", "10000").create().map_err(
+                        voltcast_ingest::IngestError::kafka("creating the forecasts producer"),
+                    )
                 }) {
                     Ok(producer) => {
                         alerts.track_latest_changes();

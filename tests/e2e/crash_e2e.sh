@@ -69,7 +69,7 @@ wait_port() { # host:port
   >"$WORK/tansu.log" 2>&1 &
 pids+=($!)
 wait_port "$BROKER"
-for t in "$TOPIC:4" battery-alerts:4 battery-telemetry-dlq:1; do
+for t in "$TOPIC:4" battery-alerts:4 battery-forecasts:4 battery-telemetry-dlq:1; do
   "$TANSU" topic create --broker "tcp://$BROKER" --partitions "${t#*:}" "${t%:*}" >/dev/null
 done
 

@@ -238,10 +238,13 @@ impl ForecastPublisher {
                     .payload(payload);
                 sent.push(self.producer.send(record, Duration::from_secs(5)));
             }
-            for result in futures::future::join_all(sent).await {
-                if let Err((e, _)) = result {
-                    tracing::warn!(topic = %self.topic, error = %e, "a latest forecast not published (the next replaces it)");
-                }
+            let failed = futures::future::join_all(sent)
+                .await
+                .into_iter()
+                .filter(Result::is_err)
+                .count();
+            if failed > 0 {
+                tracing::warn!(topic = %self.topic, failed, "latest forecasts not published (the next ones replace them)");
             }
             if last {
                 return;
