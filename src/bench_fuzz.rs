@@ -101,7 +101,7 @@ async fn fuzz(args: FuzzArgs) -> anyhow::Result<()> {
         .map(|(m, n)| format!("{} {n}", m.as_str()))
         .collect();
     println!("bench fuzz damage: {}", damage.join(", "));
-    let kept = high_watermarks(&config.kafka, &topic, partitions)?;
+    let kept = crate::bench_pipeline::held_messages(&config.kafka, &topic, partitions)?;
     ensure!(
         kept == total,
         "the mock broker holds {kept} of {total} messages"
@@ -180,21 +180,6 @@ fn probe(kafka: &KafkaConfig) -> anyhow::Result<BaseConsumer> {
         .create()?)
 }
 
-/// Messages the topic holds, after checking the mock broker dropped none.
-fn high_watermarks(kafka: &KafkaConfig, topic: &str, partitions: i32) -> anyhow::Result<u64> {
-    let consumer = probe(kafka)?;
-    let mut held = 0;
-    for p in 0..partitions {
-        let (low, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10))?;
-        ensure!(
-            low == 0,
-            "the mock broker dropped the oldest {low} messages of {topic}/{p}"
-        );
-        held += high as u64;
-    }
-    Ok(held)
-}
-
 #[derive(Default)]
 struct Letters {
     total: u64,
@@ -204,7 +189,7 @@ struct Letters {
 
 /// Reads the whole dead-letter topic back and tallies each letter's reason header.
 fn dead_letters(kafka: &KafkaConfig, topic: &str, partitions: i32) -> anyhow::Result<Letters> {
-    let expected = high_watermarks(kafka, topic, partitions)?;
+    let expected = crate::bench_pipeline::held_messages(kafka, topic, partitions)?;
     let consumer = probe(kafka)?;
     let mut list = TopicPartitionList::new();
     for p in 0..partitions {

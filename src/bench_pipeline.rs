@@ -194,22 +194,33 @@ fn ensure_nothing_dropped(
     partitions: i32,
     total: u64,
 ) -> anyhow::Result<()> {
+    let held = held_messages(kafka, topic, partitions).context("raise --partitions")?;
+    anyhow::ensure!(held == total, "the topic holds {held} of {total} messages");
+    Ok(())
+}
+
+/// Messages `topic` holds, after checking that the mock broker dropped none (it keeps
+/// 5 MiB per partition).
+pub(crate) fn held_messages(
+    kafka: &KafkaConfig,
+    topic: &str,
+    partitions: i32,
+) -> anyhow::Result<u64> {
     let consumer: BaseConsumer = kafka
-        .connection()?
-        .set("group.id", "bench-check")
+        .consumer_config()?
+        .set("group.id", "voltcast-bench-check")
         .create()?;
     let mut held = 0;
     for p in 0..partitions {
         let (low, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10))?;
         if low > 0 {
             bail!(
-                "the mock broker dropped the oldest {low} messages of partition {p} (it keeps 5 MiB per partition): raise --partitions"
+                "the mock broker dropped the oldest {low} messages of {topic}/{p} (it keeps 5 MiB per partition)"
             );
         }
         held += high as u64;
     }
-    anyhow::ensure!(held == total, "the topic holds {held} of {total} messages");
-    Ok(())
+    Ok(held)
 }
 
 async fn file(args: PipelineArgs, path: PathBuf, models: &VoltcastConfig) -> anyhow::Result<()> {

@@ -59,23 +59,23 @@ impl Default for KafkaConfig {
 }
 
 impl KafkaConfig {
-    /// Connection properties shared by the consumer and the producers: every user
-    /// property except those librdkafka would ignore (with a warning at each start) for
-    /// this kind of client.
-    fn client(&self, skip: &[&str]) -> Result<ClientConfig, IngestError> {
-        let mut cfg = self.connection_only()?;
+    /// Applies the user's properties to `cfg` (after what voltcast derived, so they
+    /// win), except those in `skip`: the other kind of client's, which librdkafka would
+    /// ignore with a warning at each start.
+    fn apply_properties(&self, cfg: &mut ClientConfig, skip: &[&str]) {
         for (k, v) in &self.properties {
             if !skip.contains(&k.as_str()) {
                 cfg.set(k, v);
             }
         }
-        Ok(cfg)
     }
 
     /// Connection properties shared by the consumer and the producers, and every user
     /// property (for clients of either kind: admin, probes).
     pub fn connection(&self) -> Result<ClientConfig, IngestError> {
-        self.client(&[])
+        let mut cfg = self.connection_only()?;
+        self.apply_properties(&mut cfg, &[]);
+        Ok(cfg)
     }
 
     fn connection_only(&self) -> Result<ClientConfig, IngestError> {
@@ -131,18 +131,15 @@ impl KafkaConfig {
             // With fetches resumed that quickly, 16 MB of prefetch (about one micro-batch
             // of messages) keeps the pipeline fed; the default 64 MB only held memory.
             .set("queued.max.messages.kbytes", "16384");
-        for (k, v) in &self.properties {
-            if !PRODUCER_ONLY.contains(&k.as_str()) {
-                cfg.set(k, v);
-            }
-        }
+        self.apply_properties(&mut cfg, PRODUCER_ONLY);
         // Our commit protocol depends on this one: refuse to let it be overridden.
         cfg.set("enable.auto.commit", "false");
         Ok(cfg)
     }
 
     pub fn producer_config(&self) -> Result<ClientConfig, IngestError> {
-        let mut cfg = self.client(CONSUMER_ONLY)?;
+        let mut cfg = self.connection_only()?;
+        self.apply_properties(&mut cfg, CONSUMER_ONLY);
         cfg.set("acks", "all").set("enable.idempotence", "true");
         Ok(cfg)
     }

@@ -166,8 +166,8 @@ impl MessageMutator {
         out
     }
 
-    /// The names of the message's top-level keys (a flat JSON object).
-    fn keys(message: &[u8]) -> Vec<(usize, usize)> {
+    /// Where each top-level value of a flat JSON object starts and ends.
+    fn value_spans(message: &[u8]) -> Vec<(usize, usize)> {
         // (start of the value, end of the value) for each `"key":value`.
         let mut spans = Vec::new();
         let mut i = 0;
@@ -181,7 +181,7 @@ impl MessageMutator {
     }
 
     fn pick_key(&mut self, message: &[u8]) -> Option<String> {
-        let spans = Self::keys(message);
+        let spans = Self::value_spans(message);
         let (start, _) = *spans.get(self.rng.random_range(0..spans.len().max(1)))?;
         let colon = start - 2;
         let open = message[..colon].iter().rposition(|b| *b == b'"')?;
@@ -190,7 +190,7 @@ impl MessageMutator {
 
     /// Replaces one value (a number's, when `numbers_only`) with one of `choices`.
     fn replace_value(&mut self, message: &[u8], choices: &[&str], numbers_only: bool) -> Vec<u8> {
-        let spans: Vec<_> = Self::keys(message)
+        let spans: Vec<_> = Self::value_spans(message)
             .into_iter()
             .filter(|(s, _)| !numbers_only || message.get(*s).is_some_and(|b| *b != b'"'))
             .collect();

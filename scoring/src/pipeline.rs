@@ -471,38 +471,44 @@ impl Services {
         {
             return None;
         }
-        match crate::alerts::view::AlertTopicReader::new(
-            &config.kafka,
-            &a.topic,
-            &a.forecasts_topic,
-        ) {
-            Ok(reader) => {
-                let (stop, stopped) = watch::channel(false);
-                workers.push(tokio::spawn(reader.run(alerts.clone(), stopped.clone())));
-                match config.kafka.producer_config().and_then(|mut c| {
-                    // A round waits on its deliveries: a missing topic or a broker away
-                    // must not hold the next round (or shutdown) for librdkafka's 5 min.
-                    c.set("message.timeout.ms", "10000").create().map_err(
-                        voltcast_ingest::IngestError::kafka("creating the forecasts producer"),
-                    )
-                }) {
-                    Ok(producer) => {
-                        alerts.track_latest_changes();
-                        let publisher = crate::alerts::publish::ForecastPublisher {
-                            producer,
-                            topic: a.forecasts_topic.clone(),
-                        };
-                        workers.push(tokio::spawn(publisher.run(alerts.clone(), stopped)));
-                    }
-                    Err(e) => tracing::warn!(error = %e, "latest forecasts not published"),
-                }
-                Some(stop)
-            }
+        let reader =
+            crate::alerts::view::AlertTopicReader::new(&config.kafka, &a.topic, &a.forecasts_topic);
+        let reader = match reader {
+            Ok(reader) => reader,
             Err(e) => {
                 tracing::warn!(error = %e, "no fleet-wide alert view: the API lists this instance's alerts only");
-                None
+                return None;
             }
+        };
+        let (stop, stopped) = watch::channel(false);
+        workers.push(tokio::spawn(reader.run(alerts.clone(), stopped.clone())));
+        match Self::forecast_publisher(config) {
+            Ok(publisher) => {
+                alerts.track_latest_changes();
+                workers.push(tokio::spawn(publisher.run(alerts.clone(), stopped)));
+            }
+            Err(e) => tracing::warn!(error = %e, "latest forecasts not published"),
         }
+        Some(stop)
+    }
+
+    fn forecast_publisher(
+        config: &VoltcastConfig,
+    ) -> Result<crate::alerts::publish::ForecastPublisher, voltcast_ingest::IngestError> {
+        let producer = config
+            .kafka
+            .producer_config()?
+            // A round waits on its deliveries: a missing topic or a broker away must not
+            // hold the next round (or shutdown) for librdkafka's 5 minutes.
+            .set("message.timeout.ms", "10000")
+            .create()
+            .map_err(voltcast_ingest::IngestError::kafka(
+                "creating the forecasts producer",
+            ))?;
+        Ok(crate::alerts::publish::ForecastPublisher {
+            producer,
+            topic: config.alerts.forecasts_topic.clone(),
+        })
     }
 
     /// Stops the workers; webhook deliveries get up to `drain` to finish, and what is

@@ -201,6 +201,18 @@ pub enum EventKind {
     Acknowledged,
 }
 
+impl EventKind {
+    /// The name on the wire (as serialized).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Raised => "raised",
+            Self::Escalated => "escalated",
+            Self::Resolved => "resolved",
+            Self::Acknowledged => "acknowledged",
+        }
+    }
+}
+
 #[derive(Debug, Error)]
 pub enum AlertError {
     #[error("alert store {path}: {source}")]

@@ -26,11 +26,7 @@ pub const HEADER_EVENT_ID: &str = "voltcast.event_id";
 impl AlertEvent {
     /// `{alert_id}:{event}`: unique per lifecycle step, the same on a re-send.
     pub fn id(&self) -> String {
-        let kind = serde_json::to_value(self.event)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_string))
-            .unwrap_or_default();
-        format!("{}:{kind}", self.alert.alert_id)
+        format!("{}:{}", self.alert.alert_id, self.event.as_str())
     }
 }
 

@@ -1,5 +1,7 @@
 //! Battery ids interned to dense indexes, with what the stage keeps per battery.
 
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::sync::Arc;
 
 use hashbrown::HashTable;
@@ -32,9 +34,11 @@ pub struct Fleet {
     packed_vehicles: PackedStrings,
     pub rated: Vec<f64>,
     pub histories: Vec<BatteryHistory>,
-    /// Slots of evicted batteries (their id is empty), reused by the next new ones.
+    /// Slots of evicted batteries (their id is empty), lowest reused first: an order the
+    /// ids alone decide, so a fleet restored from a checkpoint gives the next new battery
+    /// the slot the running one would have.
     #[serde(skip)]
-    free: Vec<u32>,
+    free: BinaryHeap<Reverse<u32>>,
 }
 
 /// Strings by index, in one buffer. A replaced string is appended anew (vehicles change
@@ -100,16 +104,14 @@ struct FleetRecord {
 impl From<FleetRecord> for Fleet {
     fn from(r: FleetRecord) -> Self {
         let mut index = HashTable::with_capacity(r.ids.len());
-        let mut free = Vec::new();
+        let mut free = BinaryHeap::new();
         for (i, id) in r.ids.iter().enumerate() {
             if id.is_empty() {
-                free.push(i as u32);
+                free.push(Reverse(i as u32));
                 continue;
             }
             index.insert_unique(id_hash(id), i as u32, |&j| id_hash(&r.ids[j as usize]));
         }
-        // Reused lowest first, as before the checkpoint.
-        free.reverse();
         let (packed_ids, packed_vehicles) = pack(&r.ids, &r.vehicles);
         Self {
             index,
@@ -146,7 +148,7 @@ impl Fleet {
         if let Some(i) = self.find(id, hash) {
             return i;
         }
-        if let Some(i) = self.free.pop() {
+        if let Some(Reverse(i)) = self.free.pop() {
             self.reuse(i, id, hash);
             return i;
         }
@@ -191,7 +193,7 @@ impl Fleet {
         self.packed_vehicles.set(bi, None);
         self.rated[bi] = 0.0;
         self.histories[bi] = BatteryHistory::default();
-        self.free.push(b);
+        self.free.push(Reverse(b));
         id
     }
 
