@@ -45,6 +45,7 @@ pub struct Metrics {
     pub alerts_raised: IntCounterVec,
     pub alerts_resolved: IntCounterVec,
     pub alerts_acknowledged: IntCounter,
+    pub alert_acks_applied: IntCounter,
     pub alert_events_published: IntCounterVec,
     pub webhook_deliveries: IntCounterVec,
     pub outbox_depth: IntGauge,
@@ -235,6 +236,11 @@ impl Metrics {
                 &r,
                 "voltcast_alerts_acknowledged_total",
                 "Alerts acknowledged (service booked).",
+            ),
+            alert_acks_applied: counter(
+                &r,
+                "voltcast_alert_acks_applied_total",
+                "Acknowledgements (taken by any instance) applied to the episode by the partition owning the battery.",
             ),
             alert_events_published: counter_vec(
                 &r,

@@ -23,8 +23,8 @@ use voltcast_ingest::dead_letter::DeadLetter;
 use voltcast_ingest::time::EpochMillis;
 use voltcast_ingest::{PartitionId, PartitionListener, SourcePosition};
 
-use crate::alerts::policy::{Episodes, EpisodesRef};
-use crate::alerts::{AlertConfig, Decision, EpisodePolicy};
+use crate::alerts::policy::{AckOutcome, Episodes, EpisodesRef};
+use crate::alerts::{AlertConfig, Decision, EpisodePolicy, PendingAck};
 use crate::archive::{ParquetArchive, PartitionArchive};
 use crate::checkpoint::{CheckpointError, CheckpointStore, PartitionKey};
 use crate::error::ScoringError;
@@ -224,6 +224,29 @@ impl PartitionTask {
         if let Some(m) = metrics {
             m.source_offsets_skipped.inc_by(skipped as u64);
         }
+    }
+
+    /// Applies the acknowledgements that concern this partition's batteries to their
+    /// episodes; returns the ids it settled (applied, or their episode is over).
+    pub fn acknowledge(&mut self, acks: &[PendingAck], metrics: Option<&Metrics>) -> Vec<String> {
+        let mut settled = Vec::new();
+        for ack in acks {
+            match self
+                .policy
+                .acknowledge(&ack.battery_id, &ack.alert_id, &ack.booking)
+            {
+                AckOutcome::NotHere => continue,
+                AckOutcome::Applied => {
+                    self.dirty = true;
+                    if let Some(m) = metrics {
+                        m.alert_acks_applied.inc();
+                    }
+                }
+                AckOutcome::Settled => {}
+            }
+            settled.push(ack.alert_id.clone());
+        }
+        settled
     }
 
     /// Drops what the partition kept of batteries the windows evicted.

@@ -204,6 +204,17 @@ impl PartitionStage {
         }
         let now = voltcast_ingest::now_millis();
         let metrics = partitions.metrics();
+        if let Some(alerts) = &self.alerts {
+            // Bookings first, so the batch's escalations reflect them.
+            let acks = alerts.pending_acks();
+            if !acks.is_empty() {
+                let settled: Vec<String> = tasks
+                    .values_mut()
+                    .flat_map(|task| task.acknowledge(&acks, metrics))
+                    .collect();
+                alerts.settle_acks(&settled);
+            }
+        }
         let busy: Vec<(&mut PartitionTask, (RecordBatch, &SourcePosition))> = tasks
             .iter_mut()
             .filter_map(|(key, task)| Some((task, work.remove(key)?)))

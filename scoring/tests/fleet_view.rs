@@ -2,16 +2,18 @@
 //! topic's partitions (one consumer group) on librdkafka's mock cluster, each raising the
 //! alerts of its own batteries, and each one's store (what its API serves) comes to list
 //! the alerts of both, read from the alerts topic, and every battery's latest forecast,
-//! read from the forecasts topic.
+//! read from the forecasts topic; and an acknowledgement taken by one reaches the
+//! episode the other owns.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use rdkafka::mocking::MockCluster;
+use rdkafka::producer::FutureRecord;
 use voltcast_scoring::VoltcastConfig;
-use voltcast_scoring::alerts::AlertFilter;
+use voltcast_scoring::alerts::{AlertFilter, AlertStatus, Severity};
 use voltcast_scoring::ingest::simulate::{
-    FleetSimulator, SimulatorConfig, WireFormat, publish_kafka,
+    FleetSimulator, SimDay, SimulatorConfig, WireFormat, publish_kafka,
 };
 use voltcast_scoring::pipeline::{Services, run_with};
 
@@ -136,6 +138,183 @@ async fn each_instance_lists_the_alerts_of_every_instance() {
     assert!(!own_a.is_empty() && !own_b.is_empty(), "both raised alerts");
     let union: BTreeSet<_> = own_a.union(&own_b).cloned().collect();
     assert_eq!(ids(&a), union, "A lists every alert, its own and B's");
+    a.finish(Duration::from_secs(1)).await;
+    b.finish(Duration::from_secs(1)).await;
+}
+
+/// Sends the days' messages and waits for their delivery; returns how many.
+async fn send_days(producer: &rdkafka::producer::FutureProducer, days: &[SimDay]) -> usize {
+    let mut in_flight = Vec::new();
+    for m in days.iter().flat_map(|d| &d.messages) {
+        let record = FutureRecord::to("battery-telemetry")
+            .key(&m.key)
+            .payload(&m.payload);
+        in_flight.push(producer.send_result(record).map_err(|(e, _)| e).unwrap());
+    }
+    let n = in_flight.len();
+    for f in in_flight {
+        f.await.unwrap().unwrap();
+    }
+    n
+}
+
+async fn wait_for(what: &str, seconds: u64, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    while !done() {
+        assert!(Instant::now() < deadline, "{what}: not within {seconds} s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `POST /api/alerts/{id}/ack` on instance A for alerts of batteries B owns: B's view
+/// lists them acknowledged, B applies the bookings to its episodes, and B's next
+/// escalation of each such episode says service is booked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ack_on_any_instance_reaches_the_owners_episode() {
+    let cluster = MockCluster::new(1).unwrap();
+    for (topic, partitions) in [
+        ("battery-telemetry", 4),
+        ("battery-telemetry-dlq", 1),
+        ("battery-alerts", 4),
+        ("battery-forecasts", 4),
+    ] {
+        cluster.create_topic(topic, partitions, 1).unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = |name: &str, api: &str| {
+        let mut c = VoltcastConfig::default();
+        c.kafka.brokers = cluster.bootstrap_servers();
+        c.api.listen = api.to_string();
+        c.alerts.store_path = dir.path().join(name).join("alerts");
+        c.checkpoint.path = dir.path().join("checkpoint");
+        c.archive.path = std::path::PathBuf::new();
+        c.batch.max_rows = 2_000;
+        c
+    };
+    let (a_config, b_config) = (config("a", "127.0.0.1:0"), config("b", ""));
+    let producer = a_config
+        .kafka
+        .producer_config()
+        .unwrap()
+        .set("linger.ms", "5")
+        .create()
+        .unwrap();
+    let sim = SimulatorConfig {
+        batteries: 240,
+        days: 200,
+        seed: 3,
+        ..Default::default()
+    };
+    let mut fleet = FleetSimulator::new(sim, WireFormat::Json).unwrap();
+    let days: Vec<SimDay> = std::iter::from_fn(|| fleet.next_day()).collect();
+    let (first, rest) = days.split_at(140);
+    let sent_first = send_days(&producer, first).await;
+
+    let a = Services::start(&a_config).await.unwrap();
+    let b = Services::start(&b_config).await.unwrap();
+    let (a_read, b_read) = (a.counters.clone(), b.counters.clone());
+    let (stop_a, stopped_a) = tokio::sync::oneshot::channel::<()>();
+    let (stop_b, stopped_b) = tokio::sync::oneshot::channel::<()>();
+    let api = format!("http://{}", a.api_addr.unwrap());
+    let (a_run, b_run, acked) = tokio::join!(
+        async {
+            run_with(&a_config, &a, async {
+                let _ = stopped_a.await;
+            })
+            .await
+        },
+        async {
+            run_with(&b_config, &b, async {
+                let _ = stopped_b.await;
+            })
+            .await
+        },
+        async {
+            let consumed = || a_read.received() + b_read.received();
+            wait_for("the first days consumed", 120, || {
+                consumed() >= sent_first as u64
+            })
+            .await;
+            // B's open warnings, once A's view lists them too.
+            let b_open = || -> Vec<String> {
+                let store = b.alerts.store.lock().unwrap();
+                store
+                    .alerts()
+                    .filter(|x| x.status == AlertStatus::Open && x.severity == Severity::Warning)
+                    .filter(|x| store.recorded(&x.alert_id).is_some())
+                    .map(|x| x.alert_id.clone())
+                    .collect()
+            };
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let targets = b_open();
+            assert!(!targets.is_empty(), "B has open warnings to acknowledge");
+            wait_for("A's view of B's alerts", 20, || {
+                let in_a = ids(&a);
+                targets.iter().all(|t| in_a.contains(t))
+            })
+            .await;
+            let client = reqwest::Client::new();
+            for id in &targets {
+                let r = client
+                    .post(format!("{api}/api/alerts/{id}/ack"))
+                    .json(&serde_json::json!({ "by": "service-desk-a" }))
+                    .send()
+                    .await
+                    .unwrap();
+                assert!(r.status().is_success(), "ack {id} on A: {}", r.status());
+            }
+            wait_for("B's view of the acknowledgements", 20, || {
+                targets.iter().all(|id| {
+                    b.alerts
+                        .store
+                        .lock()
+                        .unwrap()
+                        .get(id)
+                        .is_some_and(|x| x.status != AlertStatus::Open)
+                })
+            })
+            .await;
+            let sent_rest = send_days(&producer, rest).await;
+            wait_for("every day consumed", 120, || {
+                consumed() >= (sent_first + sent_rest) as u64
+            })
+            .await;
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let _ = stop_a.send(());
+            let _ = stop_b.send(());
+            targets
+        }
+    );
+    a_run.unwrap();
+    b_run.unwrap();
+
+    // B, the owner, applied the bookings (A's ack reached its episodes, not only its
+    // store), and every escalation of a booked episode in B's own log says so.
+    let applied = b.alerts.metrics().alert_acks_applied.get();
+    assert!(applied >= 1, "B applied {applied} bookings");
+    let store = b.alerts.store.lock().unwrap();
+    let mut escalations = 0;
+    for id in &acked {
+        let warning = store.get(id).unwrap().clone();
+        let next = store.alerts().find(|x| {
+            x.battery_id == warning.battery_id
+                && x.episode == warning.episode
+                && x.severity == Severity::Critical
+                && store.recorded(&x.alert_id).is_some()
+        });
+        if let Some(critical) = next {
+            escalations += 1;
+            assert!(
+                critical.service_booked_at.is_some() && critical.message.contains("booked"),
+                "escalation of a booked episode: {critical:?}"
+            );
+        }
+    }
+    assert!(
+        escalations > 0,
+        "no booked episode escalated: pick more days"
+    );
+    drop(store);
     a.finish(Duration::from_secs(1)).await;
     b.finish(Duration::from_secs(1)).await;
 }

@@ -11,6 +11,9 @@
 //!   both a receiver outage and a voltcast restart; past a maximum age it goes to a
 //!   dead-letter folder the API lists.
 //! - [`publish`]: the `battery-alerts` Kafka topic, idempotent producer, keyed by battery.
+//! - [`view`]: every instance reads that topic whole, so any instance's API lists the
+//!   fleet's alerts; [`acks`] carries an acknowledgement taken by any instance to the
+//!   partition that owns the battery's episode.
 //!
 //! Why "exactly once" holds without distributed transactions: alert ids are
 //! deterministic (battery, episode, severity); the episodes are part of their partition's
@@ -20,6 +23,7 @@
 //! dedupes by id. Deliveries are at least once; with the id as idempotency key the
 //! effect is once.
 
+pub mod acks;
 pub mod outbox;
 pub mod policy;
 pub mod publish;
@@ -36,6 +40,7 @@ use tokio::sync::mpsc;
 
 use crate::forecasting::RiskUpdate;
 use crate::metrics::Metrics;
+pub use acks::{AckInbox, PendingAck};
 pub use outbox::{Delivery, DeliveryWorker, Outbox, WebhookConfig};
 pub use policy::{Decision, EpisodePolicy};
 pub use store::{AlertFilter, AlertStore};
@@ -160,6 +165,10 @@ pub struct Alert {
     pub created_at: DateTime<Utc>,
     pub message: String,
     pub reasons: Vec<String>,
+    /// An escalation after the driver booked service in this episode: when it was booked
+    /// (the appointment may need bringing forward).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_booked_at: Option<DateTime<Utc>>,
     pub acknowledged_at: Option<DateTime<Utc>>,
     pub acknowledged_by: Option<String>,
     pub resolved_at: Option<DateTime<Utc>>,
@@ -243,6 +252,9 @@ pub struct AlertService {
     /// shutdown so the publisher drains and stops.
     events: Option<Arc<publish::EventOutbox>>,
     wake_publisher: Mutex<Option<mpsc::UnboundedSender<()>>>,
+    /// Acknowledgements (this instance's and, through the view, every instance's) for
+    /// the partitions that own the batteries to apply.
+    acks: AckInbox,
     metrics: Arc<Metrics>,
 }
 
@@ -253,6 +265,7 @@ impl AlertService {
             webhook: None,
             events: None,
             wake_publisher: Mutex::new(None),
+            acks: AckInbox::default(),
             metrics,
         }
     }
@@ -299,9 +312,31 @@ impl AlertService {
         self.lock().merge_latest(update);
     }
 
-    /// Takes in another instance's alert event (the fleet-wide view).
+    /// Takes in another instance's alert event (the fleet-wide view). Every
+    /// acknowledgement read goes to the inbox, echoes of this instance's own included:
+    /// after a restart they are how a booking not yet checkpointed reaches the episode.
     pub fn merge_event(&self, event: &AlertEvent) {
         self.lock().merge(&event.alert);
+        match event.event {
+            EventKind::Acknowledged => self.acks.push(&event.alert),
+            EventKind::Resolved => self.acks.retire(&event.alert.alert_id),
+            EventKind::Raised | EventKind::Escalated => {}
+        }
+    }
+
+    /// Acknowledgements no partition has settled yet.
+    pub fn pending_acks(&self) -> Vec<PendingAck> {
+        if self.acks.is_empty() {
+            return Vec::new();
+        }
+        self.acks.pending()
+    }
+
+    /// Acknowledgements a partition applied, or found their episode over.
+    pub fn settle_acks(&self, alert_ids: &[String]) {
+        if !alert_ids.is_empty() {
+            self.acks.settle(alert_ids);
+        }
     }
 
     /// Alerts matching `filter`, newest first (what `GET /api/alerts` lists).
@@ -366,6 +401,7 @@ impl AlertService {
                     store.put(old)?;
                 }
                 store.put(&alert)?;
+                self.acks.retire(&previous);
             }
             Decision::Resolve { alert_id, reason } => {
                 let done = self
@@ -390,6 +426,7 @@ impl AlertService {
                     self.publish(EventKind::Resolved, &a)?;
                     store.put(&a)?;
                 }
+                self.acks.retire(&alert_id);
             }
         }
         Ok(())
@@ -417,6 +454,9 @@ impl AlertService {
         self.publish(EventKind::Acknowledged, &acked)?;
         store.put(&acked)?;
         drop(store);
+        // The battery's partition may be this instance's: it applies the booking at its
+        // next batch (another owner hears of it through the topic).
+        self.acks.push(&acked);
         self.metrics.alerts_acknowledged.inc();
         Ok(acked)
     }
@@ -541,6 +581,18 @@ impl AlertStage {
         let now = Utc::now();
         let mut decisions = Vec::new();
         if self.enabled {
+            let settled: Vec<String> = self
+                .service
+                .pending_acks()
+                .into_iter()
+                .filter(|a| {
+                    self.policy
+                        .acknowledge(&a.battery_id, &a.alert_id, &a.booking)
+                        != policy::AckOutcome::NotHere
+                })
+                .map(|a| a.alert_id)
+                .collect();
+            self.service.settle_acks(&settled);
             for update in &batch {
                 decisions.extend(self.policy.observe(update, now));
             }

@@ -77,8 +77,28 @@ struct BatteryEpisode {
     episode: u32,
     /// The open episode's current alert.
     open: Option<(Severity, String)>,
+    /// Service booked for the open episode (its alert acknowledged, on any instance).
+    booked: Option<Booking>,
     lifetime: Option<f64>,
     age: Option<i32>,
+}
+
+/// An acknowledgement as the episode keeps it: who booked service, and when.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Booking {
+    pub at: DateTime<Utc>,
+    pub by: String,
+}
+
+/// What an acknowledgement did to a policy's episodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AckOutcome {
+    /// The battery is not this policy's (another partition's, or another instance's).
+    NotHere,
+    /// The open episode now carries the booking.
+    Applied,
+    /// Nothing to do: the alert's episode is over, or already carries this booking.
+    Settled,
 }
 
 /// Where each battery's episodes stand: part of its partition's checkpoint, so a replay
@@ -147,6 +167,7 @@ impl EpisodePolicy {
     pub fn evict(&mut self, battery: &str, days: usize) -> Option<Decision> {
         let e = self.batteries.get_mut(battery)?;
         let open = e.open.take();
+        e.booked = None;
         if e.episode == 0 {
             self.batteries.remove(battery);
         } else {
@@ -157,6 +178,20 @@ impl EpisodePolicy {
             alert_id,
             reason: ResolveReason::Silent { days },
         })
+    }
+
+    /// Applies an acknowledgement of `alert_id` to the battery's episode, if that alert
+    /// is the one the episode has open: its next escalation then says service is booked.
+    pub fn acknowledge(&mut self, battery: &str, alert_id: &str, booking: &Booking) -> AckOutcome {
+        let Some(e) = self.batteries.get_mut(battery) else {
+            return AckOutcome::NotHere;
+        };
+        let open = e.open.as_ref().is_some_and(|(_, id)| id == alert_id);
+        if !open || e.booked.as_ref() == Some(booking) {
+            return AckOutcome::Settled;
+        }
+        e.booked = Some(booking.clone());
+        AckOutcome::Applied
     }
 
     /// Open episodes right now.
@@ -202,9 +237,10 @@ impl EpisodePolicy {
             };
             if let Some(reason) = reason {
                 let (_, alert_id) = e.open.take().expect("open above");
+                e.booked = None;
                 out.push(Decision::Resolve { alert_id, reason });
             } else if severity > open_severity {
-                let alert = build_alert(u, e.episode, severity, now);
+                let alert = build_alert(u, e.episode, severity, now, e.booked.as_ref());
                 let (_, previous) = e
                     .open
                     .replace((severity, alert.alert_id.clone()))
@@ -217,7 +253,7 @@ impl EpisodePolicy {
         }
         if u.risk.probability >= raise {
             e.episode += 1;
-            let alert = build_alert(u, e.episode, severity, now);
+            let alert = build_alert(u, e.episode, severity, now, None);
             e.open = Some((severity, alert.alert_id.clone()));
             out.push(Decision::Raise(alert));
         }
@@ -231,7 +267,15 @@ pub struct EpisodesRef<'a> {
     batteries: &'a HashMap<Arc<str>, BatteryEpisode, foldhash::fast::RandomState>,
 }
 
-fn build_alert(u: &RiskUpdate, episode: u32, severity: Severity, now: DateTime<Utc>) -> Alert {
+/// `booked`: the episode's service booking, which a more severe alert may need brought
+/// forward.
+fn build_alert(
+    u: &RiskUpdate,
+    episode: u32,
+    severity: Severity,
+    now: DateTime<Utc>,
+    booked: Option<&Booking>,
+) -> Alert {
     let days = u.risk.days_to_eol;
     let eol = days.map(|d| iso_day(u.day + d as i32));
     let when = match days {
@@ -240,7 +284,7 @@ fn build_alert(u: &RiskUpdate, episode: u32, severity: Severity, now: DateTime<U
         Some(d) => format!("in about {d} days"),
         None => "within 30 days".to_string(),
     };
-    let message = match severity {
+    let mut message = match severity {
         _ if u.risk.remaining <= 0.0 => format!(
             "Battery {} has used its rated {:.0} cycles. Book service now.",
             u.battery_id, u.rated
@@ -254,6 +298,14 @@ fn build_alert(u: &RiskUpdate, episode: u32, severity: Severity, now: DateTime<U
             u.battery_id
         ),
     };
+    let mut reasons = u.drivers.clone();
+    if let Some(b) = booked {
+        let on = b.at.date_naive();
+        message.push_str(&format!(
+            " Service was booked on {on}: bring the appointment forward if it is later."
+        ));
+        reasons.push(format!("service booked on {on} by {}", b.by));
+    }
     Alert {
         alert_id: alert_id(&u.battery_id, episode, severity),
         battery_id: u.battery_id.to_string(),
@@ -272,7 +324,8 @@ fn build_alert(u: &RiskUpdate, episode: u32, severity: Severity, now: DateTime<U
         as_of_day: iso_day(u.day),
         created_at: now,
         message,
-        reasons: u.drivers.clone(),
+        reasons,
+        service_booked_at: booked.map(|b| b.at),
         acknowledged_at: None,
         acknowledged_by: None,
         resolved_at: None,
@@ -402,5 +455,63 @@ mod tests {
                 .observe(&day(2, 101, 150.1, 0.96, 19), now)
                 .is_empty()
         );
+    }
+
+    #[test]
+    fn a_booking_reaches_the_next_escalation_and_ends_with_the_episode() {
+        let mut p = EpisodePolicy::new(AlertConfig::default());
+        let now = Utc::now();
+        let Some(Decision::Raise(warning)) = p.observe(&day(1, 100, 150.0, 0.95, 20), now).pop()
+        else {
+            panic!()
+        };
+        let booking = Booking {
+            at: "2026-03-02T10:00:00Z".parse().unwrap(),
+            by: "head-unit:V1".into(),
+        };
+        assert_eq!(
+            p.acknowledge("B9", &warning.alert_id, &booking),
+            AckOutcome::NotHere
+        );
+        assert_eq!(
+            p.acknowledge("B1", "al-other", &booking),
+            AckOutcome::Settled
+        );
+        assert_eq!(
+            p.acknowledge("B1", &warning.alert_id, &booking),
+            AckOutcome::Applied
+        );
+        assert_eq!(
+            p.acknowledge("B1", &warning.alert_id, &booking),
+            AckOutcome::Settled
+        );
+        // The booking is part of the checkpointed episodes.
+        let saved = postcard::to_allocvec(&p.episodes()).unwrap();
+        let restored: Episodes = postcard::from_bytes(&saved).unwrap();
+        let mut p = EpisodePolicy::with_episodes(AlertConfig::default(), restored);
+
+        let escalated = p.observe(&day(2, 101, 190.0, 0.99, 5), now);
+        let [Decision::Escalate { previous, alert }] = &escalated[..] else {
+            panic!("{escalated:?}")
+        };
+        assert_eq!(previous, &warning.alert_id);
+        assert_eq!(alert.service_booked_at, Some(booking.at));
+        assert!(
+            alert.message.contains("booked on 2026-03-02"),
+            "{}",
+            alert.message
+        );
+        assert!(
+            alert.reasons.iter().any(|r| r.contains("head-unit:V1")),
+            "{:?}",
+            alert.reasons
+        );
+        // A new episode starts unbooked.
+        p.observe(&day(3, 0, 0.0, 0.0, 900), now);
+        let Some(Decision::Raise(next)) = p.observe(&day(4, 1, 195.0, 0.99, 5), now).pop() else {
+            panic!()
+        };
+        assert_eq!(next.service_booked_at, None);
+        assert!(!warning.message.contains("booked"));
     }
 }
