@@ -54,6 +54,10 @@ pub enum BenchTarget {
         days: u32,
         #[arg(long, default_value_t = 7)]
         seed: u64,
+        /// The fleet with seasons: winter driving up to 25% heavier, usage regimes that
+        /// change, batteries replaced (`SimulatorConfig::with_seasons`).
+        #[arg(long)]
+        seasons: bool,
     },
     /// Damaged messages (bit flips, truncation, huge and non-finite numbers, wrong types,
     /// deep nesting, invalid UTF-8, duplicate keys, oversize) through the whole pipeline
@@ -99,7 +103,8 @@ pub fn run(target: BenchTarget, config: &VoltcastConfig) -> anyhow::Result<()> {
             batteries,
             days,
             seed,
-        } => forecast(batteries, days, seed, config),
+            seasons,
+        } => forecast(batteries, days, seed, seasons, config),
         BenchTarget::Alerts {
             alerts,
             concurrency,
@@ -120,15 +125,24 @@ pub(crate) fn build_profile() -> &'static str {
     }
 }
 
-fn forecast(batteries: usize, days: u32, seed: u64, loaded: &VoltcastConfig) -> anyhow::Result<()> {
+fn forecast(
+    batteries: usize,
+    days: u32,
+    seed: u64,
+    seasons: bool,
+    loaded: &VoltcastConfig,
+) -> anyhow::Result<()> {
     use voltcast_scoring::evaluate::{EvaluationConfig, evaluate};
 
     let config = EvaluationConfig {
-        simulator: SimulatorConfig {
-            batteries,
-            days,
-            seed,
-            ..Default::default()
+        simulator: {
+            let fleet = SimulatorConfig {
+                batteries,
+                days,
+                seed,
+                ..Default::default()
+            };
+            if seasons { fleet.with_seasons() } else { fleet }
         },
         selection: loaded.forecast.clone(),
         risk: loaded.risk.clone(),
@@ -157,9 +171,26 @@ fn forecast(batteries: usize, days: u32, seed: u64, loaded: &VoltcastConfig) -> 
     );
     println!("bench forecast winners: {:?}", e.winners);
     println!(
-        "bench forecast NRMSE had one family been used for every battery: {:?}",
-        e.by_family
+        "bench forecast 30-day sum intervals (selected model, held out): {:.3} of actuals above the 90% quantile (calibrated: 0.100), {:.3} inside the central 90% interval (0.900)",
+        e.sum_above_q90, e.sum_within_90
     );
+    println!(
+        "bench forecast P(rating within {} days), every assessed day of the walk: Brier score {:.4}; reliability (mean P / share failed / days):",
+        config.risk.horizon_days, e.brier
+    );
+    for (i, (p, failed, n)) in e.reliability.iter().enumerate() {
+        println!(
+            "  P in [{:.1}, {:.1}): {p:.3} / {failed:.3} / {n}",
+            i as f64 / 10.0,
+            (i + 1) as f64 / 10.0
+        );
+    }
+    for (family, a) in &e.by_family {
+        println!(
+            "bench forecast had {family} been used for every battery: NRMSE {:.4}, 30-day sum error {:.4}",
+            a.nrmse, a.sum_error
+        );
+    }
     println!(
         "bench forecast alerts (p >= {}): recall {:.3} ({}/{}), precision {:.3} ({}/{}), median lead {} days",
         config.risk.alert_probability,

@@ -43,6 +43,11 @@ pub struct SimulateArgs {
     missing_day_rate: f64,
     #[arg(long, default_value_t = SimulatorConfig::default().malformed_rate)]
     malformed_rate: f64,
+    /// The fleet with seasons: winter driving up to 25% heavier, usage regimes that
+    /// change (0.3 per battery-year), batteries replaced (0.05 per battery-year, and past
+    /// their rating).
+    #[arg(long)]
+    seasons: bool,
 }
 
 pub async fn run(a: SimulateArgs) -> anyhow::Result<()> {
@@ -55,6 +60,12 @@ pub async fn run(a: SimulateArgs) -> anyhow::Result<()> {
         duplicate_rate: a.duplicate_rate,
         missing_day_rate: a.missing_day_rate,
         malformed_rate: a.malformed_rate,
+        ..Default::default()
+    };
+    let config = if a.seasons {
+        config.with_seasons()
+    } else {
+        config
     };
     let truth = a
         .truth

@@ -8,7 +8,9 @@
 //! Shape, after augurs: small model types around one trait ([`Model`]: a family that fits
 //! a [`DailySeries`] into a [`FittedModel`], which predicts with intervals and advances by
 //! one day). The families are seasonal naive (the floor), a non-seasonal AutoETS, MSTL
-//! (augurs) with an ETS trend, and a linfa regression of cycles on driving. [`select`]
+//! (augurs) with an ETS trend, a linfa regression of cycles on driving (its driving ahead
+//! by weekly ETS, or by a Prophet-style trend with weekly and yearly seasonality:
+//! [`seasonal`]), and an ensemble. [`select`]
 //! picks one per battery by rolling-origin backtest; [`failure_risk`] turns its forecast
 //! into the probability that the battery reaches its rating within 30 days.
 //!
@@ -25,6 +27,7 @@ pub mod mstl;
 pub mod naive;
 pub mod regression;
 pub mod risk;
+pub mod seasonal;
 pub mod select;
 pub mod series;
 

@@ -32,16 +32,20 @@ pub enum ModelKind {
     Ensemble,
     /// The short-history fallback: the mean of the days seen so far.
     Mean,
+    /// Prophet-style: the regression on driving, with driving ahead from a trend with
+    /// weekly and yearly seasonality, fitted on up to `seasonal_window_days`.
+    TrendSeasonal,
 }
 
 impl ModelKind {
     /// The candidates model selection compares.
-    pub const CANDIDATES: [ModelKind; 5] = [
+    pub const CANDIDATES: [ModelKind; 6] = [
         ModelKind::SeasonalNaive,
         ModelKind::AutoEts,
         ModelKind::MstlEts,
         ModelKind::Regression,
         ModelKind::Ensemble,
+        ModelKind::TrendSeasonal,
     ];
 
     /// The families an ensemble averages.
@@ -55,7 +59,14 @@ impl ModelKind {
             ModelKind::Regression => "regression",
             ModelKind::Ensemble => "ensemble",
             ModelKind::Mean => "mean",
+            ModelKind::TrendSeasonal => "trend_seasonal",
         }
+    }
+
+    /// Whether the family looks back further than the usual fit window: a yearly season
+    /// needs a year and more of history.
+    pub fn long_window(self) -> bool {
+        self == ModelKind::TrendSeasonal
     }
 }
 
@@ -83,6 +94,9 @@ impl Model for ModelKind {
                 .collect::<Option<Vec<_>>>()
                 .map(|parts| FittedModel::Ensemble { parts }),
             ModelKind::Mean => Flat::fit(y).map(FittedModel::Mean),
+            ModelKind::TrendSeasonal => {
+                CycleRegression::fit_with(s, true).map(FittedModel::TrendSeasonal)
+            }
         };
         fitted.ok_or(ForecastError::CannotFit {
             kind: *self,
@@ -104,6 +118,7 @@ pub enum FittedModel {
     Regression(CycleRegression),
     Ensemble { parts: Vec<FittedModel> },
     Mean(Flat),
+    TrendSeasonal(CycleRegression),
 }
 
 impl FittedModel {
@@ -115,6 +130,7 @@ impl FittedModel {
             FittedModel::Regression(_) => ModelKind::Regression,
             FittedModel::Ensemble { .. } => ModelKind::Ensemble,
             FittedModel::Mean(_) => ModelKind::Mean,
+            FittedModel::TrendSeasonal(_) => ModelKind::TrendSeasonal,
         }
     }
 
@@ -127,6 +143,7 @@ impl FittedModel {
             FittedModel::Regression(m) => m.predict(h),
             FittedModel::Ensemble { parts } => average(parts.iter().map(|p| p.predict(h))),
             FittedModel::Mean(m) => m.predict(h),
+            FittedModel::TrendSeasonal(m) => m.predict(h),
         }
     }
 
@@ -144,6 +161,7 @@ impl FittedModel {
                     .collect()
             }
             FittedModel::Mean(m) => vec![m.mean; h],
+            FittedModel::TrendSeasonal(m) => m.mean_path(h),
         }
     }
 
@@ -159,13 +177,14 @@ impl FittedModel {
             FittedModel::Regression(m) => m.step(d),
             FittedModel::Ensemble { parts } => parts.iter_mut().for_each(|p| p.update(d)),
             FittedModel::Mean(m) => m.step(d.cycles),
+            FittedModel::TrendSeasonal(m) => m.step(d),
         }
     }
 }
 
 /// The average forecast. Its sd is the average sd: exact when the parts' errors are
 /// perfectly correlated, and on the safe (wider) side otherwise.
-fn average(parts: impl Iterator<Item = Forecast>) -> Forecast {
+pub(crate) fn average(parts: impl Iterator<Item = Forecast>) -> Forecast {
     let parts: Vec<Forecast> = parts.collect();
     let n = parts.len().max(1) as f64;
     let h = parts.first().map_or(0, Forecast::horizon);

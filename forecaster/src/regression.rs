@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::ets::{Ets, Trend};
 use crate::forecast::Forecast;
+use crate::seasonal::SeasonalTrend;
 use crate::series::{DailySeries, DayObservation};
 
 /// Days the cycles-per-minute relation is fitted on.
@@ -31,11 +32,47 @@ pub struct CycleRegression {
     pub trips_per_minute: f64,
     /// Residual sd of the regression.
     pub sigma: f64,
-    pub minutes: Ets,
+    /// Log minutes of driving ahead.
+    pub minutes: Driving,
+}
+
+/// How the driving ahead (log minutes) is forecast.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Driving {
+    /// Weekly seasonal ETS: the level of the last weeks, with the week's profile.
+    Ets(Ets),
+    /// Prophet-style trend with weekly and yearly seasonality (the `trend_seasonal`
+    /// family): driving has a season, and the holdout month may turn it.
+    Seasonal(SeasonalTrend),
+}
+
+impl Driving {
+    fn step(&mut self, log_minutes: f64) {
+        match self {
+            Driving::Ets(m) => {
+                m.step(log_minutes);
+            }
+            Driving::Seasonal(m) => m.step(log_minutes),
+        }
+    }
+
+    fn predict(&self, h: usize) -> Forecast {
+        match self {
+            Driving::Ets(m) => m.predict(h),
+            Driving::Seasonal(m) => m.predict(h),
+        }
+    }
 }
 
 impl CycleRegression {
+    /// Driving ahead by weekly ETS (the `regression` family).
     pub fn fit(s: &DailySeries) -> Option<Self> {
+        Self::fit_with(s, false)
+    }
+
+    /// `seasonal`: driving ahead by the Prophet-style curve, fitted on all of `s`.
+    pub fn fit_with(s: &DailySeries, seasonal: bool) -> Option<Self> {
         let recent = s.tail(RECENT_DAYS);
         let n = recent.len();
         if n < 14 {
@@ -77,7 +114,11 @@ impl CycleRegression {
         // Driving varies by a factor, not an amount: on the log scale the weekly pattern
         // is additive (whatever the season's level) and the day-to-day noise symmetric.
         let log_minutes: Vec<f64> = s.minutes.iter().map(|m| m.max(0.0).ln_1p()).collect();
-        let minutes = Ets::fit(&log_minutes, Trend::None, 7)?;
+        let minutes = if seasonal {
+            Driving::Seasonal(SeasonalTrend::fit(s.first_day, &log_minutes)?)
+        } else {
+            Driving::Ets(Ets::fit(&log_minutes, Trend::None, 7)?)
+        };
         Some(Self {
             intercept,
             per_minute,

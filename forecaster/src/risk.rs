@@ -60,7 +60,7 @@ pub fn failure_risk(
     config: &RiskConfig,
 ) -> FailureRisk {
     let h = config.horizon_days.max(1);
-    let forecast = record.model.predict(h);
+    let forecast = record.forecast(h);
     assess(
         &forecast,
         |n| record.model.mean_path(n),

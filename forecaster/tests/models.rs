@@ -292,3 +292,61 @@ fn regression_forecasts_the_weekly_cycles() {
     assert!(err < 0.1 * 0.15, "mean abs error {err}: {path:?}");
     assert_eq!(m.predict(30).mean, path);
 }
+
+/// Minutes with a weekly profile and a yearly season of `amplitude` (peak around New
+/// Year), a steady cycles-per-minute ratio.
+fn seasonal(days: usize, seed: u64, noise: f64, amplitude: f64) -> DailySeries {
+    series(
+        days,
+        seed,
+        noise,
+        move |t| {
+            let season = 1.0 + amplitude * (std::f64::consts::TAU * t as f64 / 365.25).cos();
+            60.0 * COMMUTER[t % 7] * season
+        },
+        |_| 0.0025,
+    )
+}
+
+#[test]
+fn trend_seasonal_recovers_a_trend_with_weekly_and_yearly_seasons() {
+    // 700 days: the holdout month is late November into December, where the season
+    // turns upward.
+    let s = seasonal(730, 4, 0.01, 0.25);
+    let (train, days) = (s.slice(0, 700), 700..730);
+    let truth: Vec<f64> = days
+        .map(|t| {
+            let season = 1.0 + 0.25 * (std::f64::consts::TAU * t as f64 / 365.25).cos();
+            60.0 * COMMUTER[t % 7] * season * 0.0025
+        })
+        .collect();
+    let ours = ModelKind::TrendSeasonal.fit(&train).unwrap().mean_path(30);
+    let level_only = ModelKind::Regression.fit(&train).unwrap().mean_path(30);
+    let sum = |p: &[f64]| p.iter().sum::<f64>();
+    let err = |p: &[f64]| (sum(p) - sum(&truth)).abs() / sum(&truth);
+    assert!(err(&ours) < 0.01, "30-day sum off by {:.3}", err(&ours));
+    assert!(
+        err(&level_only) > 2.0 * err(&ours),
+        "the level-only driving forecast should miss the season: {:.3} vs {:.3}",
+        err(&level_only),
+        err(&ours)
+    );
+    assert!(mean_abs_error(&ours, &truth) < 0.03 * sum(&truth) / 30.0);
+}
+
+#[test]
+fn selection_picks_trend_seasonal_where_there_are_seasons_and_not_where_there_are_none() {
+    let config = SelectionConfig::default();
+    let wins = |amplitude: f64| {
+        (0..20)
+            .filter(|seed| {
+                let s = seasonal(700, 100 + seed, 0.15, amplitude);
+                select(&s, &config, None).unwrap().kind() == ModelKind::TrendSeasonal
+            })
+            .count()
+    };
+    let (with_seasons, without) = (wins(0.25), wins(0.0));
+    eprintln!("trend_seasonal chosen: {with_seasons}/20 with seasons, {without}/20 without");
+    assert!(with_seasons >= 15, "{with_seasons}/20 with seasons");
+    assert!(without <= 10, "{without}/20 without seasons");
+}

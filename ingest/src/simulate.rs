@@ -42,6 +42,18 @@ pub struct SimulatorConfig {
     pub missing_day_rate: f64,
     /// Malformed messages per valid report.
     pub malformed_rate: f64,
+    /// Seasons of driving: each battery's amplitude is drawn up to this (0.25: some drive
+    /// a quarter more at the peak).
+    pub season_amplitude_max: f64,
+    /// The season peaks in winter for every battery (the reference's fleet), instead of
+    /// at a random time of year.
+    pub winter_peak: bool,
+    /// Usage regime changes (a new driver: the day's minutes shift by a random factor)
+    /// per battery-year.
+    pub regime_changes_per_year: f64,
+    /// Battery replacements (age, lifetime and cycles per minute start again) per
+    /// battery-year, and always shortly after a battery passes its rating.
+    pub replacements_per_year: f64,
 }
 
 impl Default for SimulatorConfig {
@@ -55,7 +67,24 @@ impl Default for SimulatorConfig {
             duplicate_rate: 0.02,
             missing_day_rate: 0.02,
             malformed_rate: 0.002,
+            season_amplitude_max: 0.2,
+            winter_peak: false,
+            regime_changes_per_year: 0.0,
+            replacements_per_year: 0.0,
         }
+    }
+}
+
+impl SimulatorConfig {
+    /// The fleet the forecast evaluation needs beside the default one: winter driving up
+    /// to 25% heavier, usage regimes that change (about one battery in three a year) and
+    /// batteries replaced (one in twenty a year, and those past their rating).
+    pub fn with_seasons(mut self) -> Self {
+        self.season_amplitude_max = 0.25;
+        self.winter_peak = true;
+        self.regime_changes_per_year = 0.3;
+        self.replacements_per_year = 0.05;
+        self
     }
 }
 
@@ -82,6 +111,24 @@ impl SimulatorConfig {
         rate("duplicate_rate", self.duplicate_rate)?;
         rate("missing_day_rate", self.missing_day_rate)?;
         rate("malformed_rate", self.malformed_rate)?;
+        let per_year = |key, v: f64| {
+            if (0.0..=365.0).contains(&v) {
+                Ok(())
+            } else {
+                Err(SimulatorConfigError {
+                    key,
+                    problem: format!("{v} is not a number of events per year in [0, 365]"),
+                })
+            }
+        };
+        per_year("regime_changes_per_year", self.regime_changes_per_year)?;
+        per_year("replacements_per_year", self.replacements_per_year)?;
+        if !(0.0..1.0).contains(&self.season_amplitude_max) {
+            return Err(SimulatorConfigError {
+                key: "season_amplitude_max",
+                problem: format!("{} is not in [0, 1)", self.season_amplitude_max),
+            });
+        }
         if self.batteries == 0 {
             return Err(SimulatorConfigError {
                 key: "batteries",
@@ -159,6 +206,15 @@ struct Battery {
 }
 
 impl Battery {
+    /// A new battery in the same vehicle, under the same id (as the reference's data
+    /// shows a replacement: age and lifetime start again).
+    fn replace(&mut self, rng: &mut StdRng) {
+        self.age = 0;
+        self.lifetime = 0.0;
+        self.crossed = false;
+        self.minutes_per_cycle_new = MINUTES_PER_CYCLE_NEW * rng.random_range(0.9..1.1);
+    }
+
     fn cycles_per_minute(&self) -> f64 {
         (1.0 + self.drift_per_year * self.age as f64 / 365.0) / self.minutes_per_cycle_new
     }
@@ -192,7 +248,7 @@ impl FleetSimulator {
         let mut rng = StdRng::seed_from_u64(config.seed);
         let usage = LogNormal::new(60f64.ln(), 0.35).expect("valid");
         let batteries = (0..config.batteries)
-            .map(|i| new_battery(i, &mut rng, &usage))
+            .map(|i| new_battery(i, &mut rng, &usage, &config))
             .collect();
         let sigma = 0.2;
         Ok(Self {
@@ -249,6 +305,19 @@ impl FleetSimulator {
         for b in &mut self.batteries {
             b.twelve_hourly = toggle(&mut self.rng, b.twelve_hourly, start_12h, end_12h);
             b.missing = toggle(&mut self.rng, b.missing, start_missing, end_missing);
+            if c.regime_changes_per_year > 0.0
+                && self.rng.random_bool(c.regime_changes_per_year / 365.0)
+            {
+                // A new driver: half to twice the minutes (log-uniform: as likely less as more).
+                let factor = self.rng.random_range(-1.0f64..1.0).exp2();
+                b.minutes_per_day = (b.minutes_per_day * factor).clamp(10.0, 300.0);
+            }
+            let replace = c.replacements_per_year > 0.0
+                && (self.rng.random_bool(c.replacements_per_year / 365.0)
+                    || (b.crossed && b.lifetime > b.rated * 1.05));
+            if replace {
+                b.replace(&mut self.rng);
+            }
             let expected_minutes = b.expected_minutes(day);
             let ratio = b.cycles_per_minute();
             let minutes = expected_minutes * self.noise.sample(&mut self.rng);
@@ -371,7 +440,12 @@ fn toggle(rng: &mut StdRng, on: bool, start: f64, end: f64) -> bool {
     }
 }
 
-fn new_battery(i: usize, rng: &mut StdRng, usage: &LogNormal<f64>) -> Battery {
+fn new_battery(
+    i: usize,
+    rng: &mut StdRng,
+    usage: &LogNormal<f64>,
+    config: &SimulatorConfig,
+) -> Battery {
     let rated = match rng.random_range(0..10) {
         0 => 150.0,
         1 => 300.0,
@@ -391,8 +465,14 @@ fn new_battery(i: usize, rng: &mut StdRng, usage: &LogNormal<f64>) -> Battery {
         lifetime: 0.0,
         minutes_per_day,
         weekly,
-        season_amplitude: rng.random_range(0.0..0.2),
-        season_phase: rng.random_range(0.0..TAU),
+        season_amplitude: rng.random_range(0.0..config.season_amplitude_max.max(1e-9)),
+        // sin peaks at a quarter turn and day 0 (1970-01-01) is a January 1st, so a phase
+        // of TAU/4 (give or take a fortnight) puts the peak around New Year.
+        season_phase: if config.winter_peak {
+            TAU / 4.0 + rng.random_range(-0.25..0.25)
+        } else {
+            rng.random_range(0.0..TAU)
+        },
         minutes_per_cycle_new: MINUTES_PER_CYCLE_NEW * rng.random_range(0.9..1.1),
         drift_per_year: rng.random_range(0.0..0.15),
         minutes_per_trip: rng.random_range(9.0..16.0),

@@ -274,7 +274,7 @@ fn forecast_one(
     let record = select(&series, selection, None).ok()?;
     let lifetime = history.lifetime()?;
     let rated = battery.rated;
-    let f = record.model.predict(risk.horizon_days);
+    let f = record.forecast(risk.horizon_days);
     let (lower, upper) = (0..f.horizon()).map(|k| f.interval(k, 0.9)).unzip();
     Some(BatteryForecast {
         battery_id: battery.id.to_string(),

@@ -66,8 +66,8 @@ pub struct Evaluation {
     pub oracle: Accuracy,
     /// How often each family won selection on the held-out split.
     pub winners: BTreeMap<ModelKind, usize>,
-    /// Held-out NRMSE of each family had it been used for every battery.
-    pub by_family: BTreeMap<ModelKind, f64>,
+    /// Held-out scores of each family had it been used for every battery.
+    pub by_family: BTreeMap<ModelKind, Accuracy>,
     /// Batteries that cross their rating with a full horizon of run-up in the walk.
     pub positives: usize,
     pub detected: usize,
@@ -77,6 +77,17 @@ pub struct Evaluation {
     pub recall: f64,
     pub precision: f64,
     pub median_lead_days: f64,
+    /// The selected model's 30-day sum on the held-out split against its interval: the
+    /// share of actual sums above the forecast's 90% quantile (calibrated: 0.10) and
+    /// inside the central 90% interval (calibrated: 0.90).
+    pub sum_above_q90: f64,
+    pub sum_within_90: f64,
+    /// Over every assessed day of the walk before the rating (the outcome known: a
+    /// horizon of truth after it): the Brier score of P(rating reached within the
+    /// horizon), and the reliability table by tenths of P: (mean P, share that failed,
+    /// days).
+    pub brier: f64,
+    pub reliability: Vec<(f64, f64, usize)>,
     /// Mean wall time of one selection (backtest included), and of one daily update plus
     /// 30-day forecast and risk.
     pub selection_ms: f64,
@@ -93,16 +104,19 @@ struct Battery {
     lifetime: Vec<f64>,
     rated: f64,
     expected: HashMap<i32, f64>,
-    crossing: Option<i32>,
+    /// Days the battery crossed its rating (more than one when it was replaced).
+    crossings: Vec<i32>,
 }
 
 /// One battery's held-out scores.
 struct Scored {
     winner: ModelKind,
-    families: Vec<(ModelKind, f64)>,
+    families: Vec<(ModelKind, Accuracy)>,
     selected: Accuracy,
     naive: Accuracy,
     oracle: Accuracy,
+    /// (actual - forecast) / sd of the selected model's 30-day sum.
+    sum_z: f64,
 }
 
 #[derive(Default)]
@@ -113,6 +127,8 @@ struct Outcome {
     crossing: Option<i32>,
     walk_start: i32,
     walk_end: i32,
+    /// (day, P(rating within the horizon)) for every assessed day before the rating.
+    probabilities: Vec<(i32, f64)>,
     selections: (u64, f64),
     refits: (u64, f64),
     updates: (u64, f64),
@@ -164,12 +180,12 @@ async fn cleansed_fleet(sim: &SimulatorConfig) -> Result<BTreeMap<String, Batter
                     lifetime: Vec::new(),
                     rated: t.rated_cycles,
                     expected: HashMap::new(),
-                    crossing: None,
+                    crossings: Vec::new(),
                 });
             let d = day.day as i32;
             b.expected.insert(d, t.expected_cycles);
             if t.crosses_rating {
-                b.crossing = Some(d);
+                b.crossings.push(d);
             }
         }
         let records: Vec<_> = day.messages.into_iter().filter_map(|m| m.record).collect();
@@ -199,7 +215,7 @@ fn append(fleet: &mut BTreeMap<String, Battery>, closed: &RecordBatch) {
 
 fn assess(b: &Battery, config: &EvaluationConfig) -> Outcome {
     let mut out = Outcome {
-        crossing: b.crossing,
+        crossing: b.crossings.first().copied(),
         ..Default::default()
     };
     let s = &b.series;
@@ -220,14 +236,20 @@ fn assess(b: &Battery, config: &EvaluationConfig) -> Outcome {
             select(&train, &config.selection, None),
             ModelKind::SeasonalNaive.fit(&train.tail(config.selection.fit_window_days)),
         ) {
-            let window = train.tail(config.selection.fit_window_days);
             let families = ModelKind::CANDIDATES
                 .iter()
-                .filter_map(|k| Some((*k, score(&k.fit(&window).ok()?.mean_path(h)).nrmse)))
+                .filter_map(|k| {
+                    let window = train.tail(config.selection.window_for(*k));
+                    Some((*k, score(&k.fit(&window).ok()?.mean_path(h))))
+                })
                 .collect();
+            let forecast = record.forecast(h);
+            let actual_sum: f64 = actual.iter().sum();
+            let sd = forecast.sum_sd.last().copied().unwrap_or(0.0).max(1e-12);
             out.accuracy = Some(Scored {
                 winner: record.kind(),
                 families,
+                sum_z: (actual_sum - forecast.sum(h)) / sd,
                 selected: score(&record.model.mean_path(h)),
                 naive: score(&naive.mean_path(h)),
                 oracle: score(&oracle),
@@ -248,6 +270,9 @@ fn walk(b: &Battery, config: &EvaluationConfig, out: &mut Outcome) {
     }
     out.walk_start = s.first_day + warmup as i32;
     out.walk_end = s.end_day();
+    // The crossing the walk is about: the first after it starts (a battery replaced
+    // before the walk may have crossed before it).
+    out.crossing = b.crossings.iter().copied().find(|c| *c >= out.walk_start);
     let timed = std::time::Instant::now();
     let Ok(mut record) = select(&s.slice(0, warmup), &config.selection, None) else {
         return;
@@ -292,11 +317,47 @@ fn walk(b: &Battery, config: &EvaluationConfig, out: &mut Outcome) {
         let risk = failure_risk(&record, b.lifetime[t], b.rated, &config.risk);
         out.updates.0 += 1;
         out.updates.1 += started.elapsed().as_secs_f64();
-        if risk.at_risk {
+        if risk.at_risk && out.alert.is_none() {
             out.alert = Some(s.first_day + t as i32);
-            return;
+        }
+        if b.lifetime[t] >= b.rated {
+            return; // past the rating: the risk is certain from here
+        }
+        out.probabilities
+            .push((s.first_day + t as i32, risk.probability));
+    }
+}
+
+/// Interval coverage on the held-out split, and the failure probability's Brier score
+/// and reliability over the walk.
+fn calibration(e: &mut Evaluation, scored: &[&Scored], outcomes: &[Outcome], horizon: i32) {
+    let n = scored.len().max(1) as f64;
+    e.sum_above_q90 = scored.iter().filter(|a| a.sum_z > 1.2816).count() as f64 / n;
+    e.sum_within_90 = scored.iter().filter(|a| a.sum_z.abs() <= 1.6449).count() as f64 / n;
+    let mut bins = vec![(0.0, 0usize, 0usize); 10];
+    let (mut brier, mut days) = (0.0, 0usize);
+    for o in outcomes {
+        for &(day, p) in &o.probabilities {
+            if day + horizon >= o.walk_end {
+                continue; // the outcome is not known
+            }
+            let failed = o.crossing.is_some_and(|c| c > day && c <= day + horizon);
+            brier += (p - f64::from(u8::from(failed))).powi(2);
+            days += 1;
+            let bin = &mut bins[((p * 10.0) as usize).min(9)];
+            bin.0 += p;
+            bin.1 += usize::from(failed);
+            bin.2 += 1;
         }
     }
+    e.brier = brier / days.max(1) as f64;
+    e.reliability = bins
+        .into_iter()
+        .map(|(p, failed, n)| {
+            let m = n.max(1) as f64;
+            (p / m, failed as f64 / m, n)
+        })
+        .collect();
 }
 
 fn summarize(outcomes: &[Outcome], horizon: i32) -> Evaluation {
@@ -313,18 +374,26 @@ fn summarize(outcomes: &[Outcome], horizon: i32) -> Evaluation {
     e.selected = mean(&|a| &a.selected);
     e.seasonal_naive = mean(&|a| &a.naive);
     e.oracle = mean(&|a| &a.oracle);
-    let mut family_sums: BTreeMap<ModelKind, (f64, usize)> = BTreeMap::new();
+    let mut family_sums: BTreeMap<ModelKind, (Accuracy, usize)> = BTreeMap::new();
     for a in &scored {
         *e.winners.entry(a.winner).or_default() += 1;
         for (k, v) in &a.families {
             let entry = family_sums.entry(*k).or_default();
-            entry.0 += v;
+            entry.0.nrmse += v.nrmse;
+            entry.0.sum_error += v.sum_error;
             entry.1 += 1;
         }
     }
     e.by_family = family_sums
         .into_iter()
-        .map(|(k, (sum, n))| (k, sum / n.max(1) as f64))
+        .map(|(k, (sum, n))| {
+            let n = n.max(1) as f64;
+            let mean = Accuracy {
+                nrmse: sum.nrmse / n,
+                sum_error: sum.sum_error / n,
+            };
+            (k, mean)
+        })
         .collect();
     let mut leads = Vec::new();
     for o in outcomes.iter().filter(|o| o.walk_end > 0) {
@@ -343,6 +412,7 @@ fn summarize(outcomes: &[Outcome], horizon: i32) -> Evaluation {
             e.true_alerts += usize::from(o.crossing.is_some_and(|c| c <= a + horizon));
         }
     }
+    calibration(&mut e, &scored, outcomes, horizon);
     e.recall = e.detected as f64 / e.positives.max(1) as f64;
     e.precision = e.true_alerts as f64 / e.alerts.max(1) as f64;
     leads.sort_by(f64::total_cmp);

@@ -403,7 +403,7 @@ fn assess(
     record: &ModelRecord,
     config: &RiskConfig,
 ) -> RiskUpdate {
-    let forecast = record.model.predict(config.horizon_days.max(1));
+    let forecast = record.forecast(config.horizon_days.max(1));
     let risk = voltcast_forecaster::risk::assess(
         &forecast,
         |n| record.model.mean_path(n),
