@@ -56,8 +56,6 @@ const MAX_COLUMNS: usize = 2 + CHANGEPOINTS + 2 * WEEKLY_HARMONICS + 2 * YEARLY_
 pub struct SeasonalTrend {
     /// Coefficients in [`Self::row`]'s column order.
     coef: Vec<f64>,
-    /// Changepoints, in days since the window's first day.
-    changepoints: Vec<f64>,
     yearly: bool,
     /// Day number (days since 1970-01-01) of the window's first day, and of the next day.
     first_day: i32,
@@ -76,12 +74,8 @@ impl SeasonalTrend {
             return None;
         }
         let span = n as f64;
-        let changepoints = (1..=CHANGEPOINTS)
-            .map(|k| (k as f64 * CHANGEPOINT_RANGE * span / (CHANGEPOINTS + 1) as f64).round())
-            .collect();
         let mut model = Self {
             coef: Vec::new(),
-            changepoints,
             yearly: n >= YEARLY_MIN_DAYS,
             first_day,
             next_day: first_day + n as i32,
@@ -124,14 +118,12 @@ impl SeasonalTrend {
     }
 
     fn columns(&self) -> usize {
-        2 + self.changepoints.len()
-            + 2 * WEEKLY_HARMONICS
-            + if self.yearly { 2 * YEARLY_HARMONICS } else { 0 }
+        2 + CHANGEPOINTS + 2 * WEEKLY_HARMONICS + if self.yearly { 2 * YEARLY_HARMONICS } else { 0 }
     }
 
     /// (column, penalty) for the shrunk columns: changepoints and seasonal terms.
     fn penalties(&self) -> Vec<(usize, f64)> {
-        let seasonal_from = 2 + self.changepoints.len();
+        let seasonal_from = 2 + CHANGEPOINTS;
         (2..seasonal_from)
             .map(|j| (j, CHANGEPOINT_PENALTY))
             .chain((seasonal_from..self.columns()).map(|j| (j, SEASONAL_PENALTY)))
@@ -148,7 +140,10 @@ impl SeasonalTrend {
         row[0] = 1.0;
         row[1] = t / self.span;
         let mut j = 2;
-        for c in &self.changepoints {
+        for k in 1..=CHANGEPOINTS {
+            // Evenly over the first CHANGEPOINT_RANGE of the window, in whole days (not
+            // stored: a model per battery is checkpointed).
+            let c = (k as f64 * CHANGEPOINT_RANGE * self.span / (CHANGEPOINTS + 1) as f64).round();
             row[j] = (t - c).max(0.0) / self.span;
             j += 1;
         }
