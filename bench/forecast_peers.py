@@ -97,8 +97,13 @@ def main():
             predictions[name][b] = g.sort_values("ds")[col].to_numpy()
     if not a.skip_prophet:
         import logging
-        logging.getLogger("cmdstanpy").setLevel(logging.WARNING)
+        import warnings
         from prophet import Prophet
+        # Prophet and cmdstanpy log every fit (and warn of yearly terms on under two years,
+        # which is the point here): quiet, so the table is readable.
+        for name in ("cmdstanpy", "prophet"):
+            logging.getLogger(name).disabled = True
+        warnings.filterwarnings("ignore")
         name = "Prophet (weekly + yearly)"
         started = time.perf_counter()
         for b, g in df.groupby("unique_id"):
