@@ -394,6 +394,9 @@ pub fn backtest(
             .iter()
             .map(|&kind| match kind {
                 ModelKind::Ensemble => None,
+                // Decided once per backtest, on the newest fold's history: older folds
+                // fit without yearly terms, as a shorter history would.
+                _ if !kind.applicable(n - h) => None,
                 _ if kind.long_window() => kind.fit(&long).ok().map(|m| m.predict(h)),
                 _ => kind.fit(&train).ok().map(|m| m.predict(h)),
             })
@@ -422,6 +425,8 @@ pub fn backtest(
     let mut scores: Vec<BacktestScore> = kinds
         .iter()
         .zip(sums)
+        // A family not tried is not listed (an infinite score is one that could not fit).
+        .filter(|(kind, _)| kind.applicable(n - h))
         .map(|(&kind, sum)| {
             let f = folds as f64;
             let (nrmse, sum_error, sum_z_rms) = sum.map_or(
