@@ -17,6 +17,38 @@ use voltcast_scoring::ingest::simulate::{
 };
 use voltcast_scoring::pipeline::{Services, run_with};
 
+/// A mock cluster with the telemetry, dead-letter, alerts and forecasts topics.
+fn cluster() -> MockCluster<'static, rdkafka::producer::DefaultProducerContext> {
+    let cluster = MockCluster::new(1).unwrap();
+    for (topic, partitions) in [
+        ("battery-telemetry", 4),
+        ("battery-telemetry-dlq", 1),
+        ("battery-alerts", 4),
+        ("battery-forecasts", 4),
+    ] {
+        cluster.create_topic(topic, partitions, 1).unwrap();
+    }
+    cluster
+}
+
+/// One instance's configuration: its own alert store under `dir/name`, a checkpoint
+/// store shared with the other, the API on `api` (empty: none).
+fn instance<C: rdkafka::ClientContext>(
+    cluster: &MockCluster<'static, C>,
+    dir: &std::path::Path,
+    name: &str,
+    api: &str,
+) -> VoltcastConfig {
+    let mut c = VoltcastConfig::default();
+    c.kafka.brokers = cluster.bootstrap_servers();
+    c.api.listen = api.to_string();
+    c.alerts.store_path = dir.join(name).join("alerts");
+    c.checkpoint.path = dir.join("checkpoint");
+    c.archive.path = std::path::PathBuf::new();
+    c.batch.max_rows = 2_000;
+    c
+}
+
 fn ids(services: &Services) -> BTreeSet<String> {
     services
         .alerts
@@ -28,22 +60,9 @@ fn ids(services: &Services) -> BTreeSet<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_instance_lists_the_alerts_of_every_instance() {
-    let cluster = MockCluster::new(1).unwrap();
-    cluster.create_topic("battery-telemetry", 4, 1).unwrap();
-    cluster.create_topic("battery-telemetry-dlq", 1, 1).unwrap();
-    cluster.create_topic("battery-alerts", 4, 1).unwrap();
-    cluster.create_topic("battery-forecasts", 4, 1).unwrap();
+    let cluster = cluster();
     let dir = tempfile::tempdir().unwrap();
-    let config = |name: &str| {
-        let mut c = VoltcastConfig::default();
-        c.kafka.brokers = cluster.bootstrap_servers();
-        c.api.listen = String::new();
-        c.alerts.store_path = dir.path().join(name).join("alerts");
-        c.checkpoint.path = dir.path().join("checkpoint");
-        c.archive.path = std::path::PathBuf::new();
-        c.batch.max_rows = 2_000;
-        c
-    };
+    let config = |name: &str| instance(&cluster, dir.path(), name, "");
     let (a_config, b_config) = (config("a"), config("b"));
     let producer = a_config
         .kafka
@@ -171,26 +190,9 @@ async fn wait_for(what: &str, seconds: u64, mut done: impl FnMut() -> bool) {
 /// escalation of each such episode says service is booked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_ack_on_any_instance_reaches_the_owners_episode() {
-    let cluster = MockCluster::new(1).unwrap();
-    for (topic, partitions) in [
-        ("battery-telemetry", 4),
-        ("battery-telemetry-dlq", 1),
-        ("battery-alerts", 4),
-        ("battery-forecasts", 4),
-    ] {
-        cluster.create_topic(topic, partitions, 1).unwrap();
-    }
+    let cluster = cluster();
     let dir = tempfile::tempdir().unwrap();
-    let config = |name: &str, api: &str| {
-        let mut c = VoltcastConfig::default();
-        c.kafka.brokers = cluster.bootstrap_servers();
-        c.api.listen = api.to_string();
-        c.alerts.store_path = dir.path().join(name).join("alerts");
-        c.checkpoint.path = dir.path().join("checkpoint");
-        c.archive.path = std::path::PathBuf::new();
-        c.batch.max_rows = 2_000;
-        c
-    };
+    let config = |name: &str, api: &str| instance(&cluster, dir.path(), name, api);
     let (a_config, b_config) = (config("a", "127.0.0.1:0"), config("b", ""));
     let producer = a_config
         .kafka

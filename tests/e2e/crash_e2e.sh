@@ -18,7 +18,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
-TOOLS=${VOLTCAST_TOOLS:-$HOME/.cache/voltcast-tools}
 KILLS=${CRASH_KILLS:-20}
 BATTERIES=${CRASH_BATTERIES:-600}
 DAYS=${CRASH_DAYS:-300}
@@ -31,47 +30,11 @@ BROKER=127.0.0.1:19192
 SECRET=crash-e2e-webhook-secret
 TOPIC=battery-telemetry
 WORK=$(mktemp -d /tmp/voltcast-crash.XXXXXX)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-}
-trap cleanup EXIT
 say() { echo "crash-e2e: $*"; }
-
-if [ ! -x "$TOOLS/bin/tansu" ]; then
-  say "installing tansu into $TOOLS (once)"
-  cargo install tansu --locked --features dynostore,libsql --root "$TOOLS" --quiet
-fi
-TANSU=$TOOLS/bin/tansu
-# VOLTCAST_BIN: a binary built before (so a build in the clone meanwhile does not swap
-# it under the running test).
-if [ -z "${VOLTCAST_BIN:-}" ]; then
-  cargo build --bin voltcast
-fi
-BIN=${VOLTCAST_BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/debug/voltcast}
+# shellcheck source=tests/e2e/tansu_lib.sh
+source tests/e2e/tansu_lib.sh
 say "seed $SEED, $BATTERIES batteries x $DAYS days, $KILLS kills; work in $WORK"
-
-wait_port() { # host:port
-  for _ in $(seq 100); do
-    (exec 3<>"/dev/tcp/${1%:*}/${1#*:}") 2>/dev/null && return 0
-    sleep 0.2
-  done
-  say "nothing listens on $1"; return 1
-}
-
-# tansu 0.6's memory engine (memory://) answers a fetch from an offset inside a record
-# batch with the batches after it: a consumer resuming from a checkpoint mid-batch would
-# silently skip the rest of that batch (a broker defect; Kafka returns the whole batch
-# and the client drops what precedes the offset). Its sqlite engine fetches by record.
-(cd "$WORK" && exec "$TANSU" broker --listener-url "tcp://$BROKER" \
-  --advertised-listener-url "tcp://$BROKER" --storage-engine sqlite://tansu.db) \
-  >"$WORK/tansu.log" 2>&1 &
-pids+=($!)
-wait_port "$BROKER"
-for t in "$TOPIC:4" battery-alerts:4 battery-forecasts:4 battery-telemetry-dlq:1; do
-  "$TANSU" topic create --broker "tcp://$BROKER" --partitions "${t#*:}" "${t%:*}" >/dev/null
-done
+start_tansu "$BROKER" "$TOPIC:4" battery-alerts:4 battery-forecasts:4 battery-telemetry-dlq:1
 
 # Two head units: W hears the uninterrupted run, C the crashed one.
 for hu in 18281 18282; do
@@ -111,10 +74,7 @@ start() {
   pids+=("$instance_pid")
 }
 
-metric() { # API_PORT NAME: the sum of a metric's samples (0 when absent)
-  { curl -fsS "http://127.0.0.1:$1/metrics" 2>/dev/null || true; } |
-    awk -v m="$2" '$1 == m || index($1, m "{") == 1 { s += $2 } END { printf "%d\n", s }'
-}
+metric() { metric_at "127.0.0.1:$1" "$2"; } # API_PORT NAME
 
 summary() { "$BIN" archive summary "$WORK/$1/archive"; }
 field() { python3 -c "import json,sys; d=json.loads(sys.argv[1]); print(d$2)" "$1"; }

@@ -12,7 +12,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
-TOOLS=${VOLTCAST_TOOLS:-$HOME/.cache/voltcast-tools}
 BATTERIES=${FLEET_BATTERIES:-400}
 DAYS=${FLEET_DAYS:-300}
 BROKER=127.0.0.1:19292
@@ -21,19 +20,9 @@ A_API=127.0.0.1:18591
 B_API=127.0.0.1:18592
 SECRET=fleet-e2e-webhook-secret
 WORK=$(mktemp -d /tmp/voltcast-fleet.XXXXXX)
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-}
-trap cleanup EXIT
 say() { echo "fleet-e2e: $*"; }
-
-if [ ! -x "$TOOLS/bin/tansu" ]; then
-  say "installing tansu into $TOOLS (once)"
-  cargo install tansu --locked --features dynostore,libsql --root "$TOOLS" --quiet
-fi
-TANSU=$TOOLS/bin/tansu
+# shellcheck source=tests/e2e/tansu_lib.sh
+source tests/e2e/tansu_lib.sh
 if ! command -v chromium >/dev/null; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq >/dev/null
@@ -42,32 +31,9 @@ fi
 if [ ! -d tests/e2e/node_modules/playwright-core ]; then
   (cd tests/e2e && npm install --silent --no-audit --no-fund >/dev/null)
 fi
-if [ -z "${VOLTCAST_BIN:-}" ]; then
-  cargo build --bin voltcast
-fi
-BIN=${VOLTCAST_BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/debug/voltcast}
+metric() { metric_at "$@"; } # HOST:PORT NAME
 
-wait_port() { # host:port
-  for _ in $(seq 100); do
-    (exec 3<>"/dev/tcp/${1%:*}/${1#*:}") 2>/dev/null && return 0
-    sleep 0.2
-  done
-  say "nothing listens on $1"; return 1
-}
-metric() { # HOST:PORT NAME: the sum of a metric's samples (0 when absent)
-  { curl -fsS "http://$1/metrics" 2>/dev/null || true; } |
-    awk -v m="$2" '$1 == m || index($1, m "{") == 1 { s += $2 } END { printf "%d\n", s }'
-}
-
-# The sqlite engine: tansu 0.6's memory engine loses records (see crash_e2e.sh).
-(cd "$WORK" && exec "$TANSU" broker --listener-url "tcp://$BROKER" \
-  --advertised-listener-url "tcp://$BROKER" --storage-engine sqlite://tansu.db) \
-  >"$WORK/tansu.log" 2>&1 &
-pids+=($!)
-wait_port "$BROKER"
-for t in battery-telemetry:4 battery-alerts:4 battery-forecasts:4 battery-telemetry-dlq:1; do
-  "$TANSU" topic create --broker "tcp://$BROKER" --partitions "${t#*:}" "${t%:*}" >/dev/null
-done
+start_tansu "$BROKER" battery-telemetry:4 battery-alerts:4 battery-forecasts:4 battery-telemetry-dlq:1
 
 "$BIN" head-unit --listen "$HEAD" --secret "$SECRET" --voltcast-url "http://$A_API" \
   >"$WORK/head-unit.log" 2>&1 &
