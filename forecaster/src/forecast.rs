@@ -50,6 +50,13 @@ impl Forecast {
         self.mean[..k.min(self.mean.len())].iter().sum()
     }
 
+    /// How many sds of the 30-day (whole-horizon) sum `actual_sum` lies above the
+    /// forecast's: what interval calibration is measured by.
+    pub fn sum_z(&self, actual_sum: f64) -> f64 {
+        let sd = self.sum_sd.last().copied().unwrap_or(0.0).max(1e-12);
+        (actual_sum - self.sum(self.horizon())) / sd
+    }
+
     /// Central interval at `level` (e.g. 0.9) for day `i` (0-based).
     pub fn interval(&self, i: usize, level: f64) -> (f64, f64) {
         let z = normal_quantile(0.5 + level / 2.0);

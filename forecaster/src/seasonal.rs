@@ -54,16 +54,23 @@ const MAX_COLUMNS: usize = 2 + CHANGEPOINTS + 2 * WEEKLY_HARMONICS + 2 * YEARLY_
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SeasonalTrend {
+    curve: Curve,
+    /// Day number of the next day.
+    next_day: i32,
+    /// The residuals' level: simple exponential smoothing, alpha fitted.
+    residual: Ets,
+}
+
+/// Trend and seasons: the fitted least-squares part.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Curve {
     /// Coefficients in [`Self::row`]'s column order.
     coef: Vec<f64>,
     yearly: bool,
-    /// Day number (days since 1970-01-01) of the window's first day, and of the next day.
+    /// Day number (days since 1970-01-01) of the window's first day.
     first_day: i32,
-    next_day: i32,
     /// Days the trend is scaled by (the window's length).
     span: f64,
-    /// The residuals' level: simple exponential smoothing, alpha fitted.
-    residual: Ets,
 }
 
 impl SeasonalTrend {
@@ -73,23 +80,61 @@ impl SeasonalTrend {
         if n < 28 || y.iter().any(|v| !v.is_finite()) {
             return None;
         }
-        let span = n as f64;
-        let mut model = Self {
+        let curve = Curve::fit(first_day, y)?;
+        let residuals: Vec<f64> = y
+            .iter()
+            .enumerate()
+            .map(|(i, v)| v - curve.at(first_day + i as i32))
+            .collect();
+        Some(Self {
+            residual: Ets::fit(&residuals, Trend::None, 0)?,
+            next_day: first_day + n as i32,
+            curve,
+        })
+    }
+
+    /// Advances by one observed day: the residuals' level takes it in.
+    pub fn step(&mut self, y: f64) {
+        let r = y - self.curve.at(self.next_day);
+        if r.is_finite() {
+            self.residual.step(r);
+        }
+        self.next_day += 1;
+    }
+
+    pub fn mean_path(&self, h: usize) -> Vec<f64> {
+        let level = self.residual.mean_path(h);
+        (0..h)
+            .map(|k| self.curve.at(self.next_day + k as i32) + level[k])
+            .collect()
+    }
+
+    /// The residual smoother's errors: day noise, and a level error that persists over
+    /// the horizon (impulse weight alpha, at least [`LEVEL_ERROR_FLOOR`]).
+    pub fn predict(&self, h: usize) -> Forecast {
+        let alpha = self.residual.alpha.max(LEVEL_ERROR_FLOOR);
+        Forecast::from_impulse(self.mean_path(h), self.residual.sigma, |_| alpha)
+    }
+}
+
+impl Curve {
+    /// Ridge least squares of `y` (day `first_day` onwards) on the design rows.
+    fn fit(first_day: i32, y: &[f64]) -> Option<Self> {
+        let n = y.len();
+        let mut curve = Self {
             coef: Vec::new(),
             yearly: n >= YEARLY_MIN_DAYS,
             first_day,
-            next_day: first_day + n as i32,
-            span,
-            residual: Ets::fit(&[0.0; 4], Trend::None, 0)?,
+            span: n as f64,
         };
-        let cols = model.columns();
-        let penalized = model.penalties();
+        let cols = curve.columns();
+        let penalized = curve.penalties();
         let rows = n + penalized.len();
         let mut x = Array2::zeros((rows, cols));
         let mut target = Array1::zeros(rows);
         let mut row = [0.0; MAX_COLUMNS];
         for (i, v) in y.iter().enumerate() {
-            model.row(first_day + i as i32, &mut row);
+            curve.row(first_day + i as i32, &mut row);
             for (j, r) in row[..cols].iter().enumerate() {
                 x[[i, j]] = *r;
             }
@@ -104,17 +149,8 @@ impl SeasonalTrend {
             .with_intercept(false)
             .fit(&Dataset::new(x, target))
             .ok()?;
-        model.coef = fitted.params().to_vec();
-        if model.coef.iter().any(|c| !c.is_finite()) {
-            return None;
-        }
-        let residuals: Vec<f64> = y
-            .iter()
-            .enumerate()
-            .map(|(i, v)| v - model.curve(first_day + i as i32))
-            .collect();
-        model.residual = Ets::fit(&residuals, Trend::None, 0)?;
-        Some(model)
+        curve.coef = fitted.params().to_vec();
+        curve.coef.iter().all(|c| c.is_finite()).then_some(curve)
     }
 
     fn columns(&self) -> usize {
@@ -164,38 +200,11 @@ impl SeasonalTrend {
         }
     }
 
-    fn curve(&self, day: i32) -> f64 {
+    /// The curve's value on day number `day`.
+    fn at(&self, day: i32) -> f64 {
         let mut row = [0.0; MAX_COLUMNS];
         self.row(day, &mut row);
         row.iter().zip(&self.coef).map(|(r, c)| r * c).sum()
-    }
-
-    /// Advances by one observed day: the residuals' level takes it in.
-    pub fn step(&mut self, y: f64) {
-        let r = y - self.curve(self.next_day);
-        if r.is_finite() {
-            self.residual.step(r);
-        }
-        self.next_day += 1;
-    }
-
-    pub fn mean_path(&self, h: usize) -> Vec<f64> {
-        let level = self.residual.mean_path(h);
-        (0..h)
-            .map(|k| self.curve(self.next_day + k as i32) + level[k])
-            .collect()
-    }
-
-    /// The residual smoother's errors: day noise, and a level error that persists over
-    /// the horizon (impulse weight alpha, at least [`LEVEL_ERROR_FLOOR`]).
-    pub fn predict(&self, h: usize) -> Forecast {
-        let alpha = self.residual.alpha.max(LEVEL_ERROR_FLOOR);
-        Forecast::from_impulse(self.mean_path(h), self.residual.sigma, |_| alpha)
-    }
-
-    /// Whether the curve has yearly terms.
-    pub fn yearly(&self) -> bool {
-        self.yearly
     }
 }
 
@@ -215,7 +224,7 @@ mod tests {
     fn recovers_a_trend_with_weekly_and_yearly_waves() {
         let y: Vec<f64> = (0..730).map(|i| truth(19_000 + i)).collect();
         let m = SeasonalTrend::fit(19_000, &y).unwrap();
-        assert!(m.yearly);
+        assert!(m.curve.yearly);
         let path = m.mean_path(60);
         for (k, p) in path.iter().enumerate() {
             let want = truth(19_730 + k as i32);
@@ -227,8 +236,8 @@ mod tests {
     fn no_yearly_terms_on_less_than_a_year() {
         let y: Vec<f64> = (0..200).map(|i| truth(19_000 + i)).collect();
         let m = SeasonalTrend::fit(19_000, &y).unwrap();
-        assert!(!m.yearly);
-        assert_eq!(m.coef.len(), 2 + CHANGEPOINTS + 2 * WEEKLY_HARMONICS);
+        assert!(!m.curve.yearly);
+        assert_eq!(m.curve.coef.len(), 2 + CHANGEPOINTS + 2 * WEEKLY_HARMONICS);
     }
 
     #[test]

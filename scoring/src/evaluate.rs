@@ -18,6 +18,7 @@ use std::sync::Arc;
 
 use datafusion::arrow::array::RecordBatch;
 use serde::{Deserialize, Serialize};
+use voltcast_forecaster::forecast::normal_quantile;
 use voltcast_forecaster::select::{nrmse_of, relative_sum_error};
 use voltcast_forecaster::{
     DailySeries, DayObservation, Model, ModelKind, QUIET_ASSESS_EVERY_DAYS, RiskConfig,
@@ -243,13 +244,10 @@ fn assess(b: &Battery, config: &EvaluationConfig) -> Outcome {
                     Some((*k, score(&k.fit(&window).ok()?.mean_path(h))))
                 })
                 .collect();
-            let forecast = record.forecast(h);
-            let actual_sum: f64 = actual.iter().sum();
-            let sd = forecast.sum_sd.last().copied().unwrap_or(0.0).max(1e-12);
             out.accuracy = Some(Scored {
                 winner: record.kind(),
                 families,
-                sum_z: (actual_sum - forecast.sum(h)) / sd,
+                sum_z: record.forecast(h).sum_z(actual.iter().sum()),
                 selected: score(&record.model.mean_path(h)),
                 naive: score(&naive.mean_path(h)),
                 oracle: score(&oracle),
@@ -332,8 +330,9 @@ fn walk(b: &Battery, config: &EvaluationConfig, out: &mut Outcome) {
 /// and reliability over the walk.
 fn calibration(e: &mut Evaluation, scored: &[&Scored], outcomes: &[Outcome], horizon: i32) {
     let n = scored.len().max(1) as f64;
-    e.sum_above_q90 = scored.iter().filter(|a| a.sum_z > 1.2816).count() as f64 / n;
-    e.sum_within_90 = scored.iter().filter(|a| a.sum_z.abs() <= 1.6449).count() as f64 / n;
+    let (q90, central90) = (normal_quantile(0.9), normal_quantile(0.95));
+    e.sum_above_q90 = scored.iter().filter(|a| a.sum_z > q90).count() as f64 / n;
+    e.sum_within_90 = scored.iter().filter(|a| a.sum_z.abs() <= central90).count() as f64 / n;
     let mut bins = vec![(0.0, 0usize, 0usize); 10];
     let (mut brier, mut days) = (0.0, 0usize);
     for o in outcomes {

@@ -23,7 +23,7 @@ use voltcast_ingest::dead_letter::DeadLetter;
 use voltcast_ingest::time::EpochMillis;
 use voltcast_ingest::{PartitionId, PartitionListener, SourcePosition};
 
-use crate::alerts::policy::{AckOutcome, Episodes, EpisodesRef};
+use crate::alerts::policy::{Episodes, EpisodesRef};
 use crate::alerts::{AlertConfig, Decision, EpisodePolicy, PendingAck};
 use crate::archive::{ParquetArchive, PartitionArchive};
 use crate::checkpoint::{CheckpointError, CheckpointStore, PartitionKey};
@@ -229,22 +229,12 @@ impl PartitionTask {
     /// Applies the acknowledgements that concern this partition's batteries to their
     /// episodes; returns the ids it settled (applied, or their episode is over).
     pub fn acknowledge(&mut self, acks: &[PendingAck], metrics: Option<&Metrics>) -> Vec<String> {
-        let mut settled = Vec::new();
-        for ack in acks {
-            match self
-                .policy
-                .acknowledge(&ack.battery_id, &ack.alert_id, &ack.booking)
-            {
-                AckOutcome::NotHere => continue,
-                AckOutcome::Applied => {
-                    self.dirty = true;
-                    if let Some(m) = metrics {
-                        m.alert_acks_applied.inc();
-                    }
-                }
-                AckOutcome::Settled => {}
+        let (settled, applied) = self.policy.settle(acks);
+        if applied > 0 {
+            self.dirty = true;
+            if let Some(m) = metrics {
+                m.alert_acks_applied.inc_by(applied);
             }
-            settled.push(ack.alert_id.clone());
         }
         settled
     }

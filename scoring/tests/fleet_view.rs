@@ -10,12 +10,12 @@ use std::time::{Duration, Instant};
 
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::FutureRecord;
-use voltcast_scoring::VoltcastConfig;
 use voltcast_scoring::alerts::{AlertFilter, AlertStatus, Severity};
 use voltcast_scoring::ingest::simulate::{
     FleetSimulator, SimDay, SimulatorConfig, WireFormat, publish_kafka,
 };
-use voltcast_scoring::pipeline::{Services, run_with};
+use voltcast_scoring::pipeline::{RunReport, Services, run_with};
+use voltcast_scoring::{ScoringError, VoltcastConfig};
 
 /// A mock cluster with the telemetry, dead-letter, alerts and forecasts topics.
 fn cluster() -> MockCluster<'static, rdkafka::producer::DefaultProducerContext> {
@@ -49,6 +49,28 @@ fn instance<C: rdkafka::ClientContext>(
     c
 }
 
+fn producer(config: &VoltcastConfig) -> rdkafka::producer::FutureProducer {
+    config
+        .kafka
+        .producer_config()
+        .unwrap()
+        .set("linger.ms", "5")
+        .create()
+        .unwrap()
+}
+
+/// The pipeline of one instance until `stop` fires.
+async fn run_until(
+    config: &VoltcastConfig,
+    services: &Services,
+    stop: tokio::sync::oneshot::Receiver<()>,
+) -> Result<RunReport, ScoringError> {
+    run_with(config, services, async {
+        let _ = stop.await;
+    })
+    .await
+}
+
 fn ids(services: &Services) -> BTreeSet<String> {
     services
         .alerts
@@ -64,13 +86,7 @@ async fn each_instance_lists_the_alerts_of_every_instance() {
     let dir = tempfile::tempdir().unwrap();
     let config = |name: &str| instance(&cluster, dir.path(), name, "");
     let (a_config, b_config) = (config("a"), config("b"));
-    let producer = a_config
-        .kafka
-        .producer_config()
-        .unwrap()
-        .set("linger.ms", "5")
-        .create()
-        .unwrap();
+    let producer = producer(&a_config);
     let sim = SimulatorConfig {
         batteries: 240,
         days: 150,
@@ -90,18 +106,8 @@ async fn each_instance_lists_the_alerts_of_every_instance() {
     let (stop_a, stopped_a) = tokio::sync::oneshot::channel::<()>();
     let (stop_b, stopped_b) = tokio::sync::oneshot::channel::<()>();
     let (a_run, b_run, ()) = tokio::join!(
-        async {
-            run_with(&a_config, &a, async {
-                let _ = stopped_a.await;
-            })
-            .await
-        },
-        async {
-            run_with(&b_config, &b, async {
-                let _ = stopped_b.await;
-            })
-            .await
-        },
+        run_until(&a_config, &a, stopped_a),
+        run_until(&b_config, &b, stopped_b),
         async {
             let deadline = Instant::now() + Duration::from_secs(120);
             while a_read.received() + b_read.received() < total && Instant::now() < deadline {
@@ -194,13 +200,7 @@ async fn an_ack_on_any_instance_reaches_the_owners_episode() {
     let dir = tempfile::tempdir().unwrap();
     let config = |name: &str, api: &str| instance(&cluster, dir.path(), name, api);
     let (a_config, b_config) = (config("a", "127.0.0.1:0"), config("b", ""));
-    let producer = a_config
-        .kafka
-        .producer_config()
-        .unwrap()
-        .set("linger.ms", "5")
-        .create()
-        .unwrap();
+    let producer = producer(&a_config);
     let sim = SimulatorConfig {
         batteries: 240,
         days: 200,
@@ -219,18 +219,8 @@ async fn an_ack_on_any_instance_reaches_the_owners_episode() {
     let (stop_b, stopped_b) = tokio::sync::oneshot::channel::<()>();
     let api = format!("http://{}", a.api_addr.unwrap());
     let (a_run, b_run, acked) = tokio::join!(
-        async {
-            run_with(&a_config, &a, async {
-                let _ = stopped_a.await;
-            })
-            .await
-        },
-        async {
-            run_with(&b_config, &b, async {
-                let _ = stopped_b.await;
-            })
-            .await
-        },
+        run_until(&a_config, &a, stopped_a),
+        run_until(&b_config, &b, stopped_b),
         async {
             let consumed = || a_read.received() + b_read.received();
             wait_for("the first days consumed", 120, || {

@@ -66,14 +66,6 @@ impl AckInbox {
         }
     }
 
-    pub fn len(&self) -> usize {
-        self.lock().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, PendingAck>> {
         self.pending.lock().unwrap_or_else(|e| e.into_inner())
     }

@@ -326,17 +326,12 @@ impl AlertService {
 
     /// Acknowledgements no partition has settled yet.
     pub fn pending_acks(&self) -> Vec<PendingAck> {
-        if self.acks.is_empty() {
-            return Vec::new();
-        }
         self.acks.pending()
     }
 
     /// Acknowledgements a partition applied, or found their episode over.
     pub fn settle_acks(&self, alert_ids: &[String]) {
-        if !alert_ids.is_empty() {
-            self.acks.settle(alert_ids);
-        }
+        self.acks.settle(alert_ids);
     }
 
     /// Alerts matching `filter`, newest first (what `GET /api/alerts` lists).
@@ -581,17 +576,7 @@ impl AlertStage {
         let now = Utc::now();
         let mut decisions = Vec::new();
         if self.enabled {
-            let settled: Vec<String> = self
-                .service
-                .pending_acks()
-                .into_iter()
-                .filter(|a| {
-                    self.policy
-                        .acknowledge(&a.battery_id, &a.alert_id, &a.booking)
-                        != policy::AckOutcome::NotHere
-                })
-                .map(|a| a.alert_id)
-                .collect();
+            let (settled, _) = self.policy.settle(&self.service.pending_acks());
             self.service.settle_acks(&settled);
             for update in &batch {
                 decisions.extend(self.policy.observe(update, now));

@@ -13,7 +13,9 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::{Alert, AlertConfig, AlertStatus, DeliveryStatus, Severity, alert_id, iso_day};
+use super::{
+    Alert, AlertConfig, AlertStatus, DeliveryStatus, PendingAck, Severity, alert_id, iso_day,
+};
 use crate::forecasting::RiskUpdate;
 
 /// Lifetime may fall a little when late telemetry corrects a day; a fall this large
@@ -192,6 +194,21 @@ impl EpisodePolicy {
         }
         e.booked = Some(booking.clone());
         AckOutcome::Applied
+    }
+
+    /// Applies the acknowledgements that concern this policy's batteries; returns the
+    /// alert ids it settled (applied, or their episode is over) and how many it applied.
+    pub fn settle(&mut self, acks: &[PendingAck]) -> (Vec<String>, u64) {
+        let (mut settled, mut applied) = (Vec::new(), 0);
+        for ack in acks {
+            match self.acknowledge(&ack.battery_id, &ack.alert_id, &ack.booking) {
+                AckOutcome::NotHere => continue,
+                AckOutcome::Applied => applied += 1,
+                AckOutcome::Settled => {}
+            }
+            settled.push(ack.alert_id.clone());
+        }
+        (settled, applied)
     }
 
     /// Open episodes right now.
