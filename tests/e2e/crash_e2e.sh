@@ -10,8 +10,9 @@
 #     webhooks to head unit C;
 #  4. compared with the uninterrupted run: the archive (every raw record once, every
 #     closed battery-day once, equal values: `voltcast archive summary` digests), the
-#     alert logs (the same alert ids), and head unit C received each alert once and the
-#     same alerts as W.
+#     alert logs (the same alert ids), both surviving instances' APIs list every alert
+#     (the other instance's through the alerts topic: no event lost to a kill), and head
+#     unit C received each alert once and the same alerts as W.
 # Installs tansu into a cache folder outside the clone (once, ~15-20 minutes).
 # Usage: tests/e2e/crash_e2e.sh (from the repository root). CRASH_KILLS (default 20),
 # CRASH_BATTERIES / CRASH_DAYS (default 600 x 300) and CRASH_SEED tune it.
@@ -158,6 +159,12 @@ start b crash crash-shared 18282 18393
 b_pid=$instance_pid
 wait_done crash-shared "$rows" 18392 18393
 sleep 2
+# What each instance's API lists: its own alerts and, read from the alerts topic, the
+# other's (an alert decided only in a killed life of A reaches B's list only through the
+# topic, so each list holding every alert shows no alert event was lost to a kill).
+for api in 18392 18393; do
+  curl -fsS "http://127.0.0.1:$api/api/alerts?limit=1000000" >"$WORK/listed-$api.json" || echo '{"alerts":[]}' >"$WORK/listed-$api.json"
+done
 stop "$a_pid"
 stop "$b_pid"
 got=$(summary crash-shared)
@@ -193,6 +200,11 @@ def log_ids(*names):
 want_ids, got_ids = log_ids("whole"), log_ids("a", "b")
 if not want_ids:
     fail.append("the uninterrupted run raised no alert: the fleet is too small to test alerts")
+for api in (18392, 18393):
+    listed = {a["alert_id"] for a in json.load(open(f"{work}/listed-{api}.json"))["alerts"]}
+    if listed != want_ids:
+        fail.append(f"the API on {api} lists {len(listed)} alerts, not the {len(want_ids)} decided: "
+                    f"{len(want_ids - listed)} missing (their events never reached the alerts topic?)")
 if want_ids != got_ids:
     fail.append(f"alert logs differ: {len(got_ids - want_ids)} extra, {len(want_ids - got_ids)} missing")
 
