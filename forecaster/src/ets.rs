@@ -341,7 +341,8 @@ fn admissible(p: Params) -> bool {
         && (0.8..=0.98).contains(&p.phi)
 }
 
-fn search(y: &[f64], trend: Trend, period: usize, init: &Init) -> Params {
+/// The starting points of the search: every form's parameters on a coarse grid.
+fn grid(trend: Trend, period: usize) -> Vec<Params> {
     let alphas = [0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.7, 0.9];
     let beta_shares: &[f64] = if trend == Trend::None {
         &[0.0]
@@ -358,15 +359,6 @@ fn search(y: &[f64], trend: Trend, period: usize, init: &Init) -> Params {
     } else {
         &[0.0]
     };
-    let mut best = (
-        f64::INFINITY,
-        Params {
-            alpha: 0.1,
-            beta: 0.0,
-            gamma: 0.0,
-            phi: 0.98,
-        },
-    );
     let mut grid = Vec::with_capacity(alphas.len() * beta_shares.len() * phis.len() * gammas.len());
     for &alpha in &alphas {
         for &share in beta_shares {
@@ -382,6 +374,20 @@ fn search(y: &[f64], trend: Trend, period: usize, init: &Init) -> Params {
             }
         }
     }
+    grid
+}
+
+fn search(y: &[f64], trend: Trend, period: usize, init: &Init) -> Params {
+    let mut best = (
+        f64::INFINITY,
+        Params {
+            alpha: 0.1,
+            beta: 0.0,
+            gamma: 0.0,
+            phi: 0.98,
+        },
+    );
+    let grid = grid(trend, period);
     for (p, v) in grid.iter().zip(sse_batch(y, trend, period, init, &grid)) {
         if v < best.0 {
             best = (v, *p);
@@ -517,39 +523,8 @@ mod tests {
             let t: f64 = y.iter().map(|&v| m.step(v).powi(2)).sum();
             if t.is_finite() { t } else { f64::INFINITY }
         };
-        let grid = {
-            let mut g = Vec::new();
-            let shares: &[f64] = if trend == Trend::None {
-                &[0.0]
-            } else {
-                &[0.01, 0.05, 0.2, 0.5]
-            };
-            let phis: &[f64] = if trend == Trend::Damped {
-                &[0.8, 0.9, 0.95, 0.98]
-            } else {
-                &[0.98]
-            };
-            let gammas: &[f64] = if period > 0 {
-                &[0.0, 0.02, 0.05, 0.1, 0.2]
-            } else {
-                &[0.0]
-            };
-            for alpha in [0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.7, 0.9] {
-                for &share in shares {
-                    for &phi in phis {
-                        for &gamma in gammas {
-                            g.push(Params {
-                                alpha,
-                                beta: alpha * share,
-                                gamma: gamma.min(1.0 - alpha),
-                                phi,
-                            });
-                        }
-                    }
-                }
-            }
-            g
-        };
+        // The same starting points: what differs is how they are evaluated.
+        let grid = grid(trend, period);
         let mut best = (
             f64::INFINITY,
             Params {
