@@ -9,7 +9,6 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use datafusion::arrow::array::{
     ArrayRef, BooleanArray, Date32Array, Float64Array, RecordBatch, StringArray, UInt32Array,
@@ -226,32 +225,14 @@ pub fn forecast_fleet(
 ) -> Vec<BatteryForecast> {
     let mut fleet: Vec<BatteryView> = state.batteries().collect();
     fleet.sort_unstable_by(|a, b| a.id.cmp(b.id));
-    let next = AtomicUsize::new(0);
-    let mut out: Vec<(usize, BatteryForecast)> = std::thread::scope(|scope| {
-        let workers: Vec<_> = (0..threads.max(1))
-            .map(|_| {
-                scope.spawn(|| {
-                    let mut done = Vec::new();
-                    loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        if i >= fleet.len() {
-                            return done;
-                        }
-                        if let Some(f) = forecast_one(&fleet[i], selection, risk) {
-                            done.push((i, f));
-                        }
-                        progress();
-                    }
-                })
-            })
-            .collect();
-        workers
-            .into_iter()
-            .flat_map(|w| w.join().expect("forecast thread panicked"))
-            .collect()
-    });
-    out.sort_by_key(|(i, _)| *i);
-    out.into_iter().map(|(_, f)| f).collect()
+    crate::workers::in_order(fleet, threads, |battery| {
+        let forecast = forecast_one(&battery, selection, risk);
+        progress();
+        forecast
+    })
+    .into_iter()
+    .flatten()
+    .collect()
 }
 
 fn forecast_one(

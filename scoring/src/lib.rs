@@ -23,6 +23,7 @@ pub mod metrics;
 pub mod partition;
 pub mod pipeline;
 pub mod windows;
+pub mod workers;
 
 pub use config::{SourceKind, VoltcastConfig};
 pub use error::ScoringError;
