@@ -102,7 +102,7 @@ async fn chain(concurrency: usize) -> anyhow::Result<Chain> {
 
 /// A battery the policy raises an alert for at once.
 fn at_risk(b: usize) -> voltcast_scoring::forecasting::RiskUpdate {
-    use voltcast_scoring::forecaster::{FailureRisk, Forecast, ModelKind};
+    use voltcast_scoring::forecaster::{FailureRisk, ModelKind};
     voltcast_scoring::forecasting::RiskUpdate {
         battery_id: Arc::from(format!("B{b:06}")),
         vehicle_id: Some(Arc::from(format!("V{b:06}"))),
@@ -121,7 +121,7 @@ fn at_risk(b: usize) -> voltcast_scoring::forecasting::RiskUpdate {
             low_confidence: false,
             at_risk: true,
         },
-        forecast: Forecast::default(),
+        forecast: Default::default(),
         recent: Vec::new(),
         drivers: vec!["10.0 of 200 rated cycles left".into()],
     }

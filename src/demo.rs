@@ -214,7 +214,7 @@ pub async fn run(args: DemoArgs, config: VoltcastConfig) -> anyhow::Result<()> {
         report.received,
         report.rejected,
         report.windows.days_closed,
-        report.risks.len(),
+        report.batteries_forecast,
         raised,
         delivered,
         vehicles.len()

@@ -218,10 +218,9 @@ async fn run(config: VoltcastConfig) -> anyhow::Result<()> {
         seconds = format!("{:.2}", report.seconds),
         "run finished"
     );
-    let at_risk = report.risks.values().filter(|r| r.risk.at_risk).count();
     tracing::info!(
-        batteries_forecast = report.risks.len(),
-        at_risk,
+        batteries_forecast = report.batteries_forecast,
+        at_risk = report.at_risk.len(),
         daily_updates = report.forecast.updates,
         selections = report.forecast.selections,
         alerts = report.alerts,

@@ -279,14 +279,16 @@ async fn battery(State(s): State<ApiState>, Path(id): Path<String>) -> Response 
         .enumerate()
         .map(|(i, d)| json!({ "date": iso_day(first + i as i32), "cycles": d[0], "minutes": d[1], "trips": d[2] }))
         .collect();
-    let z = 1.644_853_626_951_472_2; // 90% two-sided
+    let z = 1.644_853_6_f32; // 90% two-sided
     let forecast: Vec<_> = u
         .forecast
-        .mean
+        .mean()
         .iter()
-        .zip(&u.forecast.sd)
+        .zip(u.forecast.sd())
         .enumerate()
         .map(|(i, (m, sd))| {
+            // In f32, as kept: JSON then shows the shortest digits that read back the same.
+            let (m, sd) = (*m, *sd);
             json!({
                 "date": iso_day(u.day + 1 + i as i32),
                 "cycles": m,

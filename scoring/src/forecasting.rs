@@ -46,11 +46,69 @@ pub struct RiskUpdate {
     pub model_version: u32,
     pub risk: FailureRisk,
     /// Daily cycles forecast over the risk horizon, with intervals.
-    pub forecast: Forecast,
+    pub forecast: ForecastBands,
     /// The last days (up to [`RECENT_DAYS`]) as cycles, minutes, trips; oldest first.
     pub recent: Vec<[f32; 3]>,
     /// What drives the forecast, strongest first (only when the risk is notable).
     pub drivers: Vec<String>,
+}
+
+/// A forecast as an assessment carries it: per day the mean, its sd and the sd of the
+/// sum so far, as `f32` in one allocation. The store keeps one assessment per battery
+/// for the API; three `Vec<f64>` made that 770 bytes a battery, this 376. Serialized with
+/// the fields of [`Forecast`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(from = "Forecast", into = "Forecast")]
+pub struct ForecastBands {
+    /// Means, then sds, then sum sds, each `horizon` long.
+    values: Box<[f32]>,
+}
+
+impl ForecastBands {
+    pub fn horizon(&self) -> usize {
+        self.values.len() / 3
+    }
+
+    /// Expected daily cycles, day 1..=horizon.
+    pub fn mean(&self) -> &[f32] {
+        &self.values[..self.horizon()]
+    }
+
+    /// Standard deviation of each day's value.
+    pub fn sd(&self) -> &[f32] {
+        let h = self.horizon();
+        &self.values[h..2 * h]
+    }
+
+    /// Standard deviation of the sum of days 1..=k, for k = 1..=horizon.
+    pub fn sum_sd(&self) -> &[f32] {
+        let h = self.horizon();
+        &self.values[2 * h..]
+    }
+}
+
+impl From<Forecast> for ForecastBands {
+    fn from(f: Forecast) -> Self {
+        // A forecast's three paths are one horizon long; a shorter one is cut to it.
+        let h = f.mean.len().min(f.sd.len()).min(f.sum_sd.len());
+        let path = |v: &[f64]| v[..h].iter().map(|x| *x as f32).collect::<Vec<_>>();
+        Self {
+            values: [path(&f.mean), path(&f.sd), path(&f.sum_sd)]
+                .concat()
+                .into(),
+        }
+    }
+}
+
+impl From<ForecastBands> for Forecast {
+    fn from(b: ForecastBands) -> Self {
+        let path = |v: &[f32]| v.iter().map(|x| f64::from(*x)).collect();
+        Forecast {
+            mean: path(b.mean()),
+            sd: path(b.sd()),
+            sum_sd: path(b.sum_sd()),
+        }
+    }
 }
 
 /// Battery maps are looked up once per closed day: foldhash rather than SipHash, since
@@ -435,7 +493,7 @@ fn assess(
         model: record.kind(),
         model_version: record.version,
         risk,
-        forecast,
+        forecast: forecast.into(),
         recent,
         drivers,
     }

@@ -496,7 +496,7 @@ mod tests {
                 low_confidence: false,
                 at_risk: probability >= 0.9,
             },
-            forecast: Forecast::default(),
+            forecast: Default::default(),
             recent: Vec::new(),
             drivers: Vec::new(),
         }

@@ -100,12 +100,27 @@ pub struct PartitionOutput {
     pub closed: Vec<RecordBatch>,
     /// Rows for days that had already closed.
     pub late: Vec<DeadLetter>,
-    /// Fresh assessments, each battery's in day order.
+    /// The newest fresh assessment of each battery that has one.
     pub risks: Vec<RiskUpdate>,
     /// Alert decisions, to carry out before the state that made them is checkpointed.
     pub decisions: Vec<Decision>,
     /// Batteries forgotten after a silence past the retention.
     pub evicted: Vec<Arc<str>>,
+}
+
+/// Adds `fresh` to `kept`, dropping an assessment when the next one is of the same
+/// battery. The policy has seen every day's; the store keeps only the latest, and a
+/// backlog's batch of 50,000 rows assessed each battery several times, each assessment
+/// with its forecast and recent days: most of a batch's memory. `take_closed` gives a
+/// battery's assessments one after another, in day order, so the newest stays; were a
+/// battery's to come apart, the store would still end on its newest.
+fn keep_newest(kept: &mut Vec<RiskUpdate>, fresh: Vec<RiskUpdate>) {
+    for risk in fresh {
+        match kept.last_mut() {
+            Some(last) if last.battery_id == risk.battery_id => *last = risk,
+            _ => kept.push(risk),
+        }
+    }
 }
 
 /// One partition's state and the work on it.
@@ -306,7 +321,10 @@ impl PartitionTask {
                     }
                 });
             }
-            output.risks.extend(risks);
+            if let Some(m) = metrics {
+                m.risk_updates.inc_by(risks.len() as u64);
+            }
+            keep_newest(&mut output.risks, risks);
         }
         self.times.forecasts += cpu;
     }

@@ -38,7 +38,7 @@ fn assessed(day: i32, probability: f64) -> RiskUpdate {
             low_confidence: false,
             at_risk: probability >= 0.9,
         },
-        forecast: Forecast::default(),
+        forecast: Default::default(),
         recent: Vec::new(),
         drivers: Vec::new(),
     }

@@ -42,7 +42,8 @@ fn at_risk(battery: usize) -> RiskUpdate {
             mean: vec![0.4; 30],
             sd: vec![0.05; 30],
             sum_sd: vec![0.1; 30],
-        },
+        }
+        .into(),
         recent: vec![[0.4, 160.0, 5.0]; 30],
         drivers: vec!["Driving time up 12% over the last 30 days".into()],
     }
@@ -290,13 +291,8 @@ async fn a_replayed_fleet_alerts_its_worn_batteries_once_each_on_their_head_unit
     let report = voltcast_scoring::pipeline::run(&config, std::future::pending())
         .await
         .unwrap();
-    assert_eq!(report.risks.len(), 150);
-    let at_risk: HashSet<&str> = report
-        .risks
-        .values()
-        .filter(|u| u.risk.at_risk)
-        .map(|u| &*u.battery_id)
-        .collect();
+    assert_eq!(report.batteries_forecast, 150);
+    let at_risk: HashSet<&str> = report.at_risk.iter().map(|id| &**id).collect();
     assert!(!at_risk.is_empty());
 
     let store = AlertStore::open(&dir.path().join("alerts")).unwrap();

@@ -40,7 +40,8 @@ fn update(
             mean: vec![0.3; 30],
             sd: vec![0.04; 30],
             sum_sd: vec![0.8; 30],
-        },
+        }
+        .into(),
         recent: vec![[0.3, 120.0, 4.0]; 30],
         drivers: vec!["8.0 of 200 rated cycles left".into()],
     }

@@ -186,3 +186,62 @@ async fn a_pipeline_started_on_a_backlog_gets_through_it() {
         "forecasts ran on the closed days"
     );
 }
+
+/// A backlog's batch closes many days per battery: the policy sees each day's
+/// assessment, but the batch hands on only each battery's newest (the store keeps no
+/// other), so a batch's assessments in flight are bounded by its batteries.
+#[test]
+fn a_batch_hands_on_one_assessment_per_battery_its_newest() {
+    use voltcast_scoring::forecasting::ForecastSettings;
+    use voltcast_scoring::partition::{PartitionSet, PartitionSettings};
+
+    let batch = fleet_batch(40, 60);
+    let mut settings = PartitionSettings::windows_only(WindowConfig::default());
+    settings.forecast = Some(ForecastSettings::new(
+        Default::default(),
+        Default::default(),
+    ));
+    settings.alerts.enabled = true;
+    let metrics = Arc::new(voltcast_scoring::metrics::Metrics::new(10));
+    let partitions = PartitionSet::on_sight(settings.clone(), Some(metrics.clone()));
+    let mut task = partitions.fresh_task(voltcast_scoring::checkpoint::PartitionKey {
+        topic: Arc::from("t"),
+        partition: 0,
+    });
+    let out = task
+        .apply(
+            &batch.rows,
+            &batch.positions[0],
+            voltcast_ingest::now_millis(),
+            &settings,
+            Some(&metrics),
+        )
+        .unwrap();
+    let assessed = metrics.risk_updates.get();
+    let mut newest = std::collections::HashMap::new();
+    for r in &out.risks {
+        assert!(
+            newest.insert(r.battery_id.clone(), r.day).is_none(),
+            "{} handed on twice",
+            r.battery_id
+        );
+    }
+    let last_closed = out
+        .closed
+        .iter()
+        .flat_map(|b| voltcast_scoring::windows::daily::closed_rows(b).unwrap())
+        .map(|row| row.day)
+        .max()
+        .unwrap();
+    assert_eq!(newest.len(), 40, "every battery has an assessment");
+    assert!(
+        assessed > 10 * newest.len() as u64,
+        "{assessed} assessments made"
+    );
+    // Batteries far from their rating are assessed on one day a week, their own.
+    let week = voltcast_scoring::forecaster::QUIET_ASSESS_EVERY_DAYS as i32;
+    assert!(
+        newest.values().all(|day| *day > last_closed - week),
+        "each battery's newest assessment (last closed day {last_closed}) is the one handed on: {newest:?}"
+    );
+}

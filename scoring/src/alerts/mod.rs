@@ -532,7 +532,6 @@ impl AlertService {
                 tracing::error!(error = %e, "alert not recorded");
             }
         }
-        self.metrics.risk_updates.inc_by(updates.len() as u64);
         let mut store = self.lock();
         for update in updates {
             store.set_latest(update);
@@ -582,6 +581,7 @@ impl AlertStage {
                 decisions.extend(self.policy.observe(update, now));
             }
         }
+        self.service.metrics.risk_updates.inc_by(batch.len() as u64);
         self.service.record(decisions, batch, &[]);
     }
 }

@@ -74,7 +74,8 @@ pub fn daily_schema() -> SchemaRef {
 /// day, ~400 ns each), which alone capped the stage near 35k rows/s. The window stage
 /// reads the same means off the end of each history as it closes days; this is the
 /// definition that computation is tested against, and serves batch scoring over whole
-/// series.
+/// series. It reads the histories' cycles, kept as half floats, so it agrees with the
+/// stream's means (from the newest days' `f32` copy) to about 1 part in 2,000.
 pub async fn rolling_means_sql<'a>(
     ctx: &SessionContext,
     history_of: &dyn Fn(&str) -> Option<&'a BatteryHistory>,
