@@ -53,6 +53,18 @@ pub struct RiskUpdate {
     pub drivers: Vec<String>,
 }
 
+impl RiskUpdate {
+    /// Drops what only the API reads (the forecast and the recent days) from an
+    /// assessment that a newer one of the same battery and batch supersedes: the alert
+    /// policy, which sees every day's, reads neither, and the store keeps the newest
+    /// alone. On a backlog a batch assesses each battery several times, and these held
+    /// most of the batch's memory until it was carried out.
+    pub fn keep_decision_only(&mut self) {
+        self.forecast = ForecastBands::default();
+        self.recent = Vec::new();
+    }
+}
+
 /// A forecast as an assessment carries it: per day the mean, its sd and the sd of the
 /// sum so far, as `f32` in one allocation. The store keeps one assessment per battery
 /// for the API; three `Vec<f64>` made that 770 bytes a battery, this 376. Serialized with
@@ -259,8 +271,12 @@ impl BatteryModels {
             let mut cpu = std::time::Duration::ZERO;
             crate::memory::on_cpu(&mut cpu, || {
                 for (id, model, days) in chunk.iter_mut() {
+                    let first = out.updates.len();
                     for &i in days.iter() {
                         model.take_day(id, &rows[i], windows, settings, &mut out);
+                    }
+                    if let Some((_, older)) = out.updates[first..].split_last_mut() {
+                        older.iter_mut().for_each(RiskUpdate::keep_decision_only);
                     }
                 }
             });

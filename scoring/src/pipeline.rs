@@ -85,6 +85,10 @@ pub struct WindowStageTimes {
 /// Below this many rows a batch's partitions are worked on one after another.
 const PARALLEL_MIN_ROWS: usize = 4_096;
 
+/// How often a stage without checkpoints releases free memory: the checkpoint interval's
+/// default, the time a checkpoint would have done it.
+const RELEASE_MEMORY_EVERY: Duration = Duration::from_secs(10);
+
 /// The streaming job as a sink: each partition's rows go to the partition's task
 /// (windows, forecasts, alert policy, archive), in parallel across partitions; then, in
 /// order, late rows to the dead-letter queue, alert decisions to the alert service;
@@ -101,6 +105,7 @@ pub struct PartitionStage {
     /// Closed days, also handed here (tests and tools).
     closed_tap: Option<std::sync::mpsc::Sender<RecordBatch>>,
     checkpoint_every: Option<Duration>,
+    /// The last checkpoint, or without checkpoints the last release of free pages.
     last_checkpoint: Instant,
     metrics: Option<Arc<Metrics>>,
     pub tally: BatchTally,
@@ -153,6 +158,16 @@ impl PartitionStage {
         self.last_checkpoint = Instant::now();
         self.times.checkpoint += started.elapsed();
         Ok(durable)
+    }
+
+    /// Without checkpoints (a file replay), returns the allocator's free pages as often
+    /// as a checkpoint would: each checkpoint does, and a replay without them kept about
+    /// 650 bytes per battery resident for nothing.
+    fn release_memory_now_and_then(&mut self) {
+        if self.last_checkpoint.elapsed() >= RELEASE_MEMORY_EVERY {
+            crate::memory::release_free_pages();
+            self.last_checkpoint = Instant::now();
+        }
     }
 
     /// End of a finite input: close every open window.
@@ -320,6 +335,7 @@ impl BatchSink for PartitionStage {
         self.refresh_metrics(batch.rows.num_rows(), started);
         let positions = self.tally.accept(batch).await?;
         let Some(every) = self.checkpoint_every else {
+            self.release_memory_now_and_then();
             return Ok(positions);
         };
         if self.last_checkpoint.elapsed() < every {

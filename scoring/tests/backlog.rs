@@ -234,6 +234,13 @@ fn a_batch_hands_on_one_assessment_per_battery_its_newest() {
         .max()
         .unwrap();
     assert_eq!(newest.len(), 40, "every battery has an assessment");
+    // Older assessments lose their forecast and recent days; the newest keeps them.
+    assert!(
+        out.risks
+            .iter()
+            .all(|r| r.forecast.horizon() == 30 && r.recent.len() == 30),
+        "an assessment handed on without its forecast or recent days"
+    );
     assert!(
         assessed > 10 * newest.len() as u64,
         "{assessed} assessments made"
