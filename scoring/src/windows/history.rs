@@ -232,7 +232,7 @@ impl BatteryHistory {
         }
         if self.days.len() == self.days.capacity() {
             // Double as usual, but never past the retention: doubling 730 days would
-            // reserve 1024 and put a full history over its 8 KB budget.
+            // reserve 1024, 40% of a full history for nothing.
             let want = (self.days.capacity() * 2).clamp(8, retention.max(1) + 1) - self.days.len();
             self.days.reserve_exact(want);
         }
