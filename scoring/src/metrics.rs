@@ -473,7 +473,7 @@ impl Collector for DaysToEol {
 mod tests {
     use std::sync::Arc;
 
-    use voltcast_forecaster::{FailureRisk, Forecast, ModelKind};
+    use voltcast_forecaster::{FailureRisk, ModelKind};
 
     use super::*;
 

@@ -11,7 +11,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::mocking::MockCluster;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
-use voltcast_forecaster::{FailureRisk, Forecast, ModelKind};
+use voltcast_forecaster::{FailureRisk, ModelKind};
 use voltcast_scoring::alerts::publish::{AlertPublisher, EventOutbox, HEADER_EVENT_ID};
 use voltcast_scoring::alerts::{AlertConfig, AlertService, AlertStore, Decision, EpisodePolicy};
 use voltcast_scoring::forecasting::RiskUpdate;

@@ -284,29 +284,31 @@ async fn an_ack_on_any_instance_reaches_the_owners_episode() {
     // store), and every escalation of a booked episode in B's own log says so.
     let applied = b.alerts.metrics().alert_acks_applied.get();
     assert!(applied >= 1, "B applied {applied} bookings");
-    let store = b.alerts.store.lock().unwrap();
-    let mut escalations = 0;
-    for id in &acked {
-        let warning = store.get(id).unwrap().clone();
-        let next = store.alerts().find(|x| {
-            x.battery_id == warning.battery_id
-                && x.episode == warning.episode
-                && x.severity == Severity::Critical
-                && store.recorded(&x.alert_id).is_some()
-        });
-        if let Some(critical) = next {
-            escalations += 1;
-            assert!(
-                critical.service_booked_at.is_some() && critical.message.contains("booked"),
-                "escalation of a booked episode: {critical:?}"
-            );
+    let escalations = {
+        let store = b.alerts.store.lock().unwrap();
+        let mut escalations = 0;
+        for id in &acked {
+            let warning = store.get(id).unwrap().clone();
+            let next = store.alerts().find(|x| {
+                x.battery_id == warning.battery_id
+                    && x.episode == warning.episode
+                    && x.severity == Severity::Critical
+                    && store.recorded(&x.alert_id).is_some()
+            });
+            if let Some(critical) = next {
+                escalations += 1;
+                assert!(
+                    critical.service_booked_at.is_some() && critical.message.contains("booked"),
+                    "escalation of a booked episode: {critical:?}"
+                );
+            }
         }
-    }
+        escalations
+    };
     assert!(
         escalations > 0,
         "no booked episode escalated: pick more days"
     );
-    drop(store);
     a.finish(Duration::from_secs(1)).await;
     b.finish(Duration::from_secs(1)).await;
 }

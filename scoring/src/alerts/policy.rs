@@ -354,7 +354,7 @@ fn build_alert(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use voltcast_forecaster::{FailureRisk, Forecast, ModelKind};
+    use voltcast_forecaster::{FailureRisk, ModelKind};
 
     /// One scripted day of battery "B1": probability and days to end of life.
     fn day(day: i32, age: i32, lifetime: f64, probability: f64, days_to_eol: u32) -> RiskUpdate {

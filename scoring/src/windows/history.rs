@@ -63,9 +63,27 @@ pub struct BatteryHistory {
 
 /// The newest [`RECENT`] days' cycles, newest at `next - 1`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(from = "RecentRecord")]
 struct RecentCycles {
     cycles: [f32; RECENT],
     next: u8,
+}
+
+/// A checkpointed [`RecentCycles`], whose `next` is brought back into the ring (a
+/// damaged checkpoint must not index past it).
+#[derive(Deserialize)]
+struct RecentRecord {
+    cycles: [f32; RECENT],
+    next: u8,
+}
+
+impl From<RecentRecord> for RecentCycles {
+    fn from(r: RecentRecord) -> Self {
+        Self {
+            cycles: r.cycles,
+            next: r.next % RECENT as u8,
+        }
+    }
 }
 
 const RECENT: usize = 30;
@@ -441,6 +459,25 @@ mod tests {
         }
         // Past the largest half float: the largest, not infinity.
         assert_eq!(minutes_of(&pack(1.0, 1e6, 0)), 65_504.0);
+    }
+
+    #[test]
+    fn a_damaged_ring_position_is_brought_back_into_the_ring() {
+        #[derive(Serialize)]
+        struct Damaged {
+            cycles: [f32; RECENT],
+            next: u8,
+        }
+        let bytes = postcard::to_allocvec(&Damaged {
+            cycles: [1.0; RECENT],
+            next: 200,
+        })
+        .unwrap();
+        let mut recent: RecentCycles = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!(recent.next, 200 % RECENT as u8);
+        recent.push(4.0);
+        assert_eq!(recent.mean(1), 4.0);
+        assert_eq!(recent.mean(30), (29.0 + 4.0) / 30.0);
     }
 
     #[test]
