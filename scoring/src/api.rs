@@ -286,9 +286,8 @@ async fn battery(State(s): State<ApiState>, Path(id): Path<String>) -> Response 
         .iter()
         .zip(u.forecast.sd())
         .enumerate()
-        .map(|(i, (m, sd))| {
-            // In f32, as kept: JSON then shows the shortest digits that read back the same.
-            let (m, sd) = (*m, *sd);
+        // In f32, as kept: JSON then shows the shortest digits that read back the same.
+        .map(|(i, (&m, &sd))| {
             json!({
                 "date": iso_day(u.day + 1 + i as i32),
                 "cycles": m,

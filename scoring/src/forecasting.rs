@@ -102,12 +102,11 @@ impl ForecastBands {
 impl From<Forecast> for ForecastBands {
     fn from(f: Forecast) -> Self {
         // A forecast's three paths are one horizon long; a shorter one is cut to it.
+        // One allocation: this runs for every assessment, 40 M on a 100,000 x 730 replay.
         let h = f.mean.len().min(f.sd.len()).min(f.sum_sd.len());
-        let path = |v: &[f64]| v[..h].iter().map(|x| *x as f32).collect::<Vec<_>>();
+        let paths = f.mean[..h].iter().chain(&f.sd[..h]).chain(&f.sum_sd[..h]);
         Self {
-            values: [path(&f.mean), path(&f.sd), path(&f.sum_sd)]
-                .concat()
-                .into(),
+            values: paths.map(|x| *x as f32).collect(),
         }
     }
 }

@@ -130,7 +130,8 @@ fn lane_sum(values: &[f32]) -> f64 {
     (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]) + rest
 }
 
-/// Packed days as their 5 bytes each, not as a sequence of sequences.
+/// Packed days as one sequence of their bytes, not a sequence of sequences: postcard
+/// writes a length and then the bytes, as it would a byte string.
 mod fixed_width {
     use std::collections::VecDeque;
 
@@ -140,12 +141,10 @@ mod fixed_width {
 
     pub fn serialize<S: Serializer>(days: &VecDeque<PackedDay>, s: S) -> Result<S::Ok, S::Error> {
         let (a, b) = days.as_slices();
-        s.serialize_bytes(&[a.as_flattened(), b.as_flattened()].concat())
+        s.collect_seq(a.as_flattened().iter().chain(b.as_flattened()))
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<VecDeque<PackedDay>, D::Error> {
-        // A `Vec<u8>` reads what `serialize_bytes` wrote (postcard: a length, then the
-        // bytes), borrowed input or not.
         let bytes = Vec::<u8>::deserialize(d)?;
         let (days, rest) = bytes.as_chunks::<5>();
         if !rest.is_empty() {
