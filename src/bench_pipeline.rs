@@ -289,14 +289,21 @@ async fn measure(config: VoltcastConfig, total: Option<u64>) -> anyhow::Result<(
     // Milliseconds after `started` of the first message, and the most memory seen.
     let first_ms = Arc::new(AtomicU64::new(u64::MAX));
     let peak = Arc::new(AtomicU64::new(rss_before as u64));
+    let heap = Arc::new(std::sync::Mutex::new(HeapSample::default()));
     let watch = {
         let (counters, first_ms, peak) = (counters.clone(), first_ms.clone(), peak.clone());
+        let heap = heap.clone();
         tokio::spawn(async move {
+            let mut tick = 0u64;
             loop {
                 if counters.received() > 0 && first_ms.load(Ordering::Relaxed) == u64::MAX {
                     first_ms.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
                 }
                 peak.fetch_max(crate::bench::resident_bytes() as u64, Ordering::Relaxed);
+                if tick.is_multiple_of(200) {
+                    heap.lock().expect("heap sample").offer();
+                }
+                tick += 1;
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
         })
@@ -329,7 +336,37 @@ async fn measure(config: VoltcastConfig, total: Option<u64>) -> anyhow::Result<(
         rss_before,
         peak.load(Ordering::Relaxed) as usize,
     );
+    let heap = *heap.lock().expect("heap sample");
+    if let Some(stats) = heap.stats {
+        println!(
+            "bench pipeline heap at the most resident of the once-a-second samples ({:.0} MB): {:.0} MB in use ({:.0} bytes per battery), {:.0} MB free inside the allocator",
+            heap.resident as f64 / 1e6,
+            stats.in_use as f64 / 1e6,
+            stats.in_use as f64 / report.tally.batteries.len().max(1) as f64,
+            stats.free_held as f64 / 1e6,
+        );
+    }
     Ok(())
+}
+
+/// The allocator's split (in use, free inside it) at the most resident moment sampled:
+/// whether a peak is live data or fragmentation.
+#[derive(Debug, Default, Clone, Copy)]
+struct HeapSample {
+    resident: usize,
+    stats: Option<voltcast_scoring::memory::AllocatorStats>,
+}
+
+impl HeapSample {
+    fn offer(&mut self) {
+        let resident = crate::bench::resident_bytes();
+        if resident >= self.resident {
+            *self = Self {
+                resident,
+                stats: voltcast_scoring::memory::allocator_stats(),
+            };
+        }
+    }
 }
 
 /// `times`: seconds after the start of the first message and of the end, and the

@@ -85,6 +85,10 @@ pub struct PartitionArchive {
     prefix: String,
     /// Files wait for a checkpoint (None: written straight into place).
     staged: Option<Vec<String>>,
+    /// Days the end of the input has closed so far: it closes them one at a time, and a
+    /// day's gap-filled rows may fall on a date an earlier one wrote, so each needs
+    /// names of its own.
+    closed_at_end: u32,
 }
 
 impl PartitionArchive {
@@ -94,6 +98,7 @@ impl PartitionArchive {
             root: archive.root.clone(),
             prefix: format!("{}-p{}", file_safe(&key.topic), key.partition),
             staged: staged.then(Vec::new),
+            closed_at_end: 0,
         }
     }
 
@@ -131,7 +136,10 @@ impl PartitionArchive {
             .collect();
         let name = match to {
             Some(to) => format!("{}-o{from}-{to}.parquet", self.prefix),
-            None => format!("{}-o{from}-end.parquet", self.prefix),
+            None => {
+                self.closed_at_end += 1;
+                format!("{}-o{from}-end{}.parquet", self.prefix, self.closed_at_end)
+            }
         };
         self.write("daily", rows, &days, &name)
     }

@@ -57,3 +57,26 @@ pub fn on_cpu<T>(spent: &mut std::time::Duration, work: impl FnOnce() -> T) -> T
     *spent += thread_cpu_time().saturating_sub(started);
     out
 }
+
+/// What the allocator holds: bytes handed out and bytes free inside its arenas (glibc
+/// only; `None` elsewhere). The gap between resident memory and `in_use` is what
+/// fragmentation costs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AllocatorStats {
+    pub in_use: usize,
+    pub free_held: usize,
+}
+
+pub fn allocator_stats() -> Option<AllocatorStats> {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallinfo2 only reads the allocator's own bookkeeping.
+        let m = unsafe { libc::mallinfo2() };
+        return Some(AllocatorStats {
+            in_use: m.uordblks + m.hblkhd,
+            free_held: m.fordblks,
+        });
+    }
+    #[allow(unreachable_code)]
+    None
+}

@@ -269,14 +269,17 @@ impl PartitionTask {
         output.evicted = evicted;
     }
 
-    /// Closes every open window (end of a finite input).
-    pub fn finish(
+    /// Closes the oldest open day (end of a finite input); None when no day is open.
+    /// The caller carries each day's output out before asking for the next.
+    pub fn finish_oldest_day(
         &mut self,
         settings: &PartitionSettings,
         metrics: Option<&Metrics>,
-    ) -> Result<PartitionOutput, ScoringError> {
+    ) -> Result<Option<PartitionOutput>, ScoringError> {
         let windows = &mut self.windows;
-        let out = on_cpu(&mut self.times.windows, || windows.close_all_output())?;
+        let Some(out) = on_cpu(&mut self.times.windows, || windows.close_oldest_output())? else {
+            return Ok(None);
+        };
         self.dirty = true;
         if let Some(archive) = &mut self.archive {
             for batch in &out.closed {
@@ -289,7 +292,7 @@ impl PartitionTask {
         };
         self.forecast(&mut output, settings, metrics);
         self.forget(out.evicted, settings, &mut output);
-        Ok(output)
+        Ok(Some(output))
     }
 
     /// Forecasts on the closed days, and the alert policy on the fresh risks.

@@ -170,21 +170,30 @@ impl PartitionStage {
         }
     }
 
-    /// End of a finite input: close every open window.
+    /// End of a finite input: close every open window, a day at a time, each day's
+    /// output carried out before the next day closes.
     pub async fn finish(&mut self) -> Result<(), ScoringError> {
-        let outputs = {
-            let partitions = self.partitions.clone();
-            let mut tasks = partitions.lock();
-            off_runtime(|| {
-                tasks
-                    .values_mut()
-                    .map(|task| task.finish(&partitions.settings, partitions.metrics()))
-                    .collect::<Result<Vec<_>, _>>()
-            })?
-        };
-        self.carry_out(outputs)
-            .await
-            .map_err(|e| voltcast_ingest::IngestError::Sink(e).into())
+        loop {
+            let outputs = {
+                let partitions = self.partitions.clone();
+                let mut tasks = partitions.lock();
+                off_runtime(|| {
+                    tasks
+                        .values_mut()
+                        .filter_map(|task| {
+                            task.finish_oldest_day(&partitions.settings, partitions.metrics())
+                                .transpose()
+                        })
+                        .collect::<Result<Vec<_>, _>>()
+                })?
+            };
+            if outputs.is_empty() {
+                return Ok(());
+            }
+            self.carry_out(outputs)
+                .await
+                .map_err(voltcast_ingest::IngestError::Sink)?;
+        }
     }
 
     /// Runs each partition's rows through its task.

@@ -59,7 +59,8 @@ async fn raw_rows_and_closed_days_are_archived_by_date() {
         ..PartitionSettings::windows_only(WindowConfig::default())
     };
     let partitions = Arc::new(PartitionSet::on_sight(settings, None));
-    let mut stage = PartitionStage::new(partitions, late);
+    let (tap, closed) = std::sync::mpsc::channel();
+    let mut stage = PartitionStage::new(partitions, late).with_closed_tap(tap);
     let (dlq, _) = DeadLetterQueue::memory();
     let counters = Arc::new(IngestCounters::default());
     let source = FileSource::new(
@@ -77,7 +78,27 @@ async fn raw_rows_and_closed_days_are_archived_by_date() {
         dlq,
     );
     source.run(&mut stage).await.unwrap();
+    let streamed = closed.try_iter().count();
     stage.finish().await.unwrap();
+    // The end of the input closes the days still open one at a time (each carried out
+    // before the next closes), newest day last.
+    let newest_days: Vec<i32> = closed
+        .try_iter()
+        .map(|b| {
+            let days = b
+                .column_by_name("day")
+                .unwrap()
+                .as_any()
+                .downcast_ref::<datafusion::arrow::array::Date32Array>()
+                .unwrap();
+            days.values().iter().copied().max().unwrap()
+        })
+        .collect();
+    assert!(streamed > 0 && newest_days.len() >= 2, "{newest_days:?}");
+    assert!(
+        newest_days.windows(2).all(|w| w[0] < w[1]),
+        "{newest_days:?}"
+    );
 
     let (raw_files, raw_rows, raw_parts) = read_all(&dir.path().join("archive/raw"));
     assert_eq!(

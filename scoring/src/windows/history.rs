@@ -130,6 +130,28 @@ fn lane_sum(values: &[f32]) -> f64 {
     (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]) + rest
 }
 
+/// Days a ring has room for when it grows from `capacity`: a first small ring, then room
+/// for the whole retention (plus the day pushed before the oldest goes) at once.
+///
+/// Why not double: a fleet's rings grow in step, and each growth frees the old buffer
+/// between allocations that stay. Doubling to 730 days freed buffers of 8, 16, ... 512
+/// days per battery through the heap, each too small for any later ring. A 16-day first
+/// ring frees one 80-byte buffer, a size the allocator's small allocations reuse. A full
+/// history is the same size either way (the retention plus one day). The cost: from its
+/// 17th day a battery holds the whole ring, so an instance reaches its full-history
+/// memory within weeks rather than creeping up to it over two years.
+fn ring_capacity(capacity: usize, retention: usize) -> usize {
+    let full = retention.max(1) + 1;
+    if capacity < FIRST_RING_DAYS {
+        FIRST_RING_DAYS.min(full)
+    } else {
+        full
+    }
+}
+
+/// A young battery's ring: small, so that a fleet seen for a few days stays small.
+const FIRST_RING_DAYS: usize = 16;
+
 /// Packed days as one sequence of their bytes, not a sequence of sequences: postcard
 /// writes a length and then the bytes, as it would a byte string.
 mod fixed_width {
@@ -153,7 +175,11 @@ mod fixed_width {
                 &"a whole number of 5-byte days",
             ));
         }
-        Ok(days.iter().copied().collect())
+        // Room for the next day: a full history then never grows again (growing would
+        // free this buffer into a hole of the heap, for every battery restored).
+        let mut ring = VecDeque::with_capacity(days.len() + 1);
+        ring.extend(days.iter().copied());
+        Ok(ring)
     }
 }
 
@@ -248,10 +274,11 @@ impl BatteryHistory {
             self.first_day = v.day;
         }
         if self.days.len() == self.days.capacity() {
-            // Double as usual, but never past the retention: doubling 730 days would
-            // reserve 1024, 40% of a full history for nothing.
-            let want = (self.days.capacity() * 2).clamp(8, retention.max(1) + 1) - self.days.len();
-            self.days.reserve_exact(want);
+            // At least one more: a restored ring may be longer than a retention since
+            // lowered, and trims to it only after this push.
+            let len = self.days.len();
+            self.days
+                .reserve_exact(ring_capacity(self.days.capacity(), retention).max(len + 1) - len);
         }
         // The history keeps whole trips a day (what a model needs); the closed-day row
         // keeps the exact sum.
@@ -407,6 +434,36 @@ mod tests {
         assert_eq!(h.len(), 730);
         assert_eq!(h.cycles().next().unwrap().0, 270);
         assert!(h.footprint() <= 4 * 1024, "{} bytes", h.footprint());
+    }
+
+    #[test]
+    fn a_ring_grows_twice_to_the_retention_and_a_restored_one_not_again() {
+        let mut h = BatteryHistory::default();
+        let mut out = Vec::new();
+        let mut capacities = vec![h.days.capacity()];
+        for d in 0..800 {
+            h.close_day(obs(d, 0.15, d as f64 * 0.15), 730, &mut out);
+            if capacities.last() != Some(&h.days.capacity()) {
+                capacities.push(h.days.capacity());
+            }
+        }
+        // Each growth frees a buffer into the heap: two small ones, not ten.
+        assert_eq!(capacities, vec![0, FIRST_RING_DAYS, 731]);
+
+        let bytes = postcard::to_allocvec(&h).unwrap();
+        let mut restored: BatteryHistory = postcard::from_bytes(&bytes).unwrap();
+        assert_eq!(restored, h);
+        let capacity = restored.days.capacity();
+        restored.close_day(obs(800, 0.15, 120.0), 730, &mut out);
+        assert_eq!(restored.days.capacity(), capacity);
+        assert_eq!(restored.len(), 730);
+
+        // A ring restored under a lower retention still takes the day, then trims.
+        let mut shorter: BatteryHistory = postcard::from_bytes(&bytes).unwrap();
+        for d in 800..803 {
+            shorter.close_day(obs(d, 0.15, 120.0), 365, &mut out);
+        }
+        assert_eq!(shorter.len(), 365);
     }
 
     #[test]

@@ -489,6 +489,25 @@ impl DailyWindows {
         self.run(&empty, late_before, Some(last + 1), None)
     }
 
+    /// Closes the oldest open day, if any is open. The end of a finite input closes its
+    /// days one at a time, so that one day's assessments are carried out before the next
+    /// day's are made: closing the last days of 100,000 batteries at once held them all.
+    pub fn close_oldest_output(&mut self) -> Result<Option<WindowOutput>, WindowError> {
+        let oldest = self
+            .state
+            .shards
+            .iter()
+            .filter_map(|s| s.open.first_day())
+            .min();
+        let Some(oldest) = oldest else {
+            return Ok(None);
+        };
+        let empty = RecordBatch::new_empty(voltcast_ingest::schema::telemetry_schema());
+        let late_before = self.state.closed_before;
+        self.run(&empty, late_before, Some(oldest + 1), None)
+            .map(Some)
+    }
+
     fn run(
         &mut self,
         rows: &RecordBatch,

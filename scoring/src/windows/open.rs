@@ -20,8 +20,10 @@ use super::DayPartial;
 
 const NO_WINDOW: u32 = u32::MAX;
 
-/// Emptied days kept for reuse: about as many as are open at once.
-const MAX_SPARE_DAYS: usize = 3;
+/// Emptied days kept for reuse. One is enough for a stream, which opens a day about
+/// when it closes one; each more held a whole fleet's windows (18 MB at 100,000
+/// batteries) resident for nothing.
+const MAX_SPARE_DAYS: usize = 1;
 
 /// One open UTC day: a window per battery that has reported on it.
 #[derive(Debug, Clone, Default)]
@@ -130,6 +132,10 @@ impl OpenWindows {
             .rev()
             .find(|d| d.day == day)?
             .get_mut(battery)
+    }
+
+    pub fn first_day(&self) -> Option<i32> {
+        self.days.front().map(|d| d.day)
     }
 
     pub fn last_day(&self) -> Option<i32> {
