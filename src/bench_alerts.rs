@@ -122,8 +122,8 @@ fn at_risk(b: usize) -> voltcast_scoring::forecasting::RiskUpdate {
             at_risk: true,
         },
         forecast: Default::default(),
-        recent: Vec::new(),
-        drivers: vec!["10.0 of 200 rated cycles left".into()],
+        recent: Default::default(),
+        drivers: ["10.0 of 200 rated cycles left"].into_iter().collect(),
     }
 }
 

@@ -283,11 +283,10 @@ async fn battery(State(s): State<ApiState>, Path(id): Path<String>) -> Response 
     let forecast: Vec<_> = u
         .forecast
         .mean()
-        .iter()
         .zip(u.forecast.sd())
         .enumerate()
         // In f32, as kept: JSON then shows the shortest digits that read back the same.
-        .map(|(i, (&m, &sd))| {
+        .map(|(i, (m, sd))| {
             json!({
                 "date": iso_day(u.day + 1 + i as i32),
                 "cycles": m,

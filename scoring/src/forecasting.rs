@@ -29,7 +29,8 @@ use voltcast_forecaster::{
     QUIET_ASSESS_EVERY_DAYS, RiskConfig, SelectionConfig, Standing, Upkeep, refit, select,
 };
 
-use crate::windows::{WindowState, daily};
+use crate::lines::TextLines;
+use crate::windows::{PackedDays, WindowState, daily};
 
 /// A battery's latest assessment.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -48,9 +49,9 @@ pub struct RiskUpdate {
     /// Daily cycles forecast over the risk horizon, with intervals.
     pub forecast: ForecastBands,
     /// The last days (up to [`RECENT_DAYS`]) as cycles, minutes, trips; oldest first.
-    pub recent: Vec<[f32; 3]>,
+    pub recent: PackedDays,
     /// What drives the forecast, strongest first (only when the risk is notable).
-    pub drivers: Vec<String>,
+    pub drivers: TextLines,
 }
 
 impl RiskUpdate {
@@ -61,42 +62,58 @@ impl RiskUpdate {
     /// most of the batch's memory until it was carried out.
     pub fn keep_decision_only(&mut self) {
         self.forecast = ForecastBands::default();
-        self.recent = Vec::new();
+        self.recent = PackedDays::default();
     }
 }
 
-/// A forecast as an assessment carries it: per day the mean, its sd and the sd of the
-/// sum so far, as `f32` in one allocation. The store keeps one assessment per battery
-/// for the API; three `Vec<f64>` made that 770 bytes a battery, this 376. Serialized with
-/// the fields of [`Forecast`].
+/// A forecast as an assessment carries it, in one allocation: per day the mean as `f32`,
+/// then per day its sd and the sd of the sum so far as IEEE half floats. The store keeps
+/// one assessment per battery for the API (and a batch's newest are alive beside them):
+/// three `Vec<f64>` made that 770 bytes a battery, `f32` throughout 376, this 256. The
+/// spreads only draw the API's intervals (the risk is computed before, in `f64`), where
+/// 11 significant bits are far finer than the spreads are known. Serialized with the
+/// fields of [`Forecast`].
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(from = "Forecast", into = "Forecast")]
 pub struct ForecastBands {
-    /// Means, then sds, then sum sds, each `horizon` long.
-    values: Box<[f32]>,
+    /// `horizon` little-endian `f32` means, then `horizon` half-float sds, then
+    /// `horizon` half-float sum sds.
+    bytes: Box<[u8]>,
 }
+
+/// IEEE half float (arrow's, as the history's days).
+type Half = <datafusion::arrow::datatypes::Float16Type as datafusion::arrow::datatypes::ArrowPrimitiveType>::Native;
+
+/// Bytes a day of the horizon takes in [`ForecastBands`].
+const BAND_DAY_BYTES: usize = 4 + 2 + 2;
 
 impl ForecastBands {
     pub fn horizon(&self) -> usize {
-        self.values.len() / 3
+        self.bytes.len() / BAND_DAY_BYTES
     }
 
     /// Expected daily cycles, day 1..=horizon.
-    pub fn mean(&self) -> &[f32] {
-        &self.values[..self.horizon()]
+    pub fn mean(&self) -> impl ExactSizeIterator<Item = f32> + '_ {
+        let (means, _) = self.bytes[..4 * self.horizon()].as_chunks::<4>();
+        means.iter().map(|b| f32::from_le_bytes(*b))
     }
 
     /// Standard deviation of each day's value.
-    pub fn sd(&self) -> &[f32] {
+    pub fn sd(&self) -> impl ExactSizeIterator<Item = f32> + '_ {
         let h = self.horizon();
-        &self.values[h..2 * h]
+        halves(&self.bytes[4 * h..6 * h])
     }
 
     /// Standard deviation of the sum of days 1..=k, for k = 1..=horizon.
-    pub fn sum_sd(&self) -> &[f32] {
+    pub fn sum_sd(&self) -> impl ExactSizeIterator<Item = f32> + '_ {
         let h = self.horizon();
-        &self.values[2 * h..]
+        halves(&self.bytes[6 * h..8 * h])
     }
+}
+
+fn halves(bytes: &[u8]) -> impl ExactSizeIterator<Item = f32> + '_ {
+    let (values, _) = bytes.as_chunks::<2>();
+    values.iter().map(|b| Half::from_le_bytes(*b).to_f32())
 }
 
 impl From<Forecast> for ForecastBands {
@@ -104,20 +121,28 @@ impl From<Forecast> for ForecastBands {
         // A forecast's three paths are one horizon long; a shorter one is cut to it.
         // One allocation: this runs for every assessment, 40 M on a 100,000 x 730 replay.
         let h = f.mean.len().min(f.sd.len()).min(f.sum_sd.len());
-        let paths = f.mean[..h].iter().chain(&f.sd[..h]).chain(&f.sum_sd[..h]);
+        let mut bytes = Vec::with_capacity(BAND_DAY_BYTES * h);
+        for m in &f.mean[..h] {
+            bytes.extend((*m as f32).to_le_bytes());
+        }
+        // Saturating, as the history's days: a spread past 65,504 cycles is no forecast.
+        let half = |v: &f64| Half::from_f64(*v).min(Half::MAX).to_le_bytes();
+        for v in f.sd[..h].iter().chain(&f.sum_sd[..h]) {
+            bytes.extend(half(v));
+        }
         Self {
-            values: paths.map(|x| *x as f32).collect(),
+            bytes: bytes.into_boxed_slice(),
         }
     }
 }
 
 impl From<ForecastBands> for Forecast {
     fn from(b: ForecastBands) -> Self {
-        let path = |v: &[f32]| v.iter().map(|x| f64::from(*x)).collect();
+        let path = |v: &mut dyn Iterator<Item = f32>| v.map(f64::from).collect();
         Forecast {
-            mean: path(b.mean()),
-            sd: path(b.sd()),
-            sum_sd: path(b.sum_sd()),
+            mean: path(&mut b.mean()),
+            sd: path(&mut b.sd()),
+            sum_sd: path(&mut b.sum_sd()),
         }
     }
 }
@@ -138,7 +163,9 @@ const PARALLEL_MIN_BATTERIES: usize = 32;
 struct BatteryModel {
     /// The last closed day taken in.
     last_day: Option<i32>,
-    record: Option<ModelRecord>,
+    /// Boxed: a batch moves its batteries' models out of the map and back, and a record
+    /// inline (272 bytes) made both the map's table and the batch's list that wide.
+    record: Option<Box<ModelRecord>>,
 }
 
 /// How the forecast step runs: the selection and risk settings, and the cores it may use.
@@ -233,7 +260,7 @@ impl BatteryModels {
 
     /// The model record of a battery, if it has one yet.
     pub fn record(&self, battery: &str) -> Option<&ModelRecord> {
-        self.batteries.get(battery)?.record.as_ref()
+        self.batteries.get(battery)?.record.as_deref()
     }
 
     /// Takes in a batch of closed days (the window stage's daily schema) whose histories
@@ -369,7 +396,7 @@ impl BatteryModel {
         let turn = on_turn(day, hash, settings.selection.reselect_every_days);
         let upkeep = settings
             .selection
-            .upkeep(self.record.as_ref(), standing, turn);
+            .upkeep(self.record.as_deref(), standing, turn);
         match upkeep {
             Upkeep::Keep => {}
             Upkeep::Select => self.reselect(id, history, day, settings, out),
@@ -411,7 +438,7 @@ impl BatteryModel {
         out.stats.refits += 1;
         out.stats.refit_seconds += seconds;
         match refitted {
-            Ok(record) => self.record = Some(record),
+            Ok(record) => self.record = Some(Box::new(record)),
             Err(why) => tracing::warn!(battery = %id, %why, "model refit failed"),
         }
     }
@@ -435,7 +462,7 @@ impl BatteryModel {
         match selected {
             Ok(record) => {
                 out.selections.push((record.kind(), seconds));
-                self.record = Some(record);
+                self.record = Some(Box::new(record));
             }
             Err(why) => {
                 out.stats.failed_selections += 1;
@@ -485,7 +512,7 @@ fn assess(
         record.low_confidence,
         config,
     );
-    let recent: Vec<[f32; 3]> = history.window_through(row.day, RECENT_DAYS).collect();
+    let recent = history.packed_through(row.day, RECENT_DAYS);
     let drivers = if risk.probability >= DRIVERS_FROM_PROBABILITY {
         let days: Vec<[f32; 3]> = history.window_through(row.day, 2 * RECENT_DAYS).collect();
         voltcast_forecaster::drivers::drivers(
@@ -495,8 +522,10 @@ fn assess(
             risk.expected_cycles,
             3,
         )
+        .into_iter()
+        .collect()
     } else {
-        Vec::new()
+        TextLines::default()
     };
     RiskUpdate {
         battery_id: battery.clone(),
@@ -542,4 +571,50 @@ fn id_hash(id: &str) -> u64 {
     let mut h = foldhash::fast::FixedState::with_seed(7).build_hasher();
     h.write(id.as_bytes());
     h.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forecast_bands_keep_means_in_f32_and_spreads_to_half_float_precision() {
+        let forecast = Forecast {
+            mean: (0..30).map(|d| 0.15 + f64::from(d) * 0.001).collect(),
+            sd: (0..30).map(|d| 0.03 + f64::from(d) * 0.0001).collect(),
+            sum_sd: (0..30).map(|d| 0.03 * f64::from(d + 1).sqrt()).collect(),
+        };
+        let bands = ForecastBands::from(forecast.clone());
+        assert_eq!(bands.horizon(), 30);
+        for (got, want) in bands.mean().zip(&forecast.mean) {
+            assert_eq!(got, *want as f32);
+        }
+        let close = |got: f32, want: f64| ((f64::from(got) - want) / want).abs() < 1e-3;
+        assert!(bands.sd().zip(&forecast.sd).all(|(g, w)| close(g, *w)));
+        assert!(
+            bands
+                .sum_sd()
+                .zip(&forecast.sum_sd)
+                .all(|(g, w)| close(g, *w))
+        );
+        // Through JSON (the forecasts topic) and back: the same bands.
+        let json = serde_json::to_string(&bands).unwrap();
+        let back: ForecastBands = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, bands);
+        let read: Forecast = serde_json::from_str(&json).unwrap();
+        assert_eq!(read.mean.len(), 30);
+        assert_eq!(read.sum_sd.len(), 30);
+    }
+
+    #[test]
+    fn forecast_bands_cut_paths_to_the_shortest_and_saturate_huge_spreads() {
+        let bands = ForecastBands::from(Forecast {
+            mean: vec![1.0, 2.0, 3.0],
+            sd: vec![1e9, 0.5],
+            sum_sd: vec![0.1, 0.2, 0.3],
+        });
+        assert_eq!(bands.horizon(), 2);
+        assert_eq!(bands.mean().collect::<Vec<_>>(), vec![1.0, 2.0]);
+        assert_eq!(bands.sd().collect::<Vec<_>>(), vec![65504.0, 0.5]);
+    }
 }

@@ -18,6 +18,7 @@ pub mod config;
 pub mod error;
 pub mod evaluate;
 pub mod forecasting;
+pub mod lines;
 pub mod memory;
 pub mod metrics;
 pub mod partition;

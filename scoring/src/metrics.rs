@@ -497,8 +497,8 @@ mod tests {
                 at_risk: probability >= 0.9,
             },
             forecast: Default::default(),
-            recent: Vec::new(),
-            drivers: Vec::new(),
+            recent: Default::default(),
+            drivers: Default::default(),
         }
     }
 

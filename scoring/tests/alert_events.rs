@@ -39,8 +39,8 @@ fn assessed(day: i32, probability: f64) -> RiskUpdate {
             at_risk: probability >= 0.9,
         },
         forecast: Default::default(),
-        recent: Vec::new(),
-        drivers: Vec::new(),
+        recent: Default::default(),
+        drivers: Default::default(),
     }
 }
 

@@ -44,8 +44,10 @@ fn at_risk(battery: usize) -> RiskUpdate {
             sum_sd: vec![0.1; 30],
         }
         .into(),
-        recent: vec![[0.4, 160.0, 5.0]; 30],
-        drivers: vec!["Driving time up 12% over the last 30 days".into()],
+        recent: vec![[0.4, 160.0, 5.0]; 30].into_iter().collect(),
+        drivers: ["Driving time up 12% over the last 30 days"]
+            .into_iter()
+            .collect(),
     }
 }
 

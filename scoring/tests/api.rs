@@ -42,8 +42,8 @@ fn update(
             sum_sd: vec![0.8; 30],
         }
         .into(),
-        recent: vec![[0.3, 120.0, 4.0]; 30],
-        drivers: vec!["8.0 of 200 rated cycles left".into()],
+        recent: vec![[0.3, 120.0, 4.0]; 30].into_iter().collect(),
+        drivers: ["8.0 of 200 rated cycles left"].into_iter().collect(),
     }
 }
 

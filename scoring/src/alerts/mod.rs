@@ -164,7 +164,7 @@ pub struct Alert {
     pub as_of_day: String,
     pub created_at: DateTime<Utc>,
     pub message: String,
-    pub reasons: Vec<String>,
+    pub reasons: crate::lines::TextLines,
     /// An escalation after the driver booked service in this episode: when it was booked
     /// (the appointment may need bringing forward).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -321,7 +321,7 @@ fn build_alert(
         message.push_str(&format!(
             " Service was booked on {on}: bring the appointment forward if it is later."
         ));
-        reasons.push(format!("service booked on {on} by {}", b.by));
+        reasons.push(&format!("service booked on {on} by {}", b.by));
     }
     Alert {
         alert_id: alert_id(&u.battery_id, episode, severity),
@@ -377,8 +377,8 @@ mod tests {
                 at_risk: probability >= 0.9,
             },
             forecast: Default::default(),
-            recent: Vec::new(),
-            drivers: vec!["driving up".into()],
+            recent: Default::default(),
+            drivers: ["driving up"].into_iter().collect(),
         }
     }
 
@@ -416,7 +416,7 @@ mod tests {
             }
             if let Some(Decision::Raise(a)) = decisions.first() {
                 assert_eq!(a.vehicle_id.as_deref(), Some("V1"));
-                assert_eq!(a.reasons, vec!["driving up".to_string()]);
+                assert_eq!(a.reasons.iter().collect::<Vec<_>>(), vec!["driving up"]);
             }
         }
         // Raised once on day 10 (0.6 on odd days is above clear_probability 0.5: no

@@ -9,11 +9,13 @@
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
+use std::hash::BuildHasher;
 use std::io::{BufRead, BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
+use hashbrown::HashTable;
 
 use super::{Alert, AlertError, AlertStatus};
 use crate::forecasting::RiskUpdate;
@@ -26,8 +28,14 @@ pub struct AlertStore {
     /// Lines written since the last sync: a sync with none costs an fdatasync for
     /// nothing, and the alert stage asks for one after every batch of updates.
     unsynced: bool,
-    alerts: Vec<Alert>,
-    by_id: HashMap<String, usize, foldhash::fast::RandomState>,
+    /// Boxed: an alert is 336 bytes before its strings, and a fleet's alerts in one
+    /// growing vector left up to half of that unused and copied it at every doubling.
+    #[expect(clippy::vec_box, reason = "an alert is large; see above")]
+    alerts: Vec<Box<Alert>>,
+    /// Positions in `alerts` by a hash of the alert id; the id itself is compared in
+    /// `alerts` (a map keyed by a copy of every id held each id twice).
+    by_id: HashTable<u32>,
+    id_hasher: foldhash::fast::RandomState,
     latest: HashMap<Arc<str>, RiskUpdate, foldhash::fast::RandomState>,
     /// Batteries whose latest assessment changed since [`Self::take_changed`], when the
     /// forecasts are published for the other instances.
@@ -75,7 +83,8 @@ impl AlertStore {
             log: None,
             unsynced: false,
             alerts: Vec::new(),
-            by_id: HashMap::default(),
+            by_id: HashTable::new(),
+            id_hasher: Default::default(),
             latest: HashMap::default(),
             changed: None,
             merged: Default::default(),
@@ -115,13 +124,24 @@ impl AlertStore {
     }
 
     fn index(&mut self, a: Alert) {
-        match self.by_id.get(&a.alert_id) {
-            Some(&i) => self.alerts[i] = a,
+        match self.position(&a.alert_id) {
+            Some(i) => *self.alerts[i] = a,
             None => {
-                self.by_id.insert(a.alert_id.clone(), self.alerts.len());
-                self.alerts.push(a);
+                let (alerts, hasher) = (&self.alerts, &self.id_hasher);
+                let hash = hasher.hash_one(&a.alert_id);
+                self.by_id.insert_unique(hash, alerts.len() as u32, |&i| {
+                    hasher.hash_one(&alerts[i as usize].alert_id)
+                });
+                self.alerts.push(Box::new(a));
             }
         }
+    }
+
+    fn position(&self, alert_id: &str) -> Option<usize> {
+        let hash = self.id_hasher.hash_one(alert_id);
+        self.by_id
+            .find(hash, |&i| self.alerts[i as usize].alert_id == alert_id)
+            .map(|&i| i as usize)
     }
 
     fn io_error(&self, source: std::io::Error) -> AlertError {
@@ -146,9 +166,8 @@ impl AlertStore {
             AlertStatus::Escalated | AlertStatus::Resolved => 2,
         };
         let known = self
-            .by_id
-            .get(&alert.alert_id)
-            .map(|&i| rank(self.alerts[i].status));
+            .position(&alert.alert_id)
+            .map(|i| rank(self.alerts[i].status));
         if known.is_some_and(|r| r >= rank(alert.status)) {
             return false;
         }
@@ -190,7 +209,7 @@ impl AlertStore {
     /// What `change` would make of an alert, without recording it (so the alert's
     /// event can be made durable first).
     pub fn preview(&self, alert_id: &str, change: impl FnOnce(&mut Alert)) -> Option<Alert> {
-        let mut a = self.alerts[*self.by_id.get(alert_id)?].clone();
+        let mut a = Alert::clone(&self.alerts[self.position(alert_id)?]);
         change(&mut a);
         Some(a)
     }
@@ -200,10 +219,10 @@ impl AlertStore {
         alert_id: &str,
         change: impl FnOnce(&mut Alert),
     ) -> Result<Option<Alert>, AlertError> {
-        let Some(&i) = self.by_id.get(alert_id) else {
+        let Some(i) = self.position(alert_id) else {
             return Ok(None);
         };
-        let mut a = self.alerts[i].clone();
+        let mut a = Alert::clone(&self.alerts[i]);
         change(&mut a);
         self.put(&a)?;
         Ok(Some(a))
@@ -223,12 +242,12 @@ impl AlertStore {
     }
 
     pub fn get(&self, alert_id: &str) -> Option<&Alert> {
-        self.by_id.get(alert_id).map(|&i| &self.alerts[i])
+        self.position(alert_id).map(|i| &*self.alerts[i])
     }
 
     /// Every alert, oldest first.
     pub fn alerts(&self) -> impl Iterator<Item = &Alert> {
-        self.alerts.iter()
+        self.alerts.iter().map(|a| &**a)
     }
 
     /// Matching alerts, newest first.
@@ -245,7 +264,7 @@ impl AlertStore {
             .filter(|a| f.since.is_none_or(|t| a.created_at >= t))
             .filter(|a| f.status.is_none_or(|s| a.status == s))
             .take(f.limit.unwrap_or(usize::MAX))
-            .cloned()
+            .map(|a| Alert::clone(a))
             .collect()
     }
 

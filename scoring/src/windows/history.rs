@@ -213,6 +213,66 @@ fn trips_of(d: &PackedDay) -> u8 {
     d[4]
 }
 
+/// Days as a history keeps them (5 bytes each), read as cycles, minutes and trips.
+///
+/// Why an assessment carries its recent days packed: the alert store keeps the latest
+/// assessment of every battery for the API, and 30 days as `[f32; 3]` were 360 bytes a
+/// battery where these are 150, with the same values (they come from the half floats).
+/// Serialized as `[cycles, minutes, trips]` triples, as the days were before.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PackedDays(Box<[PackedDay]>);
+
+impl PackedDays {
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Cycles, minutes, trips of each day, oldest first.
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = [f32; 3]> + '_ {
+        self.0.iter().map(unpack)
+    }
+
+    pub fn last(&self) -> Option<[f32; 3]> {
+        self.0.last().map(unpack)
+    }
+}
+
+fn unpack(d: &PackedDay) -> [f32; 3] {
+    [
+        cycles_of(d),
+        minutes_of(d),
+        f32::from(trips_of(d) & TRIPS_MAX),
+    ]
+}
+
+/// Packed as the history packs a day: half floats, whole trips up to 127.
+impl FromIterator<[f32; 3]> for PackedDays {
+    fn from_iter<I: IntoIterator<Item = [f32; 3]>>(days: I) -> Self {
+        let trips = |t: f32| t.round().clamp(0.0, f32::from(TRIPS_MAX)) as u8;
+        Self(
+            days.into_iter()
+                .map(|[c, m, t]| pack(f64::from(c), f64::from(m), trips(t)))
+                .collect(),
+        )
+    }
+}
+
+impl Serialize for PackedDays {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.iter())
+    }
+}
+
+impl<'de> Deserialize<'de> for PackedDays {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(Vec::<[f32; 3]>::deserialize(d)?.into_iter().collect())
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 struct LastDay {
     day: i32,
@@ -360,10 +420,15 @@ impl BatteryHistory {
     ) -> impl ExactSizeIterator<Item = [f32; 3]> + '_ {
         let end = self.len_through(day);
         let start = end.saturating_sub(n);
-        self.days.range(start..end).map(|d| {
-            let t = trips_of(d) & TRIPS_MAX;
-            [cycles_of(d), minutes_of(d), f32::from(t)]
-        })
+        self.days.range(start..end).map(unpack)
+    }
+
+    /// The same days as [`Self::window_through`], still packed: what an assessment carries
+    /// for the API without widening them.
+    pub fn packed_through(&self, day: i32, n: usize) -> PackedDays {
+        let end = self.len_through(day);
+        let start = end.saturating_sub(n);
+        PackedDays(self.days.range(start..end).copied().collect())
     }
 
     /// Retained days up to and including `day`: the history a decision on that day sees,
@@ -381,6 +446,34 @@ impl BatteryHistory {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_assessments_packed_days_are_the_historys_days_and_serialize_as_triples() {
+        let mut h = BatteryHistory::default();
+        let mut out = Vec::new();
+        for day in 0..40 {
+            let mut o = obs(day, 0.1 + f64::from(day) * 0.01, 0.0);
+            o.trips = f64::from(day % 9);
+            h.close_day(o, 730, &mut out);
+        }
+        let packed = h.packed_through(35, 30);
+        let wide: Vec<[f32; 3]> = h.window_through(35, 30).collect();
+        assert_eq!(packed.len(), 30);
+        assert_eq!(packed.iter().collect::<Vec<_>>(), wide);
+        assert_eq!(packed.last(), wide.last().copied());
+        let json = serde_json::to_string(&packed).unwrap();
+        assert_eq!(
+            serde_json::from_str::<Vec<[f32; 3]>>(&json).unwrap(),
+            wide,
+            "serialized as [cycles, minutes, trips] per day"
+        );
+        let back: PackedDays = serde_json::from_str(&json).unwrap();
+        assert_eq!(
+            back, packed,
+            "reading the triples back packs the same bytes"
+        );
+        assert!(PackedDays::default().is_empty());
+    }
 
     fn obs(day: i32, cycles: f64, lifetime: f64) -> ObservedDay {
         ObservedDay {

@@ -37,7 +37,7 @@ use voltcast_ingest::{MicroBatch, SourcePosition, schema};
 pub use aggregate::DailyAggregator;
 pub use daily::daily_schema;
 pub use fleet::{BatteryView, Fleet};
-pub use history::BatteryHistory;
+pub use history::{BatteryHistory, PackedDays};
 pub use open::OpenWindows;
 pub use shard::ShardState;
 pub use watermark::Watermarks;

@@ -4,7 +4,7 @@
 //! days are a short sorted list searched linearly. Within a day a battery's window is
 //! found through a dense slot array indexed by battery (4 bytes per battery per open
 //! day), and the windows themselves sit packed in the order they opened, so closing a
-//! day is one sequential pass and reusing it allocates nothing.
+//! day is one sequential pass.
 //!
 //! Why not a hash map per day: two hash probes per row (screening, then merging the
 //! partial) and moving each ~200-byte window on insert, rehash and drain were together
@@ -19,11 +19,6 @@ use serde::{Deserialize, Serialize};
 use super::DayPartial;
 
 const NO_WINDOW: u32 = u32::MAX;
-
-/// Emptied days kept for reuse. One is enough for a stream, which opens a day about
-/// when it closes one; each more held a whole fleet's windows (18 MB at 100,000
-/// batteries) resident for nothing.
-const MAX_SPARE_DAYS: usize = 1;
 
 /// One open UTC day: a window per battery that has reported on it.
 #[derive(Debug, Clone, Default)]
@@ -94,21 +89,16 @@ impl OpenDay {
     pub fn iter(&self) -> impl ExactSizeIterator<Item = (u32, &DayPartial)> {
         self.batteries.iter().copied().zip(&self.windows)
     }
-
-    fn reset(&mut self, day: i32) {
-        for b in self.batteries.drain(..) {
-            self.slots[b as usize] = NO_WINDOW;
-        }
-        self.windows.clear();
-        self.day = day;
-    }
 }
 
 /// The open days, oldest first.
 #[derive(Debug, Clone, Default)]
 pub struct OpenWindows {
+    /// A closed day is dropped, not kept for the next to reuse: a spare held a whole
+    /// fleet's windows (17 MB at 100,000 batteries) resident between days to save one
+    /// allocation a day, and a fleet-sized day is one large allocation, which the
+    /// allocator maps fresh and returns whole.
     days: VecDeque<OpenDay>,
-    spare: Vec<OpenDay>,
 }
 
 impl OpenWindows {
@@ -120,9 +110,13 @@ impl OpenWindows {
             Some(i) => i + 1,
             None => 0,
         };
-        let mut fresh = self.spare.pop().unwrap_or_default();
-        fresh.reset(day);
-        self.days.insert(at, fresh);
+        self.days.insert(
+            at,
+            OpenDay {
+                day,
+                ..OpenDay::default()
+            },
+        );
         &mut self.days[at]
     }
 
@@ -142,22 +136,12 @@ impl OpenWindows {
         self.days.back().map(|d| d.day)
     }
 
-    /// Takes the oldest open day if it is before `day`; hand it back with [`recycle`].
-    ///
-    /// [`recycle`]: OpenWindows::recycle
+    /// Takes the oldest open day if it is before `day`.
     pub fn pop_before(&mut self, day: i32) -> Option<OpenDay> {
         if self.days.front()?.day >= day {
             return None;
         }
         self.days.pop_front()
-    }
-
-    /// Keeps a closed day's allocations for a day yet to open.
-    pub fn recycle(&mut self, mut closed: OpenDay) {
-        if self.spare.len() < MAX_SPARE_DAYS {
-            closed.reset(0);
-            self.spare.push(closed);
-        }
     }
 
     /// Open windows over all days.
@@ -169,11 +153,10 @@ impl OpenWindows {
         self.days.iter()
     }
 
-    /// Bytes held, spare days included.
+    /// Bytes held.
     pub fn footprint(&self) -> usize {
         self.days
             .iter()
-            .chain(&self.spare)
             .map(|d| {
                 d.slots.capacity() * 4
                     + d.batteries.capacity() * 4
@@ -235,14 +218,14 @@ mod tests {
     }
 
     #[test]
-    fn a_recycled_day_opens_empty() {
+    fn a_day_opened_after_one_closed_starts_empty() {
         let mut open = OpenWindows::default();
         open.day_mut(10).window(5, 8).reports = 2;
         open.day_mut(11).window(1, 8).reports = 1;
         assert!(open.pop_before(10).is_none());
         let closed = open.pop_before(11).unwrap();
         assert_eq!(closed.day(), 10);
-        open.recycle(closed);
+        drop(closed);
         let reused = open.day_mut(12);
         assert!(reused.is_empty());
         assert!(reused.get_mut(5).is_none());

@@ -262,7 +262,6 @@ impl ShardState {
                 }
                 stats.days_imputed += values.iter().filter(|v| v.imputed).count() as u64;
             }
-            self.open.recycle(open_day);
         }
         stats.days_closed += closed.len() as u64;
         closed.finish(&self.fleet)
