@@ -298,7 +298,7 @@ async fn an_ack_on_any_instance_reaches_the_owners_episode() {
             if let Some(critical) = next {
                 escalations += 1;
                 assert!(
-                    critical.service_booked_at.is_some() && critical.message.contains("booked"),
+                    critical.service_booked_at.is_some() && critical.message().contains("booked"),
                     "escalation of a booked episode: {critical:?}"
                 );
             }

@@ -143,7 +143,10 @@ pub enum DeliveryStatus {
 }
 
 /// One failure alert, as stored, published and sent to the head unit.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+///
+/// Its `message` is written from the other fields when serialized ([`Alert::message`]),
+/// not held: the store keeps every alert in memory, and the sentence was a sixth of one.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct Alert {
     pub alert_id: String,
     pub battery_id: String,
@@ -163,7 +166,6 @@ pub struct Alert {
     /// The last telemetry day the assessment includes.
     pub as_of_day: String,
     pub created_at: DateTime<Utc>,
-    pub message: String,
     pub reasons: crate::lines::TextLines,
     /// An escalation after the driver booked service in this episode: when it was booked
     /// (the appointment may need bringing forward).
@@ -174,6 +176,74 @@ pub struct Alert {
     pub resolved_at: Option<DateTime<Utc>>,
     pub resolution: Option<String>,
     pub delivery: DeliveryStatus,
+}
+
+impl Alert {
+    /// What the driver reads: the severity, when the rating is reached, and a booking
+    /// to bring forward.
+    pub fn message(&self) -> String {
+        let when = match self.days_remaining {
+            Some(0) => "now".to_string(),
+            Some(1) => "in about 1 day".to_string(),
+            Some(d) => format!("in about {d} days"),
+            None => "within 30 days".to_string(),
+        };
+        let (battery, rated) = (&self.battery_id, self.rated_cycles);
+        let mut message = match self.severity {
+            _ if rated - self.lifetime_cycles <= 0.0 => {
+                format!("Battery {battery} has used its rated {rated:.0} cycles. Book service now.")
+            }
+            Severity::Warning => format!(
+                "Battery {battery} is expected to reach its rated {rated:.0} cycles {when}. Please book a service appointment."
+            ),
+            Severity::Critical => format!(
+                "Battery {battery} will reach the end of its rated life {when}. Book service now."
+            ),
+        };
+        if let Some(at) = self.service_booked_at {
+            let on = at.date_naive();
+            message.push_str(&format!(
+                " Service was booked on {on}: bring the appointment forward if it is later."
+            ));
+        }
+        message
+    }
+}
+
+/// The fields in the order they always had, `message` written out after `created_at`.
+impl Serialize for Alert {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let booked = self.service_booked_at.is_some();
+        let mut st = s.serialize_struct("Alert", 24 + usize::from(booked))?;
+        st.serialize_field("alert_id", &self.alert_id)?;
+        st.serialize_field("battery_id", &self.battery_id)?;
+        st.serialize_field("vehicle_id", &self.vehicle_id)?;
+        st.serialize_field("episode", &self.episode)?;
+        st.serialize_field("severity", &self.severity)?;
+        st.serialize_field("status", &self.status)?;
+        st.serialize_field("probability", &self.probability)?;
+        st.serialize_field("expected_eol_date", &self.expected_eol_date)?;
+        st.serialize_field("days_remaining", &self.days_remaining)?;
+        st.serialize_field("lifetime_cycles", &self.lifetime_cycles)?;
+        st.serialize_field("rated_cycles", &self.rated_cycles)?;
+        st.serialize_field("forecast_30d_cycles", &self.forecast_30d_cycles)?;
+        st.serialize_field("model", &self.model)?;
+        st.serialize_field("model_version", &self.model_version)?;
+        st.serialize_field("as_of_day", &self.as_of_day)?;
+        st.serialize_field("created_at", &self.created_at)?;
+        st.serialize_field("message", &self.message())?;
+        st.serialize_field("reasons", &self.reasons)?;
+        if booked {
+            st.serialize_field("service_booked_at", &self.service_booked_at)?;
+        }
+        st.serialize_field("acknowledged_at", &self.acknowledged_at)?;
+        st.serialize_field("acknowledged_by", &self.acknowledged_by)?;
+        st.serialize_field("resolved_at", &self.resolved_at)?;
+        st.serialize_field("resolution", &self.resolution)?;
+        st.serialize_field("delivery", &self.delivery)?;
+        st.end()
+    }
 }
 
 /// Deterministic: the same battery, episode and severity always give the same id, so a

@@ -295,32 +295,9 @@ fn build_alert(
 ) -> Alert {
     let days = u.risk.days_to_eol;
     let eol = days.map(|d| iso_day(u.day + d as i32));
-    let when = match days {
-        Some(0) => "now".to_string(),
-        Some(1) => "in about 1 day".to_string(),
-        Some(d) => format!("in about {d} days"),
-        None => "within 30 days".to_string(),
-    };
-    let mut message = match severity {
-        _ if u.risk.remaining <= 0.0 => format!(
-            "Battery {} has used its rated {:.0} cycles. Book service now.",
-            u.battery_id, u.rated
-        ),
-        Severity::Warning => format!(
-            "Battery {} is expected to reach its rated {:.0} cycles {when}. Please book a service appointment.",
-            u.battery_id, u.rated
-        ),
-        Severity::Critical => format!(
-            "Battery {} will reach the end of its rated life {when}. Book service now.",
-            u.battery_id
-        ),
-    };
     let mut reasons = u.drivers.clone();
     if let Some(b) = booked {
         let on = b.at.date_naive();
-        message.push_str(&format!(
-            " Service was booked on {on}: bring the appointment forward if it is later."
-        ));
         reasons.push(&format!("service booked on {on} by {}", b.by));
     }
     Alert {
@@ -340,7 +317,6 @@ fn build_alert(
         model_version: u.model_version,
         as_of_day: iso_day(u.day),
         created_at: now,
-        message,
         reasons,
         service_booked_at: booked.map(|b| b.at),
         acknowledged_at: None,
@@ -390,6 +366,58 @@ mod tests {
                 Decision::Resolve { .. } => "resolve",
             })
             .collect()
+    }
+
+    #[test]
+    fn an_alerts_message_is_written_from_its_fields_and_reads_back_the_same() {
+        let now = Utc::now();
+        let warning = build_alert(
+            &day(3, 900, 190.0, 0.95, 12),
+            1,
+            Severity::Warning,
+            now,
+            None,
+        );
+        assert_eq!(
+            warning.message(),
+            "Battery B1 is expected to reach its rated 200 cycles in about 12 days. Please book a service appointment."
+        );
+        let booking = Booking {
+            at: "2026-03-02T08:00:00Z".parse().unwrap(),
+            by: "head-unit:V1".into(),
+        };
+        let critical = build_alert(
+            &day(4, 900, 199.0, 0.99, 1),
+            1,
+            Severity::Critical,
+            now,
+            Some(&booking),
+        );
+        assert_eq!(
+            critical.message(),
+            "Battery B1 will reach the end of its rated life in about 1 day. Book service now. Service was booked on 2026-03-02: bring the appointment forward if it is later."
+        );
+        let past = build_alert(
+            &day(5, 900, 201.0, 1.0, 0),
+            1,
+            Severity::Critical,
+            now,
+            None,
+        );
+        assert_eq!(
+            past.message(),
+            "Battery B1 has used its rated 200 cycles. Book service now."
+        );
+        for alert in [warning, critical, past] {
+            let json: serde_json::Value = serde_json::to_value(&alert).unwrap();
+            assert_eq!(json["message"], alert.message().as_str());
+            assert_eq!(
+                json["service_booked_at"].is_null(),
+                alert.service_booked_at.is_none()
+            );
+            let back: Alert = serde_json::from_value(json).unwrap();
+            assert_eq!(back, alert);
+        }
     }
 
     #[test]
@@ -514,9 +542,9 @@ mod tests {
         assert_eq!(previous, &warning.alert_id);
         assert_eq!(alert.service_booked_at, Some(booking.at));
         assert!(
-            alert.message.contains("booked on 2026-03-02"),
+            alert.message().contains("booked on 2026-03-02"),
             "{}",
-            alert.message
+            alert.message()
         );
         assert!(
             alert.reasons.iter().any(|r| r.contains("head-unit:V1")),
@@ -529,6 +557,6 @@ mod tests {
             panic!()
         };
         assert_eq!(next.service_booked_at, None);
-        assert!(!warning.message.contains("booked"));
+        assert!(!warning.message().contains("booked"));
     }
 }
