@@ -306,7 +306,7 @@ async fn a_replayed_fleet_alerts_its_worn_batteries_once_each_on_their_head_unit
         assert!(
             alerts
                 .iter()
-                .any(|a| a.battery_id == *b && a.status.is_active()),
+                .any(|a| *a.battery_id == **b && a.status.is_active()),
             "{b}"
         );
     }
@@ -316,7 +316,7 @@ async fn a_replayed_fleet_alerts_its_worn_batteries_once_each_on_their_head_unit
             seen.insert((a.battery_id.clone(), a.episode, a.severity)),
             "{a:?}"
         );
-        assert!(!a.reasons.is_empty() && a.message().contains(&a.battery_id));
+        assert!(!a.reasons.is_empty() && a.message().contains(&*a.battery_id));
         assert_eq!(a.delivery, DeliveryStatus::Delivered, "{a:?}");
     }
     // ...and each is on its vehicle's head unit exactly once.

@@ -41,7 +41,7 @@ impl AckInbox {
             return;
         };
         let ack = PendingAck {
-            battery_id: Arc::from(alert.battery_id.as_str()),
+            battery_id: alert.battery_id.clone(),
             alert_id: alert.alert_id.clone(),
             booking: Booking { at, by },
         };

@@ -149,8 +149,9 @@ pub enum DeliveryStatus {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct Alert {
     pub alert_id: String,
-    pub battery_id: String,
-    pub vehicle_id: Option<String>,
+    /// The fleet's own ids, shared rather than copied into every alert.
+    pub battery_id: Arc<str>,
+    pub vehicle_id: Option<Arc<str>>,
     pub episode: u32,
     pub severity: Severity,
     pub status: AlertStatus,

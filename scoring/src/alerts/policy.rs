@@ -148,10 +148,7 @@ impl EpisodePolicy {
     /// Rebuilds episode counts and open episodes from stored alerts.
     pub fn restore<'a>(&mut self, alerts: impl Iterator<Item = &'a Alert>) {
         for a in alerts {
-            let e = self
-                .batteries
-                .entry(Arc::from(a.battery_id.as_str()))
-                .or_default();
+            let e = self.batteries.entry(a.battery_id.clone()).or_default();
             e.episode = e.episode.max(a.episode);
             if a.status.is_active() {
                 let newer = e.open.as_ref().is_none_or(|(s, _)| a.severity >= *s);
@@ -302,8 +299,8 @@ fn build_alert(
     }
     Alert {
         alert_id: alert_id(&u.battery_id, episode, severity),
-        battery_id: u.battery_id.to_string(),
-        vehicle_id: u.vehicle_id.as_deref().map(str::to_string),
+        battery_id: u.battery_id.clone(),
+        vehicle_id: u.vehicle_id.clone(),
         episode,
         severity,
         status: AlertStatus::Open,

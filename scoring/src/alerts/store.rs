@@ -255,7 +255,7 @@ impl AlertStore {
         self.alerts
             .iter()
             .rev()
-            .filter(|a| f.battery.as_deref().is_none_or(|b| a.battery_id == b))
+            .filter(|a| f.battery.as_deref().is_none_or(|b| *a.battery_id == *b))
             .filter(|a| {
                 f.vehicle
                     .as_deref()
