@@ -591,6 +591,7 @@ pub async fn run_with(
     services: &Services,
     shutdown: impl Future<Output = ()>,
 ) -> Result<RunReport, ScoringError> {
+    crate::memory::tune_allocator();
     let counters = services.counters.clone();
     let started = Instant::now();
     let (batch, rules) = (config.batch.clone(), config.validation.clone());
