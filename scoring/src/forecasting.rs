@@ -30,6 +30,7 @@ use voltcast_forecaster::{
 };
 
 use crate::lines::TextLines;
+use crate::windows::history::{half_bytes, half_value};
 use crate::windows::{PackedDays, WindowState, daily};
 
 /// A battery's latest assessment.
@@ -81,9 +82,6 @@ pub struct ForecastBands {
     bytes: Box<[u8]>,
 }
 
-/// IEEE half float (arrow's, as the history's days).
-type Half = <datafusion::arrow::datatypes::Float16Type as datafusion::arrow::datatypes::ArrowPrimitiveType>::Native;
-
 /// Bytes a day of the horizon takes in [`ForecastBands`].
 const BAND_DAY_BYTES: usize = 4 + 2 + 2;
 
@@ -113,7 +111,7 @@ impl ForecastBands {
 
 fn halves(bytes: &[u8]) -> impl ExactSizeIterator<Item = f32> + '_ {
     let (values, _) = bytes.as_chunks::<2>();
-    values.iter().map(|b| Half::from_le_bytes(*b).to_f32())
+    values.iter().map(|b| half_value(*b))
 }
 
 impl From<Forecast> for ForecastBands {
@@ -126,9 +124,8 @@ impl From<Forecast> for ForecastBands {
             bytes.extend((*m as f32).to_le_bytes());
         }
         // Saturating, as the history's days: a spread past 65,504 cycles is no forecast.
-        let half = |v: &f64| Half::from_f64(*v).min(Half::MAX).to_le_bytes();
         for v in f.sd[..h].iter().chain(&f.sum_sd[..h]) {
-            bytes.extend(half(v));
+            bytes.extend(half_bytes(*v));
         }
         Self {
             bytes: bytes.into_boxed_slice(),

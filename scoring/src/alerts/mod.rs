@@ -216,7 +216,7 @@ impl Serialize for Alert {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeStruct;
         let booked = self.service_booked_at.is_some();
-        let mut st = s.serialize_struct("Alert", 24 + usize::from(booked))?;
+        let mut st = s.serialize_struct("Alert", 23 + usize::from(booked))?;
         st.serialize_field("alert_id", &self.alert_id)?;
         st.serialize_field("battery_id", &self.battery_id)?;
         st.serialize_field("vehicle_id", &self.vehicle_id)?;

@@ -368,44 +368,33 @@ mod tests {
     #[test]
     fn an_alerts_message_is_written_from_its_fields_and_reads_back_the_same() {
         let now = Utc::now();
-        let warning = build_alert(
-            &day(3, 900, 190.0, 0.95, 12),
-            1,
-            Severity::Warning,
-            now,
-            None,
-        );
-        assert_eq!(
-            warning.message(),
-            "Battery B1 is expected to reach its rated 200 cycles in about 12 days. Please book a service appointment."
-        );
         let booking = Booking {
             at: "2026-03-02T08:00:00Z".parse().unwrap(),
             by: "head-unit:V1".into(),
         };
-        let critical = build_alert(
-            &day(4, 900, 199.0, 0.99, 1),
-            1,
-            Severity::Critical,
-            now,
-            Some(&booking),
-        );
-        assert_eq!(
-            critical.message(),
-            "Battery B1 will reach the end of its rated life in about 1 day. Book service now. Service was booked on 2026-03-02: bring the appointment forward if it is later."
-        );
-        let past = build_alert(
-            &day(5, 900, 201.0, 1.0, 0),
-            1,
-            Severity::Critical,
-            now,
-            None,
-        );
-        assert_eq!(
-            past.message(),
-            "Battery B1 has used its rated 200 cycles. Book service now."
-        );
-        for alert in [warning, critical, past] {
+        let cases = [
+            (
+                day(3, 900, 190.0, 0.95, 12),
+                Severity::Warning,
+                None,
+                "Battery B1 is expected to reach its rated 200 cycles in about 12 days. Please book a service appointment.",
+            ),
+            (
+                day(4, 900, 199.0, 0.99, 1),
+                Severity::Critical,
+                Some(&booking),
+                "Battery B1 will reach the end of its rated life in about 1 day. Book service now. Service was booked on 2026-03-02: bring the appointment forward if it is later.",
+            ),
+            (
+                day(5, 900, 201.0, 1.0, 0),
+                Severity::Critical,
+                None,
+                "Battery B1 has used its rated 200 cycles. Book service now.",
+            ),
+        ];
+        for (update, severity, booked, message) in cases {
+            let alert = build_alert(&update, 1, severity, now, booked);
+            assert_eq!(alert.message(), message);
             let json: serde_json::Value = serde_json::to_value(&alert).unwrap();
             assert_eq!(json["message"], alert.message().as_str());
             assert_eq!(

@@ -192,8 +192,17 @@ type PackedDay = [u8; 5];
 
 /// Rounded to the nearest half float; beyond the largest (65,504, far past any day's
 /// cycles or minutes) it saturates rather than become infinite in a model's input.
-fn half_bytes(v: f64) -> [u8; 2] {
+pub(crate) fn half_bytes(v: f64) -> [u8; 2] {
     Half::from_f64(v).min(Half::MAX).to_le_bytes()
+}
+
+pub(crate) fn half_value(b: [u8; 2]) -> f32 {
+    Half::from_le_bytes(b).to_f32()
+}
+
+/// The whole trips a history keeps of a day (what a model needs), up to 127.
+fn whole_trips(trips: f64) -> u8 {
+    trips.round().clamp(0.0, f64::from(TRIPS_MAX)) as u8
 }
 
 fn pack(cycles: f64, minutes: f64, trips: u8) -> PackedDay {
@@ -202,11 +211,11 @@ fn pack(cycles: f64, minutes: f64, trips: u8) -> PackedDay {
 }
 
 fn cycles_of(d: &PackedDay) -> f32 {
-    Half::from_le_bytes([d[0], d[1]]).to_f32()
+    half_value([d[0], d[1]])
 }
 
 fn minutes_of(d: &PackedDay) -> f32 {
-    Half::from_le_bytes([d[2], d[3]]).to_f32()
+    half_value([d[2], d[3]])
 }
 
 fn trips_of(d: &PackedDay) -> u8 {
@@ -252,10 +261,9 @@ fn unpack(d: &PackedDay) -> [f32; 3] {
 /// Packed as the history packs a day: half floats, whole trips up to 127.
 impl FromIterator<[f32; 3]> for PackedDays {
     fn from_iter<I: IntoIterator<Item = [f32; 3]>>(days: I) -> Self {
-        let trips = |t: f32| t.round().clamp(0.0, f32::from(TRIPS_MAX)) as u8;
         Self(
             days.into_iter()
-                .map(|[c, m, t]| pack(f64::from(c), f64::from(m), trips(t)))
+                .map(|[c, m, t]| pack(f64::from(c), f64::from(m), whole_trips(f64::from(t))))
                 .collect(),
         )
     }
@@ -342,7 +350,7 @@ impl BatteryHistory {
         }
         // The history keeps whole trips a day (what a model needs); the closed-day row
         // keeps the exact sum.
-        let trips = v.trips.round().clamp(0.0, f64::from(TRIPS_MAX)) as u8;
+        let trips = whole_trips(v.trips);
         let flagged = if v.imputed { trips | IMPUTED } else { trips };
         self.days.push_back(pack(v.cycles, v.minutes, flagged));
         while self.days.len() > retention.max(1) {
