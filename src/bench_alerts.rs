@@ -234,12 +234,7 @@ async fn latency(
         }
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    let expected = c
-        .service
-        .store
-        .lock()
-        .map(|s| s.alerts().count())
-        .unwrap_or(0);
+    let expected = c.service.store.lock().map(|s| s.len()).unwrap_or(0);
     while received.len() < expected {
         match tokio::time::timeout_at(deadline, c.received.recv()).await {
             Ok(Some(r)) => received.push(r),
@@ -254,6 +249,8 @@ async fn latency(
             .map_err(|_| anyhow::anyhow!("store lock"))?;
         store
             .alerts()
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter()
             .filter_map(|a| {
                 let d = chrono::NaiveDate::parse_from_str(&a.as_of_day, "%Y-%m-%d").ok()?;
                 Some((

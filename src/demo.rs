@@ -201,7 +201,7 @@ pub async fn run(args: DemoArgs, config: VoltcastConfig) -> anyhow::Result<()> {
             .store
             .lock()
             .map_err(|_| anyhow::anyhow!("alert store lock"))?;
-        let all: Vec<_> = store.alerts().collect();
+        let all = store.alerts().collect::<Result<Vec<_>, _>>()?;
         let delivered = all
             .iter()
             .filter(|a| a.delivery == voltcast_scoring::alerts::DeliveryStatus::Delivered)
@@ -247,7 +247,7 @@ async fn status_line(
             };
             let batteries = store.latest_all().count();
             let at_risk = store.latest_all().filter(|u| u.risk.at_risk).count();
-            (batteries, at_risk, store.alerts().count())
+            (batteries, at_risk, store.len())
         };
         let line = format!(
             "[{:>4} s] {rate:>7.0} events/s | {batteries} batteries forecast | {at_risk} at risk | {raised} alerts",

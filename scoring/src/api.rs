@@ -208,14 +208,18 @@ async fn list_alerts(
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .query(&f);
-    Json(json!({ "count": alerts.len(), "alerts": alerts })).into_response()
+    match alerts {
+        Ok(alerts) => Json(json!({ "count": alerts.len(), "alerts": alerts })).into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    }
 }
 
 async fn get_alert(State(s): State<ApiState>, Path(id): Path<String>) -> Response {
     let store = s.alerts.store.lock().unwrap_or_else(|e| e.into_inner());
     match store.get(&id) {
-        Some(a) => Json(a).into_response(),
-        None => error(StatusCode::NOT_FOUND, format!("no alert {id:?}")),
+        Ok(Some(a)) => Json(a).into_response(),
+        Ok(None) => error(StatusCode::NOT_FOUND, format!("no alert {id:?}")),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
     }
 }
 
@@ -295,10 +299,13 @@ async fn battery(State(s): State<ApiState>, Path(id): Path<String>) -> Response 
             })
         })
         .collect();
-    let alerts = store.query(&AlertFilter {
+    let alerts = match store.query(&AlertFilter {
         battery: Some(id.clone()),
         ..Default::default()
-    });
+    }) {
+        Ok(alerts) => alerts,
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    };
     Json(json!({
         "battery_id": u.battery_id,
         "vehicle_id": u.vehicle_id,

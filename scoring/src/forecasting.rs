@@ -171,6 +171,10 @@ pub struct ForecastSettings {
     pub selection: SelectionConfig,
     pub risk: RiskConfig,
     pub threads: usize,
+    /// Closed days a partition assesses at a time: bounds the fresh assessments in
+    /// flight (see [`crate::partition::LatestSink`]) while leaving a slice enough
+    /// batteries to spread over the threads.
+    pub slice_rows: usize,
 }
 
 impl ForecastSettings {
@@ -179,6 +183,7 @@ impl ForecastSettings {
             selection,
             risk,
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            slice_rows: 8192,
         }
     }
 

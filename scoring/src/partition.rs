@@ -100,7 +100,8 @@ pub struct PartitionOutput {
     pub closed: Vec<RecordBatch>,
     /// Rows for days that had already closed.
     pub late: Vec<DeadLetter>,
-    /// The newest fresh assessment of each battery that has one.
+    /// The newest fresh assessment of each battery that has one, when the task was given
+    /// no [`LatestSink`] to hand them to as they are made.
     pub risks: Vec<RiskUpdate>,
     /// Alert decisions, to carry out before the state that made them is checkpointed.
     pub decisions: Vec<Decision>,
@@ -108,19 +109,21 @@ pub struct PartitionOutput {
     pub evicted: Vec<Arc<str>>,
 }
 
-/// Adds `fresh` to `kept`, dropping an assessment when the next one is of the same
-/// battery. The policy has seen every day's; the store keeps only the latest, and a
-/// backlog's batch of 50,000 rows assessed each battery several times, each assessment
-/// with its forecast and recent days: most of a batch's memory. `take_closed` gives a
-/// battery's assessments one after another, in day order, so the newest stays; were a
-/// battery's to come apart, the store would still end on its newest.
-fn keep_newest(kept: &mut Vec<RiskUpdate>, fresh: Vec<RiskUpdate>) {
-    for risk in fresh {
-        match kept.last_mut() {
-            Some(last) if last.battery_id == risk.battery_id => *last = risk,
-            _ => kept.push(risk),
-        }
-    }
+/// Where a task hands a slice's newest assessments as soon as the slice is assessed (the
+/// alert store, which keeps one per battery for the API). Collected for the whole batch
+/// instead, a day closing on a fleet of 100,000 held 100,000 fresh assessments beside the
+/// 100,000 stored: 0.7 KB a battery at the peak.
+pub type LatestSink<'a> = &'a (dyn Fn(Vec<RiskUpdate>) + Sync);
+
+/// `risks` without the assessments a later one of the same battery supersedes: the
+/// policy has seen every day's, and the store keeps only the latest. `take_closed` gives
+/// a battery's assessments of a slice one after another, in day order.
+fn newest_only(mut risks: Vec<RiskUpdate>) -> Vec<RiskUpdate> {
+    let mut seen = std::collections::HashSet::with_capacity(risks.len());
+    risks.reverse();
+    risks.retain(|r| seen.insert(r.battery_id.clone()));
+    risks.reverse();
+    risks
 }
 
 /// One partition's state and the work on it.
@@ -178,6 +181,7 @@ impl PartitionTask {
     }
 
     /// Takes in this partition's rows of a micro-batch (offset order) and how far it got.
+    /// `latest`: where the fresh assessments go as they are made (else into the output).
     pub fn apply(
         &mut self,
         rows: &RecordBatch,
@@ -185,6 +189,7 @@ impl PartitionTask {
         now: EpochMillis,
         settings: &PartitionSettings,
         metrics: Option<&Metrics>,
+        latest: Option<LatestSink>,
     ) -> Result<PartitionOutput, ScoringError> {
         let windows = &mut self.windows;
         let out = on_cpu(&mut self.times.windows, || {
@@ -211,7 +216,7 @@ impl PartitionTask {
             late: out.late,
             ..Default::default()
         };
-        self.forecast(&mut output, settings, metrics);
+        self.forecast(&mut output, settings, metrics, latest);
         self.forget(out.evicted, settings, &mut output);
         Ok(output)
     }
@@ -275,6 +280,7 @@ impl PartitionTask {
         &mut self,
         settings: &PartitionSettings,
         metrics: Option<&Metrics>,
+        latest: Option<LatestSink>,
     ) -> Result<Option<PartitionOutput>, ScoringError> {
         let windows = &mut self.windows;
         let Some(out) = on_cpu(&mut self.times.windows, || windows.close_oldest_output())? else {
@@ -290,27 +296,35 @@ impl PartitionTask {
             closed: out.closed,
             ..Default::default()
         };
-        self.forecast(&mut output, settings, metrics);
+        self.forecast(&mut output, settings, metrics, latest);
         self.forget(out.evicted, settings, &mut output);
         Ok(Some(output))
     }
 
-    /// Forecasts on the closed days, and the alert policy on the fresh risks.
+    /// Forecasts on the closed days, and the alert policy on the fresh risks, a slice of
+    /// closed days at a time; each slice's newest assessments go to `latest`.
     fn forecast(
         &mut self,
         output: &mut PartitionOutput,
         settings: &PartitionSettings,
         metrics: Option<&Metrics>,
+        latest: Option<LatestSink>,
     ) {
         let Some(forecast) = &settings.forecast else {
             return;
         };
         let now = Utc::now();
         let mut cpu = Duration::ZERO;
-        for batch in &output.closed {
+        let per = forecast.slice_rows.max(1);
+        let slices = output.closed.iter().flat_map(|batch| {
+            (0..batch.num_rows())
+                .step_by(per)
+                .map(|at| batch.slice(at, per.min(batch.num_rows() - at)))
+        });
+        for slice in slices {
             let risks = on_cpu(&mut cpu, || {
                 self.models.take_closed(
-                    batch,
+                    &slice,
                     self.windows.state(),
                     forecast,
                     &mut self.forecast_stats,
@@ -327,8 +341,12 @@ impl PartitionTask {
             if let Some(m) = metrics {
                 m.risk_updates.inc_by(risks.len() as u64);
             }
-            keep_newest(&mut output.risks, risks);
+            match latest {
+                Some(sink) => sink(newest_only(risks)),
+                None => output.risks.extend(risks),
+            }
         }
+        output.risks = newest_only(std::mem::take(&mut output.risks));
         self.times.forecasts += cpu;
     }
 

@@ -27,7 +27,9 @@ use crate::error::ScoringError;
 use crate::forecasting::ForecastSettings;
 use crate::memory::on_cpu;
 use crate::metrics::Metrics;
-use crate::partition::{PartitionOutput, PartitionSet, PartitionSettings, PartitionTask, TaskWork};
+use crate::partition::{
+    LatestSink, PartitionOutput, PartitionSet, PartitionSettings, PartitionTask, TaskWork,
+};
 
 /// Counts what reached the end of the pipeline.
 #[derive(Debug, Default)]
@@ -173,6 +175,9 @@ impl PartitionStage {
     /// End of a finite input: close every open window, a day at a time, each day's
     /// output carried out before the next day closes.
     pub async fn finish(&mut self) -> Result<(), ScoringError> {
+        let alerts = self.alerts.clone();
+        let sink = alerts.as_ref().map(|a| move |risks| a.set_latest(risks));
+        let latest = sink.as_ref().map(|s| s as LatestSink);
         loop {
             let outputs = {
                 let partitions = self.partitions.clone();
@@ -181,7 +186,8 @@ impl PartitionStage {
                     tasks
                         .values_mut()
                         .filter_map(|task| {
-                            task.finish_oldest_day(&partitions.settings, partitions.metrics())
+                            let (settings, metrics) = (&partitions.settings, partitions.metrics());
+                            task.finish_oldest_day(settings, metrics, latest)
                                 .transpose()
                         })
                         .collect::<Result<Vec<_>, _>>()
@@ -228,6 +234,11 @@ impl PartitionStage {
         }
         let now = voltcast_ingest::now_millis();
         let metrics = partitions.metrics();
+        let sink = self
+            .alerts
+            .as_ref()
+            .map(|a| move |risks| a.set_latest(risks));
+        let latest = sink.as_ref().map(|s| s as LatestSink);
         if let Some(alerts) = &self.alerts {
             // Bookings first, so the batch's escalations reflect them.
             let acks = alerts.pending_acks();
@@ -247,7 +258,9 @@ impl PartitionStage {
             let settings = &partitions.settings;
             return busy
                 .into_iter()
-                .map(|(task, (rows, position))| task.apply(&rows, position, now, settings, metrics))
+                .map(|(task, (rows, position))| {
+                    task.apply(&rows, position, now, settings, metrics, latest)
+                })
                 .collect();
         }
         // The partitions share the cores; each spreads its forecasts over its share.
@@ -260,7 +273,7 @@ impl PartitionStage {
         // A thread per partition cost a spawn and a stack per partition and batch: the
         // mock cluster's 337 partitions made 51,000 threads on a 20,000-battery backlog.
         crate::workers::in_order(busy, cores, |(task, (rows, position))| {
-            task.apply(&rows, position, now, settings, metrics)
+            task.apply(&rows, position, now, settings, metrics, latest)
         })
         .into_iter()
         .collect()
@@ -667,7 +680,7 @@ pub async fn run_with(
             .filter(|u| u.risk.at_risk)
             .map(|u| u.battery_id.clone())
             .collect();
-        (store.latest_all().count(), at_risk, store.alerts().count())
+        (store.latest_all().count(), at_risk, store.len())
     };
     services.metrics.refresh_ingest(&counters);
     Ok(RunReport {

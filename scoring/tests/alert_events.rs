@@ -167,7 +167,7 @@ async fn an_alert_seen_on_the_topic_is_still_carried_out_by_its_owner() {
         alert: alert.clone(),
     });
     assert_eq!(
-        alerts.query(&Default::default()).len(),
+        alerts.query(&Default::default()).unwrap().len(),
         1,
         "listed from the topic"
     );

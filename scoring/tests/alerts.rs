@@ -185,6 +185,7 @@ async fn every_alert_arrives_exactly_once_after_the_receiver_was_down() {
     assert!(
         store
             .alerts()
+            .map(Result::unwrap)
             .all(|a| a.delivery == DeliveryStatus::Delivered)
     );
     drop(store);
@@ -216,7 +217,7 @@ async fn a_restart_mid_delivery_resumes_from_the_outbox() {
     assert_eq!(unique, ids, "every alert arrived");
     assert_eq!(unit.stats().accepted, 60, "each alert accepted once");
     // The restarted process knows the alerts from its store, not from memory.
-    assert_eq!(second.service.store.lock().unwrap().alerts().count(), 60);
+    assert_eq!(second.service.store.lock().unwrap().len(), 60);
     let _ = second
         .stop
         .send(Some(tokio::time::Instant::now() + Duration::from_secs(5)));
@@ -259,6 +260,7 @@ async fn a_delivery_past_its_age_goes_to_the_dead_letter_list() {
     assert!(
         store
             .alerts()
+            .map(Result::unwrap)
             .all(|a| a.delivery == DeliveryStatus::DeadLettered)
     );
 }
@@ -298,7 +300,7 @@ async fn a_replayed_fleet_alerts_its_worn_batteries_once_each_on_their_head_unit
     assert!(!at_risk.is_empty());
 
     let store = AlertStore::open(&dir.path().join("alerts")).unwrap();
-    let alerts: Vec<_> = store.alerts().cloned().collect();
+    let alerts: Vec<_> = store.alerts().map(Result::unwrap).collect();
     assert!(!alerts.is_empty());
     // Every battery at risk at the end has an active alert; no battery more than one
     // per severity (no daily repeats over 45 days).
@@ -413,7 +415,7 @@ fn a_torn_last_line_is_cut_before_the_log_is_appended_to() {
         ids
     };
     let replayed = AlertStore::open(&path).unwrap();
-    let ids: HashSet<String> = replayed.alerts().map(|a| a.alert_id.clone()).collect();
+    let ids: HashSet<String> = replayed.alerts().map(|a| a.unwrap().alert_id).collect();
     assert_eq!(ids, first.union(&second).cloned().collect());
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(!text.contains("torn"), "the fragment is gone: {text}");
@@ -451,4 +453,68 @@ fn webhook_urls_encode_ids_as_one_path_segment() {
         Some("http://head-unit:8080/vehicles/V1%3Fadmin%3D1%23x/alerts")
     );
     assert_eq!(url(".."), None);
+}
+
+/// The store keeps where each alert's newest line is and reads the alert back from its
+/// log: what it returns is what a store holding every alert whole returns, after
+/// changes, after a torn line was cut off, and after a restart.
+#[test]
+fn the_store_reads_each_alert_back_from_its_newest_line_in_the_log() {
+    use voltcast_scoring::alerts::{Alert, AlertFilter, AlertStatus, Decision};
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("alerts");
+    let mut policy = EpisodePolicy::new(AlertConfig::default());
+    let alerts: Vec<Alert> = (0..5)
+        .flat_map(|b| policy.observe(&at_risk(b), Utc::now()))
+        .filter_map(|d| match d {
+            Decision::Raise(a) => Some(a),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(alerts.len(), 5);
+    let (mut logged, mut held) = (AlertStore::open(&path).unwrap(), AlertStore::in_memory());
+    let ack = |a: &mut Alert| {
+        a.status = AlertStatus::Acknowledged;
+        a.acknowledged_by = Some("service-desk".into());
+    };
+    let resolve = |a: &mut Alert| {
+        a.status = AlertStatus::Resolved;
+        a.resolution = Some("battery replaced".into());
+    };
+    for store in [&mut logged, &mut held] {
+        for a in &alerts {
+            store.put(a).unwrap();
+        }
+        store.update(&alerts[1].alert_id, ack).unwrap().unwrap();
+        store.update(&alerts[3].alert_id, resolve).unwrap().unwrap();
+    }
+    let all = |s: &AlertStore| s.alerts().map(Result::unwrap).collect::<Vec<_>>();
+    assert_eq!(all(&logged), all(&held));
+    let resolved = AlertFilter {
+        status: Some(AlertStatus::Resolved),
+        ..Default::default()
+    };
+    let listed = logged.query(&resolved).unwrap();
+    assert_eq!(listed, held.query(&resolved).unwrap());
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].resolution.as_deref(), Some("battery replaced"));
+
+    drop(logged);
+    let log = path.join("alerts.jsonl");
+    let mut bytes = std::fs::read(&log).unwrap();
+    bytes.extend_from_slice(br#"{"alert_id":"torn","#);
+    std::fs::write(&log, &bytes).unwrap();
+    let mut reopened = AlertStore::open(&path).unwrap();
+    let deliver = |a: &mut Alert| a.delivery = DeliveryStatus::Delivered;
+    reopened.update(&alerts[4].alert_id, deliver).unwrap();
+    held.update(&alerts[4].alert_id, deliver).unwrap();
+    assert_eq!(all(&reopened), all(&held));
+    let got = reopened.get(&alerts[4].alert_id).unwrap().unwrap();
+    assert_eq!(got.delivery, DeliveryStatus::Delivered);
+    assert_eq!(
+        reopened.get(&alerts[1].alert_id).unwrap(),
+        held.get(&alerts[1].alert_id).unwrap()
+    );
+    assert_eq!(reopened.len(), 5);
 }

@@ -94,7 +94,7 @@ async fn alerts_batteries_acks_auth_and_errors() {
     config.alerts.store_path = dir.path().join("alerts");
     let services = Services::start(&config).await.unwrap();
     let base = format!("http://{}", services.api_addr.unwrap());
-    let mut stage = AlertStage::new(&AlertConfig::default(), services.alerts.clone());
+    let mut stage = AlertStage::new(&AlertConfig::default(), services.alerts.clone()).unwrap();
     stage.take(update("B1", "V1", 20_000, 0.95, 20));
     stage.take(update("B2", "V2", 20_000, 0.2, 200));
     stage.take(update("B1", "V1", 20_001, 0.99, 5)); // escalates

@@ -215,6 +215,7 @@ fn a_batch_hands_on_one_assessment_per_battery_its_newest() {
             voltcast_ingest::now_millis(),
             &settings,
             Some(&metrics),
+            None,
         )
         .unwrap();
     let assessed = metrics.risk_updates.get();
@@ -251,4 +252,69 @@ fn a_batch_hands_on_one_assessment_per_battery_its_newest() {
         newest.values().all(|day| *day > last_closed - week),
         "each battery's newest assessment (last closed day {last_closed}) is the one handed on: {newest:?}"
     );
+}
+
+/// With a sink, a task hands each slice of closed days' newest assessments on as soon as
+/// the slice is assessed (the store keeps them; nothing waits for the batch's end), and
+/// the store ends on the same newest assessment per battery as a batch collected whole.
+#[test]
+fn a_sink_gets_each_slice_of_assessments_as_it_is_made() {
+    use std::sync::Mutex;
+    use voltcast_scoring::forecasting::{ForecastSettings, RiskUpdate};
+    use voltcast_scoring::partition::{PartitionSet, PartitionSettings, PartitionTask};
+
+    let batch = fleet_batch(40, 60);
+    let mut settings = PartitionSettings::windows_only(WindowConfig::default());
+    let slice_rows = 100;
+    settings.forecast = Some(ForecastSettings {
+        slice_rows,
+        ..ForecastSettings::new(Default::default(), Default::default())
+    });
+    settings.alerts.enabled = true;
+    let task = || -> PartitionTask {
+        PartitionSet::on_sight(settings.clone(), None).fresh_task(
+            voltcast_scoring::checkpoint::PartitionKey {
+                topic: Arc::from("t"),
+                partition: 0,
+            },
+        )
+    };
+    let (rows, position) = (&batch.rows, &batch.positions[0]);
+    let now = voltcast_ingest::now_millis();
+    let whole = task()
+        .apply(rows, position, now, &settings, None, None)
+        .unwrap();
+
+    let handed: Mutex<Vec<Vec<RiskUpdate>>> = Mutex::default();
+    let sink = |risks: Vec<RiskUpdate>| handed.lock().unwrap().push(risks);
+    let sliced = task()
+        .apply(rows, position, now, &settings, None, Some(&sink))
+        .unwrap();
+    let handed = handed.into_inner().unwrap();
+
+    assert!(
+        sliced.risks.is_empty(),
+        "assessments kept back for the batch's end"
+    );
+    let closed: usize = sliced.closed.iter().map(|b| b.num_rows()).sum();
+    assert_eq!(
+        handed.len(),
+        closed.div_ceil(slice_rows),
+        "one hand-over per slice"
+    );
+    for slice in &handed {
+        assert!(slice.len() <= slice_rows);
+        let mut ids: Vec<_> = slice.iter().map(|r| r.battery_id.clone()).collect();
+        ids.sort();
+        ids.dedup();
+        assert_eq!(ids.len(), slice.len(), "a slice hands a battery on twice");
+    }
+    let mut store = std::collections::HashMap::new();
+    for r in handed.into_iter().flatten() {
+        store.insert(r.battery_id.clone(), r);
+    }
+    assert_eq!(store.len(), whole.risks.len());
+    for r in &whole.risks {
+        assert_eq!(store.get(&r.battery_id), Some(r), "{}", r.battery_id);
+    }
 }

@@ -85,10 +85,12 @@ async fn a_battery_silent_past_the_retention_is_forgotten_everywhere() {
         assert!(task.models.record("old").is_some(), "old has a model");
     }
     let old_alerts = || {
-        alerts.query(&AlertFilter {
-            battery: Some("old".into()),
-            ..Default::default()
-        })
+        alerts
+            .query(&AlertFilter {
+                battery: Some("old".into()),
+                ..Default::default()
+            })
+            .unwrap()
     };
     let raised = old_alerts();
     assert!(!raised.is_empty(), "old raised an alert");

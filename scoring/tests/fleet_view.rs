@@ -75,6 +75,7 @@ fn ids(services: &Services) -> BTreeSet<String> {
     services
         .alerts
         .query(&AlertFilter::default())
+        .unwrap()
         .into_iter()
         .map(|a| a.alert_id)
         .collect()
@@ -232,6 +233,7 @@ async fn an_ack_on_any_instance_reaches_the_owners_episode() {
                 let store = b.alerts.store.lock().unwrap();
                 store
                     .alerts()
+                    .map(Result::unwrap)
                     .filter(|x| x.status == AlertStatus::Open && x.severity == Severity::Warning)
                     .filter(|x| store.recorded(&x.alert_id).is_some())
                     .map(|x| x.alert_id.clone())
@@ -262,6 +264,7 @@ async fn an_ack_on_any_instance_reaches_the_owners_episode() {
                         .lock()
                         .unwrap()
                         .get(id)
+                        .unwrap()
                         .is_some_and(|x| x.status != AlertStatus::Open)
                 })
             })
@@ -288,8 +291,8 @@ async fn an_ack_on_any_instance_reaches_the_owners_episode() {
         let store = b.alerts.store.lock().unwrap();
         let mut escalations = 0;
         for id in &acked {
-            let warning = store.get(id).unwrap().clone();
-            let next = store.alerts().find(|x| {
+            let warning = store.get(id).unwrap().unwrap();
+            let next = store.alerts().map(Result::unwrap).find(|x| {
                 x.battery_id == warning.battery_id
                     && x.episode == warning.episode
                     && x.severity == Severity::Critical

@@ -189,7 +189,7 @@ impl Outcome {
         }
         let store = alerts.store.lock().unwrap();
         self.alerts
-            .extend(store.alerts().map(|a| a.alert_id.clone()));
+            .extend(store.alerts().map(|a| a.unwrap().alert_id));
         for u in store.latest_all() {
             let seen = (
                 u.day,

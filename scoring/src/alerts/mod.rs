@@ -406,7 +406,7 @@ impl AlertService {
     }
 
     /// Alerts matching `filter`, newest first (what `GET /api/alerts` lists).
-    pub fn query(&self, filter: &store::AlertFilter) -> Vec<Alert> {
+    pub fn query(&self, filter: &store::AlertFilter) -> Result<Vec<Alert>, AlertError> {
         self.lock().query(filter)
     }
 
@@ -458,7 +458,7 @@ impl AlertService {
                 let superseded = store.preview(&previous, |a| {
                     a.status = AlertStatus::Escalated;
                     a.resolution = Some(format!("escalated to {}", alert.alert_id));
-                });
+                })?;
                 if let Some(old) = &superseded {
                     self.publish(EventKind::Resolved, old)?;
                 }
@@ -473,7 +473,7 @@ impl AlertService {
                 let done = self
                     .lock()
                     .recorded(&alert_id)
-                    .is_some_and(|a| !a.status.is_active());
+                    .is_some_and(|status| !status.is_active());
                 if done {
                     return Ok(());
                 }
@@ -487,7 +487,7 @@ impl AlertService {
                     a.status = AlertStatus::Resolved;
                     a.resolved_at = Some(now);
                     a.resolution = Some(reason.to_string());
-                });
+                })?;
                 if let Some(a) = resolved {
                     self.publish(EventKind::Resolved, &a)?;
                     store.put(&a)?;
@@ -502,10 +502,10 @@ impl AlertService {
     pub fn acknowledge(&self, alert_id: &str, by: &str) -> Result<Alert, AlertError> {
         let mut store = self.lock();
         let alert = store
-            .get(alert_id)
+            .get(alert_id)?
             .ok_or_else(|| AlertError::NotFound(alert_id.to_string()))?;
         match alert.status {
-            AlertStatus::Acknowledged => return Ok(alert.clone()),
+            AlertStatus::Acknowledged => return Ok(alert),
             AlertStatus::Open => {}
             other => return Err(AlertError::NotActive(alert_id.to_string(), other)),
         }
@@ -515,7 +515,7 @@ impl AlertService {
                 a.status = AlertStatus::Acknowledged;
                 a.acknowledged_at = Some(now);
                 a.acknowledged_by = Some(by.to_string());
-            })
+            })?
             .ok_or_else(|| AlertError::NotFound(alert_id.to_string()))?;
         self.publish(EventKind::Acknowledged, &acked)?;
         store.put(&acked)?;
@@ -593,6 +593,13 @@ impl AlertService {
 }
 
 impl AlertService {
+    /// Keeps fresh assessments as their batteries' latest, under one lock of the store:
+    /// the partitions hand each slice's over as soon as it is assessed (see
+    /// [`crate::partition::LatestSink`]), before the batch's decisions are carried out.
+    pub fn set_latest(&self, updates: Vec<RiskUpdate>) {
+        self.lock().set_latest_all(updates);
+    }
+
     /// Carries out a batch's decisions, then stores the fresh assessments as the
     /// batteries' latest under one lock of the store (a lock per update cost more than
     /// the policy on a backlog), and syncs the log if the batch stored an alert.
@@ -604,9 +611,7 @@ impl AlertService {
             }
         }
         let mut store = self.lock();
-        for update in updates {
-            store.set_latest(update);
-        }
+        store.set_latest_all(updates);
         for battery in evicted {
             store.forget_latest(battery);
         }
@@ -627,14 +632,15 @@ pub struct AlertStage {
 
 impl AlertStage {
     /// Starts from what the store remembers (open episodes, episode counts).
-    pub fn new(config: &AlertConfig, service: Arc<AlertService>) -> Self {
+    pub fn new(config: &AlertConfig, service: Arc<AlertService>) -> Result<Self, AlertError> {
         let mut policy = EpisodePolicy::new(config.clone());
-        policy.restore(service.lock().alerts());
-        Self {
+        let alerts = service.lock().alerts().collect::<Result<Vec<_>, _>>()?;
+        policy.restore(&alerts);
+        Ok(Self {
             policy,
             service,
             enabled: config.enabled,
-        }
+        })
     }
 
     pub fn take(&mut self, update: RiskUpdate) {

@@ -146,7 +146,7 @@ impl EpisodePolicy {
     }
 
     /// Rebuilds episode counts and open episodes from stored alerts.
-    pub fn restore<'a>(&mut self, alerts: impl Iterator<Item = &'a Alert>) {
+    pub fn restore<'a>(&mut self, alerts: impl IntoIterator<Item = &'a Alert>) {
         for a in alerts {
             let e = self.batteries.entry(a.battery_id.clone()).or_default();
             e.episode = e.episode.max(a.episode);
