@@ -94,8 +94,8 @@ impl SeasonalTrend {
         let curve = Curve::fit(first_day, y)?;
         let residuals: Vec<f64> = y
             .iter()
-            .enumerate()
-            .map(|(i, v)| v - curve.at(first_day + i as i32))
+            .zip(curve.values(first_day, n))
+            .map(|(v, c)| v - c)
             .collect();
         Some(Self {
             residual: Ets::fit(&residuals, Trend::None, 0)?,
@@ -115,9 +115,8 @@ impl SeasonalTrend {
 
     pub fn mean_path(&self, h: usize) -> Vec<f64> {
         let level = self.residual.mean_path(h);
-        (0..h)
-            .map(|k| self.curve.at(self.next_day + k as i32) + level[k])
-            .collect()
+        let curve = self.curve.values(self.next_day, h);
+        curve.zip(level).map(|(c, l)| c + l).collect()
     }
 
     /// The residual smoother's errors: day noise, and a level error that persists over
@@ -148,8 +147,9 @@ impl Curve {
         let mut gram = [[0.0; MAX_COLUMNS]; MAX_COLUMNS];
         let mut xty = [0.0; MAX_COLUMNS];
         let mut row = [0.0; MAX_COLUMNS];
+        let changepoints = curve.changepoints();
         for (i, v) in y.iter().enumerate() {
-            curve.row(first_day + i as i32, &mut row);
+            curve.row(first_day + i as i32, &changepoints, &mut row);
             for a in 0..cols {
                 xty[a] += row[a] * v;
                 for b in a..cols {
@@ -182,8 +182,16 @@ impl Curve {
             .collect()
     }
 
-    /// The design row of day number `day` into `row`.
-    fn row(&self, day: i32, row: &mut [f64; MAX_COLUMNS]) {
+    /// The trend's changepoints, evenly over the first `CHANGEPOINT_RANGE` of the window,
+    /// in whole days (not stored: a model per battery is checkpointed).
+    fn changepoints(&self) -> [f64; CHANGEPOINTS] {
+        std::array::from_fn(|k| {
+            ((k + 1) as f64 * CHANGEPOINT_RANGE * self.span / (CHANGEPOINTS + 1) as f64).round()
+        })
+    }
+
+    /// The design row of day number `day` into `row`, given [`Self::changepoints`].
+    fn row(&self, day: i32, changepoints: &[f64; CHANGEPOINTS], row: &mut [f64; MAX_COLUMNS]) {
         // Past the window the trend stays where it ended: extrapolated 30 days and more, a
         // slope fitted to a shift in usage became a drift (on the seasonal fleet the
         // 30-day sum error of the family went from 6.7% to 6.4%); the residuals' level
@@ -192,10 +200,7 @@ impl Curve {
         row[0] = 1.0;
         row[1] = t / self.span;
         let mut j = 2;
-        for k in 1..=CHANGEPOINTS {
-            // Evenly over the first CHANGEPOINT_RANGE of the window, in whole days (not
-            // stored: a model per battery is checkpointed).
-            let c = (k as f64 * CHANGEPOINT_RANGE * self.span / (CHANGEPOINTS + 1) as f64).round();
+        for c in changepoints {
             row[j] = (t - c).max(0.0) / self.span;
             j += 1;
         }
@@ -218,9 +223,17 @@ impl Curve {
 
     /// The curve's value on day number `day`.
     fn at(&self, day: i32) -> f64 {
+        self.values(day, 1).next().unwrap_or(0.0)
+    }
+
+    /// The curve's values on `n` days from day number `from`.
+    fn values(&self, from: i32, n: usize) -> impl Iterator<Item = f64> + '_ {
+        let changepoints = self.changepoints();
         let mut row = [0.0; MAX_COLUMNS];
-        self.row(day, &mut row);
-        row.iter().zip(&self.coef).map(|(r, c)| r * c).sum()
+        (0..n as i32).map(move |i| {
+            self.row(from + i, &changepoints, &mut row);
+            row.iter().zip(&self.coef).map(|(r, c)| r * c).sum()
+        })
     }
 }
 
