@@ -109,25 +109,18 @@ impl Ets {
     /// Non-seasonal AutoETS: the trend form (none, additive, damped) with the lowest AICc.
     ///
     /// The damped form's search starts from the additive fit's smoothing parameters at
-    /// each damping of the grid, rather than from the whole alpha x beta x phi grid
-    /// (128 passes over the series, three quarters of an AutoETS fit): damping changes
-    /// the slope's reach, not how fast level and slope learn, and the coordinate search
-    /// that follows moves all three.
+    /// each damping, and from a coarse grid (48 points), rather than from the whole
+    /// alpha x beta x phi grid (128 passes over the series, three quarters of an AutoETS
+    /// fit): damping changes the slope's reach more than how fast level and slope learn,
+    /// and the coordinate search that follows moves all three. On damped series the fit
+    /// is as good on average (residual sd +0.2%, at worst +1.6%; the additive start alone
+    /// was +0.6%), and both bench fleets' accuracy and alerts are unchanged.
     pub fn auto(y: &[f64]) -> Option<Self> {
         let none = Self::fit(y, Trend::None, 0);
         let additive = Self::fit(y, Trend::Additive, 0);
-        let damped = additive.as_ref().and_then(|a| {
-            let starts: Vec<Params> = DAMPINGS
-                .iter()
-                .map(|&phi| Params {
-                    alpha: a.alpha,
-                    beta: a.beta,
-                    gamma: 0.0,
-                    phi,
-                })
-                .collect();
-            Self::fit_from(y, Trend::Damped, 0, &starts)
-        });
+        let damped = additive
+            .as_ref()
+            .and_then(|a| Self::fit_from(y, Trend::Damped, 0, &damped_starts(a)));
         [none, additive, damped]
             .into_iter()
             .flatten()
@@ -369,6 +362,29 @@ fn admissible(p: Params) -> bool {
 /// The damping factors (phi) the search starts from.
 const DAMPINGS: [f64; 4] = [0.8, 0.9, 0.95, 0.98];
 
+/// Where AutoETS's damped search starts: the additive fit's smoothing at each damping,
+/// and a coarse grid of its own (alpha x two slope shares x three dampings).
+fn damped_starts(additive: &Ets) -> Vec<Params> {
+    let warm = DAMPINGS.iter().map(|&phi| Params {
+        alpha: additive.alpha,
+        beta: additive.beta,
+        gamma: 0.0,
+        phi,
+    });
+    let alphas = [0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.7, 0.9];
+    let coarse = alphas.into_iter().flat_map(|alpha| {
+        [0.01, 0.2].into_iter().flat_map(move |share| {
+            [0.8, 0.9, 0.98].into_iter().map(move |phi| Params {
+                alpha,
+                beta: alpha * share,
+                gamma: 0.0,
+                phi,
+            })
+        })
+    });
+    warm.chain(coarse).collect()
+}
+
 /// The starting points of the search: every form's parameters on a coarse grid.
 fn grid(trend: Trend, period: usize) -> Vec<Params> {
     let alphas = [0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.7, 0.9];
@@ -495,6 +511,39 @@ mod tests {
     fn noise(i: usize) -> f64 {
         // Deterministic pseudo-noise in [-0.5, 0.5).
         ((i as f64 * 12.9898).sin() * 43_758.545_3).fract().abs() - 0.5
+    }
+
+    /// AutoETS's damped form, searched from the additive fit and a coarse grid, fits about
+    /// as well as the search from the whole grid (both are local searches): on damped
+    /// series, its residual sd is on average within 0.5% of the whole grid's, and nowhere
+    /// 2% above it (measured: mean +0.2%, worst +1.6%, some below).
+    #[test]
+    fn the_damped_search_from_the_additive_fit_matches_the_whole_grid() {
+        let mut ratios = Vec::new();
+        for s in 0..40 {
+            let phi = [0.85, 0.9, 0.95][s % 3];
+            let (mut level, mut slope) = (10.0 + s as f64, 0.3 - 0.015 * s as f64);
+            let y: Vec<f64> = (0..300)
+                .map(|i| {
+                    slope *= phi;
+                    level += slope + 0.05 * noise(i * 7 + s);
+                    level + (0.2 + 0.02 * s as f64) * noise(i + 1000 * s)
+                })
+                .collect();
+            let whole = Ets::fit(&y, Trend::Damped, 0).unwrap();
+            let auto = Ets::auto(&y).unwrap();
+            let additive = Ets::fit(&y, Trend::Additive, 0).unwrap();
+            let starts = damped_starts(&additive);
+            let warm = Ets::fit_from(&y, Trend::Damped, 0, &starts).unwrap();
+            assert!(auto.aicc <= warm.aicc, "auto takes the best form");
+            ratios.push(warm.sigma / whole.sigma);
+        }
+        let mean = ratios.iter().sum::<f64>() / ratios.len() as f64;
+        let worst = ratios.iter().copied().fold(0.0, f64::max);
+        assert!(
+            mean < 1.005 && worst < 1.02,
+            "mean {mean}, worst {worst}: {ratios:?}"
+        );
     }
 
     #[test]
