@@ -5,9 +5,9 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 /// A short list of one-line texts (an assessment's drivers, an alert's reasons) in one
 /// string, each line ended by `\n`; serialized as a list of strings.
 ///
-/// Why not `Vec<String>`: the alert store keeps every battery's latest assessment and
-/// every alert in memory, and four reasons as a `Vec<String>` take five allocations and
-/// 96 bytes of headers besides their text.
+/// Why not `Vec<String>`: the alert store keeps every battery's latest assessment in
+/// memory (and alerts known from the topic), and four reasons as a `Vec<String>` take
+/// five allocations and 96 bytes of headers besides their text.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TextLines(Box<str>);
 

@@ -145,7 +145,7 @@ pub enum DeliveryStatus {
 /// One failure alert, as stored, published and sent to the head unit.
 ///
 /// Its `message` is written from the other fields when serialized ([`Alert::message`]),
-/// not held: the store keeps every alert in memory, and the sentence was a sixth of one.
+/// not held: the sentence was a sixth of an alert, in the log and in memory.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct Alert {
     pub alert_id: String,
