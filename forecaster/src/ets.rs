@@ -359,6 +359,8 @@ fn admissible(p: Params) -> bool {
         && (0.8..=0.98).contains(&p.phi)
 }
 
+/// The level smoothing (alpha) the search starts from.
+const ALPHAS: [f64; 8] = [0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.7, 0.9];
 /// The damping factors (phi) the search starts from.
 const DAMPINGS: [f64; 4] = [0.8, 0.9, 0.95, 0.98];
 
@@ -371,8 +373,7 @@ fn damped_starts(additive: &Ets) -> Vec<Params> {
         gamma: 0.0,
         phi,
     });
-    let alphas = [0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.7, 0.9];
-    let coarse = alphas.into_iter().flat_map(|alpha| {
+    let coarse = ALPHAS.into_iter().flat_map(|alpha| {
         [0.01, 0.2].into_iter().flat_map(move |share| {
             [0.8, 0.9, 0.98].into_iter().map(move |phi| Params {
                 alpha,
@@ -387,7 +388,6 @@ fn damped_starts(additive: &Ets) -> Vec<Params> {
 
 /// The starting points of the search: every form's parameters on a coarse grid.
 fn grid(trend: Trend, period: usize) -> Vec<Params> {
-    let alphas = [0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.7, 0.9];
     let beta_shares: &[f64] = if trend == Trend::None {
         &[0.0]
     } else {
@@ -403,8 +403,8 @@ fn grid(trend: Trend, period: usize) -> Vec<Params> {
     } else {
         &[0.0]
     };
-    let mut grid = Vec::with_capacity(alphas.len() * beta_shares.len() * phis.len() * gammas.len());
-    for &alpha in &alphas {
+    let mut grid = Vec::with_capacity(ALPHAS.len() * beta_shares.len() * phis.len() * gammas.len());
+    for &alpha in &ALPHAS {
         for &share in beta_shares {
             for &phi in phis {
                 for &gamma in gammas {

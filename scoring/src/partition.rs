@@ -115,10 +115,26 @@ pub struct PartitionOutput {
 /// 100,000 stored: 0.7 KB a battery at the peak.
 pub type LatestSink<'a> = &'a (dyn Fn(Vec<RiskUpdate>) + Sync);
 
-/// `risks` without the assessments a later one of the same battery supersedes: the
-/// policy has seen every day's, and the store keeps only the latest. `take_closed` gives
-/// a battery's assessments of a slice one after another, in day order.
-fn newest_only(mut risks: Vec<RiskUpdate>) -> Vec<RiskUpdate> {
+/// `risks` without an assessment the next one supersedes. `take_closed` gives a
+/// battery's assessments of a slice one after another, in day order, so the newest of
+/// each run stays; the policy has seen every day's, and the store keeps only the latest.
+fn newest_of_runs(risks: Vec<RiskUpdate>) -> Vec<RiskUpdate> {
+    let mut kept = Vec::with_capacity(risks.len());
+    let mut risks = risks.into_iter().peekable();
+    while let Some(risk) = risks.next() {
+        if risks
+            .peek()
+            .is_none_or(|next| next.battery_id != risk.battery_id)
+        {
+            kept.push(risk);
+        }
+    }
+    kept
+}
+
+/// `risks` with only each battery's last: a battery's days of a batch can fall in
+/// several slices.
+fn newest_per_battery(mut risks: Vec<RiskUpdate>) -> Vec<RiskUpdate> {
     let mut seen = std::collections::HashSet::with_capacity(risks.len());
     risks.reverse();
     risks.retain(|r| seen.insert(r.battery_id.clone()));
@@ -341,12 +357,15 @@ impl PartitionTask {
             if let Some(m) = metrics {
                 m.risk_updates.inc_by(risks.len() as u64);
             }
+            let newest = newest_of_runs(risks);
             match latest {
-                Some(sink) => sink(newest_only(risks)),
-                None => output.risks.extend(risks),
+                Some(sink) => sink(newest),
+                None => output.risks.extend(newest),
             }
         }
-        output.risks = newest_only(std::mem::take(&mut output.risks));
+        if latest.is_none() {
+            output.risks = newest_per_battery(std::mem::take(&mut output.risks));
+        }
         self.times.forecasts += cpu;
     }
 

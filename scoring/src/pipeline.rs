@@ -281,7 +281,7 @@ impl PartitionStage {
 
     /// What the tasks produced, in partition order: late rows, closed days, alerts.
     async fn carry_out(&mut self, outputs: Vec<PartitionOutput>) -> Result<(), SinkError> {
-        let (mut decisions, mut risks, mut evicted) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut decisions, mut evicted) = (Vec::new(), Vec::new());
         for out in outputs {
             let started = Instant::now();
             for letter in out.late {
@@ -295,14 +295,15 @@ impl PartitionStage {
                 }
             }
             decisions.extend(out.decisions);
-            risks.extend(out.risks);
             evicted.extend(out.evicted);
         }
         // One pass over the alert store (one lock, at most one fsync) for the batch.
         if let Some(alerts) = &self.alerts {
             let mut busy = self.times.alerts;
             // The outbox fsyncs each alert before it is stored.
-            off_runtime(|| on_cpu(&mut busy, || alerts.record(decisions, risks, &evicted)));
+            // The fresh assessments reached the store as they were made (`LatestSink`).
+            let record = || alerts.record(decisions, Vec::new(), &evicted);
+            off_runtime(|| on_cpu(&mut busy, record));
             self.times.alerts = busy;
         }
         let started = Instant::now();
