@@ -67,7 +67,7 @@ pub async fn run(args: ForecastArgs, config: &VoltcastConfig) -> anyhow::Result<
     }
     let at_risk = forecasts.iter().filter(|f| f.risk.at_risk).count();
     eprintln!(
-        "voltcast forecast: {} rows cleansed into {} battery-days ({} duplicates, {} imputed) in {:.1} s; {} batteries forecast in {:.1} s ({:.0} batteries/s on {threads} threads); {at_risk} at risk within {} days; wrote {}",
+        "voltcast forecast: {} rows cleansed into {} battery-days ({} duplicates, {} imputed) in {:.2} s; {} batteries forecast in {:.2} s ({:.0} batteries/s on {threads} threads); {at_risk} at risk within {} days; wrote {}",
         stats.rows_in,
         stats.days_closed,
         stats.duplicates,

@@ -260,7 +260,7 @@ fn sse(y: &[f64], trend: Trend, period: usize, init: &Init, p: Params) -> f64 {
 }
 
 /// Parameter sets a grid pass runs side by side.
-const LANES: usize = 4;
+const LANES: usize = 8;
 
 /// The squared errors of every set in `ps`, in order, [`LANES`] sets per pass over `y`.
 ///

@@ -62,6 +62,15 @@ impl Forecast {
         let z = normal_quantile(0.5 + level / 2.0);
         (self.mean[i] - z * self.sd[i], self.mean[i] + z * self.sd[i])
     }
+
+    /// Every day's central interval at `level`, lower bounds then upper bounds (the
+    /// quantile, a bisection, worked out once rather than per day).
+    pub fn intervals(&self, level: f64) -> (Vec<f64>, Vec<f64>) {
+        let z = normal_quantile(0.5 + level / 2.0);
+        let lower = self.mean.iter().zip(&self.sd).map(|(m, s)| m - z * s);
+        let upper = self.mean.iter().zip(&self.sd).map(|(m, s)| m + z * s);
+        (lower.collect(), upper.collect())
+    }
 }
 
 /// Standard normal CDF (erfc by Numerical Recipes' Chebyshev fit, |error| < 1.2e-7).

@@ -63,6 +63,18 @@ static WEEKLY_WAVES: std::sync::LazyLock<[[f64; 2 * WEEKLY_HARMONICS]; 7]> =
         })
     });
 
+/// Days in which the yearly wave repeats exactly: four years of 365.25 days.
+const YEARLY_CYCLE_DAYS: i32 = 1461;
+
+/// Per day of the four-year cycle, the yearly wave's sine and cosine (the first
+/// harmonic; the second follows from it). A sine and cosine per design row were a
+/// twentieth of a selection.
+static YEARLY_WAVE: std::sync::LazyLock<Vec<(f64, f64)>> = std::sync::LazyLock::new(|| {
+    (0..YEARLY_CYCLE_DAYS)
+        .map(|d| (std::f64::consts::TAU * f64::from(d) / YEAR).sin_cos())
+        .collect()
+});
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SeasonalTrend {
     curve: Curve,
@@ -151,6 +163,11 @@ impl Curve {
         for (i, v) in y.iter().enumerate() {
             curve.row(first_day + i as i32, &changepoints, &mut row);
             for a in 0..cols {
+                // A changepoint's ramp is zero before it: about a fifth of a row adds
+                // nothing.
+                if row[a] == 0.0 {
+                    continue;
+                }
                 xty[a] += row[a] * v;
                 for b in a..cols {
                     gram[a][b] += row[a] * row[b];
@@ -205,13 +222,14 @@ impl Curve {
             j += 1;
         }
         // Seasonal phases from the day number itself: every battery's Monday and
-        // January are alike. The week's from a table by weekday and the year's second
-        // harmonic from its first: sines and cosines were a tenth of a selection.
+        // January are alike. The week's and the year's from tables (by weekday, by day
+        // of the four-year cycle), the year's second harmonic from its first: sines and
+        // cosines were a tenth of a selection.
         let week = &WEEKLY_WAVES[day.rem_euclid(7) as usize];
         row[j..j + 2 * WEEKLY_HARMONICS].copy_from_slice(week);
         j += 2 * WEEKLY_HARMONICS;
         if self.yearly {
-            let (s, c) = (std::f64::consts::TAU * f64::from(day) / YEAR).sin_cos();
+            let (s, c) = YEARLY_WAVE[day.rem_euclid(YEARLY_CYCLE_DAYS) as usize];
             let (mut sk, mut ck) = (s, c);
             for _ in 1..=YEARLY_HARMONICS {
                 (row[j], row[j + 1]) = (sk, ck);

@@ -256,7 +256,7 @@ fn forecast_one(
     let lifetime = history.lifetime()?;
     let rated = battery.rated;
     let f = record.forecast(risk.horizon_days);
-    let (lower, upper) = (0..f.horizon()).map(|k| f.interval(k, 0.9)).unzip();
+    let (lower, upper) = f.intervals(0.9);
     Some(BatteryForecast {
         battery_id: battery.id.to_string(),
         vehicle_id: battery.vehicle.map(|v| v.to_string()),

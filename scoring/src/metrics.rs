@@ -292,7 +292,9 @@ impl Metrics {
             self.records_dead_lettered
                 .with_label_values(&[reason.as_str()]);
         }
-        let kinds = ModelKind::CANDIDATES.into_iter().chain([ModelKind::Mean]);
+        let kinds = ModelKind::CANDIDATES
+            .into_iter()
+            .chain([ModelKind::AutoEts, ModelKind::Mean]);
         for model in kinds.map(ModelKind::name) {
             self.forecast_fits.with_label_values(&[model]);
             self.model_selections.with_label_values(&[model]);
