@@ -105,7 +105,7 @@ pub async fn cleanse(
     }
     stage
         .windows
-        .close_all()
+        .close_all_into_histories()
         .map_err(|e| BatchError::Finish(e.to_string()))?;
     Ok(stage.windows.into_state())
 }

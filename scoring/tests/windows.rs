@@ -414,3 +414,52 @@ async fn one_battery_with_a_clock_a_day_ahead_does_not_close_the_fleets_day() {
     );
     assert_eq!(out.late.len(), 1, "now Jan 2 has closed");
 }
+
+/// Batch scoring closes its input's days into the histories without making their rows:
+/// the histories (gaps imputed, copies dropped) and the counts are those of a close that
+/// makes them.
+#[tokio::test]
+async fn closing_into_the_histories_alone_keeps_what_closing_with_rows_keeps() {
+    let records = [
+        report("A", "2013-01-01T00:00:00Z", 30.0, 0.075, 0.075, 2),
+        report("A", "2013-01-01T00:00:00Z", 30.0, 0.075, 0.075, 2),
+        report("A", "2013-01-01T12:00:00Z", 40.0, 0.1, 0.175, 3),
+        report("B", "2013-01-01T08:00:00Z", 50.0, 0.125, 0.125, 4),
+        report("A", "2013-01-04T00:00:00Z", 10.0, 0.025, 0.2, 1),
+        report("B", "2013-01-02T08:00:00Z", 20.0, 0.05, 0.175, 1),
+    ];
+    let histories = |w: &DailyWindows| {
+        let mut all: Vec<(String, Vec<(i32, f32, f32, u8, bool)>)> = w
+            .state()
+            .batteries()
+            .map(|b| (b.id.to_string(), b.history.days().collect()))
+            .collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    };
+    let (mut with_rows, mut without) = (
+        DailyWindows::new(WindowConfig::default()),
+        DailyWindows::new(WindowConfig::default()),
+    );
+    let count = |rows: &[RecordBatch]| rows.iter().map(|r| r.num_rows()).sum::<usize>();
+    let mut before_the_end = 0;
+    for w in [&mut with_rows, &mut without] {
+        before_the_end = count(&w.apply(&batch(&records), 0).unwrap().closed);
+    }
+    let at_the_end = count(&with_rows.close_all().unwrap());
+    without.close_all_into_histories().unwrap();
+    assert!(at_the_end > 0, "the end closes days");
+    assert_eq!(histories(&without), histories(&with_rows));
+    assert_eq!(
+        histories(&without)[0].1.len(),
+        4,
+        "A's two missing days imputed"
+    );
+    assert_eq!(without.stats(), with_rows.stats());
+    let stats = without.stats();
+    assert_eq!(stats.days_closed, (before_the_end + at_the_end) as u64);
+    assert_eq!(
+        (stats.days_closed, stats.days_imputed, stats.duplicates),
+        (6, 2, 1)
+    );
+}

@@ -193,10 +193,6 @@ impl ClosedColumns {
         }
     }
 
-    pub fn len(&self) -> usize {
-        self.battery.len()
-    }
-
     /// One closed day: observed (with the window it closed) or imputed.
     pub fn push(
         &mut self,

@@ -42,7 +42,7 @@ pub use open::OpenWindows;
 pub use shard::ShardState;
 pub use watermark::Watermarks;
 
-use shard::{RowClock, ShardOutput, ShardTask, route};
+use shard::{ClosedRows, RowClock, ShardOutput, ShardTask, route};
 
 /// `[windows]` in the config file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -425,7 +425,7 @@ impl DailyWindows {
             .observe(&batch.positions, &batch.assigned, now);
         // A day closes when the watermark passes its end.
         let close = st.watermarks.advance(now).map(|w| day_of(w + 1));
-        self.run(&batch.rows, late_before, close, None)
+        self.run(&batch.rows, late_before, close, None, ClosedRows::Emit)
     }
 
     /// Takes in one partition's rows of a micro-batch, in offset order, with how far the
@@ -465,7 +465,7 @@ impl DailyWindows {
         st.watermarks
             .observe(std::slice::from_ref(&position), &[], now);
         let close = st.watermarks.advance(now).map(|w| day_of(w + 1));
-        self.run(rows, late_before, close, Some(clock))
+        self.run(rows, late_before, close, Some(clock), ClosedRows::Emit)
     }
 
     /// Closes every open window (end of a finite input: a file replay or a test).
@@ -486,7 +486,26 @@ impl DailyWindows {
         };
         let empty = RecordBatch::new_empty(voltcast_ingest::schema::telemetry_schema());
         let late_before = self.state.closed_before;
-        self.run(&empty, late_before, Some(last + 1), None)
+        self.run(&empty, late_before, Some(last + 1), None, ClosedRows::Emit)
+    }
+
+    /// Closes every open day into the batteries' histories without making the closed-day
+    /// rows: batch scoring reads only the histories, and the rows of a whole input's days
+    /// (every battery id copied into each) were a sixth of its cleansing.
+    pub fn close_all_into_histories(&mut self) -> Result<(), WindowError> {
+        let last = self
+            .state
+            .shards
+            .iter()
+            .filter_map(|s| s.open.last_day())
+            .max();
+        let Some(last) = last else {
+            return Ok(());
+        };
+        let empty = RecordBatch::new_empty(voltcast_ingest::schema::telemetry_schema());
+        let late_before = self.state.closed_before;
+        self.run(&empty, late_before, Some(last + 1), None, ClosedRows::Skip)
+            .map(|_| ())
     }
 
     /// Closes the oldest open day, if any is open. The end of a finite input closes its
@@ -504,8 +523,14 @@ impl DailyWindows {
         };
         let empty = RecordBatch::new_empty(voltcast_ingest::schema::telemetry_schema());
         let late_before = self.state.closed_before;
-        self.run(&empty, late_before, Some(oldest + 1), None)
-            .map(Some)
+        self.run(
+            &empty,
+            late_before,
+            Some(oldest + 1),
+            None,
+            ClosedRows::Emit,
+        )
+        .map(Some)
     }
 
     fn run(
@@ -514,6 +539,7 @@ impl DailyWindows {
         late_before: Option<i32>,
         close: Option<i32>,
         row_clock: Option<RowClock>,
+        closed_rows: ClosedRows,
     ) -> Result<WindowOutput, WindowError> {
         let close = close.filter(|d| late_before.is_none_or(|c| *d > c));
         let shards = self.state.shards.len();
@@ -526,6 +552,7 @@ impl DailyWindows {
                 close_before: close,
                 retention_days: self.config.retention_days,
                 row_clock,
+                closed_rows,
             })
             .collect();
         let work = self

@@ -73,6 +73,14 @@ pub(super) struct ShardTask<'a> {
     /// the watermark of the rows before it, so whether a row is late does not depend on
     /// where micro-batches happen to split (a replay after a crash splits elsewhere).
     pub row_clock: Option<RowClock>,
+    pub closed_rows: ClosedRows,
+}
+
+/// Whether closing days makes their closed-day rows, or only fills the histories.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum ClosedRows {
+    Emit,
+    Skip,
 }
 
 /// A partition's event-time clock as rows go by.
@@ -113,7 +121,12 @@ impl ShardState {
         }
         if let Some(day) = task.close_before {
             let closing = self.open.days().next().is_some_and(|d| d.day() < day);
-            output.closed = self.close_before(day, task.retention_days, &mut output.stats);
+            output.closed = self.close_before(
+                day,
+                task.retention_days,
+                task.closed_rows,
+                &mut output.stats,
+            );
             if closing {
                 output.evicted = self.evict_silent(day, task.retention_days);
                 output.stats.evicted += output.evicted.len() as u64;
@@ -232,10 +245,21 @@ impl ShardState {
         &mut self,
         day: i32,
         retention_days: usize,
+        closed_rows: ClosedRows,
         stats: &mut WindowStats,
     ) -> Option<RecordBatch> {
-        let closing = self.open.days().take_while(|d| d.day() < day);
-        let mut closed = ClosedColumns::with_capacity(closing.map(|d| d.len()).sum());
+        let emit = closed_rows == ClosedRows::Emit;
+        let rows = match emit {
+            true => self
+                .open
+                .days()
+                .take_while(|d| d.day() < day)
+                .map(|d| d.len())
+                .sum(),
+            false => 0,
+        };
+        let mut closed = ClosedColumns::with_capacity(rows);
+        let mut days_closed = 0;
         let mut values = Vec::new();
         while let Some(open_day) = self.open.pop_before(day) {
             let batteries = open_day.batteries();
@@ -257,13 +281,16 @@ impl ShardState {
                 values.clear();
                 let history = &mut self.fleet.histories[bi];
                 history.close_day(obs, retention_days, &mut values);
-                for v in &values {
-                    closed.push(b, v, w.rated, (!v.imputed).then_some(w));
+                if emit {
+                    for v in &values {
+                        closed.push(b, v, w.rated, (!v.imputed).then_some(w));
+                    }
                 }
+                days_closed += values.len() as u64;
                 stats.days_imputed += values.iter().filter(|v| v.imputed).count() as u64;
             }
         }
-        stats.days_closed += closed.len() as u64;
+        stats.days_closed += days_closed;
         closed.finish(&self.fleet)
     }
 }
