@@ -429,7 +429,7 @@ async fn closing_into_the_histories_alone_keeps_what_closing_with_rows_keeps() {
         report("B", "2013-01-02T08:00:00Z", 20.0, 0.05, 0.175, 1),
     ];
     let histories = |w: &DailyWindows| {
-        let mut all: Vec<(String, Vec<(i32, f32, f32, u8, bool)>)> = w
+        let mut all: Vec<(String, Vec<_>)> = w
             .state()
             .batteries()
             .map(|b| (b.id.to_string(), b.history.days().collect()))
