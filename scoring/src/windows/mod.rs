@@ -475,6 +475,17 @@ impl DailyWindows {
 
     /// [`Self::close_all`], with what else closing did (batteries evicted).
     pub fn close_all_output(&mut self) -> Result<WindowOutput, WindowError> {
+        self.close_through_last(ClosedRows::Emit)
+    }
+
+    /// Closes every open day into the batteries' histories without making the closed-day
+    /// rows: batch scoring reads only the histories, and the rows of a whole input's days
+    /// (every battery id copied into each) were a sixth of its cleansing.
+    pub fn close_all_into_histories(&mut self) -> Result<(), WindowError> {
+        self.close_through_last(ClosedRows::Skip).map(|_| ())
+    }
+
+    fn close_through_last(&mut self, closed_rows: ClosedRows) -> Result<WindowOutput, WindowError> {
         let last = self
             .state
             .shards
@@ -486,26 +497,7 @@ impl DailyWindows {
         };
         let empty = RecordBatch::new_empty(voltcast_ingest::schema::telemetry_schema());
         let late_before = self.state.closed_before;
-        self.run(&empty, late_before, Some(last + 1), None, ClosedRows::Emit)
-    }
-
-    /// Closes every open day into the batteries' histories without making the closed-day
-    /// rows: batch scoring reads only the histories, and the rows of a whole input's days
-    /// (every battery id copied into each) were a sixth of its cleansing.
-    pub fn close_all_into_histories(&mut self) -> Result<(), WindowError> {
-        let last = self
-            .state
-            .shards
-            .iter()
-            .filter_map(|s| s.open.last_day())
-            .max();
-        let Some(last) = last else {
-            return Ok(());
-        };
-        let empty = RecordBatch::new_empty(voltcast_ingest::schema::telemetry_schema());
-        let late_before = self.state.closed_before;
-        self.run(&empty, late_before, Some(last + 1), None, ClosedRows::Skip)
-            .map(|_| ())
+        self.run(&empty, late_before, Some(last + 1), None, closed_rows)
     }
 
     /// Closes the oldest open day, if any is open. The end of a finite input closes its
