@@ -59,18 +59,23 @@ impl Forecast {
 
     /// Central interval at `level` (e.g. 0.9) for day `i` (0-based).
     pub fn interval(&self, i: usize, level: f64) -> (f64, f64) {
-        let z = normal_quantile(0.5 + level / 2.0);
+        let z = central_z(level);
         (self.mean[i] - z * self.sd[i], self.mean[i] + z * self.sd[i])
     }
 
     /// Every day's central interval at `level`, lower bounds then upper bounds (the
     /// quantile, a bisection, worked out once rather than per day).
     pub fn intervals(&self, level: f64) -> (Vec<f64>, Vec<f64>) {
-        let z = normal_quantile(0.5 + level / 2.0);
+        let z = central_z(level);
         let lower = self.mean.iter().zip(&self.sd).map(|(m, s)| m - z * s);
         let upper = self.mean.iter().zip(&self.sd).map(|(m, s)| m + z * s);
         (lower.collect(), upper.collect())
     }
+}
+
+/// The half-width in sds of the central interval holding `level` of a normal.
+fn central_z(level: f64) -> f64 {
+    normal_quantile(0.5 + level / 2.0)
 }
 
 /// Standard normal CDF (erfc by Numerical Recipes' Chebyshev fit, |error| < 1.2e-7).

@@ -249,14 +249,11 @@ impl ShardState {
         stats: &mut WindowStats,
     ) -> Option<RecordBatch> {
         let emit = closed_rows == ClosedRows::Emit;
-        let rows = match emit {
-            true => self
-                .open
-                .days()
-                .take_while(|d| d.day() < day)
-                .map(|d| d.len())
-                .sum(),
-            false => 0,
+        let rows = if emit {
+            let closing = self.open.days().take_while(|d| d.day() < day);
+            closing.map(|d| d.len()).sum()
+        } else {
+            0
         };
         let mut closed = ClosedColumns::with_capacity(rows);
         let mut days_closed = 0;
