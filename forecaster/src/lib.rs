@@ -9,8 +9,8 @@
 //! a [`DailySeries`] into a [`FittedModel`], which predicts with intervals and advances by
 //! one day). The families are seasonal naive (the floor), a non-seasonal AutoETS, MSTL
 //! (augurs) with an ETS trend, a linfa regression of cycles on driving (its driving ahead
-//! by weekly ETS, or by a Prophet-style trend with weekly and yearly seasonality:
-//! [`seasonal`]), and an ensemble. [`select`]
+//! by weekly ETS), an ensemble, and a Prophet-style curve of log cycles with level steps,
+//! weekly and yearly seasonality ([`seasonal`]). [`select`]
 //! picks one per battery by rolling-origin backtest; [`failure_risk`] turns its forecast
 //! into the probability that the battery reaches its rating within 30 days.
 //!

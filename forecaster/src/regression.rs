@@ -18,7 +18,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::ets::{Ets, Trend};
 use crate::forecast::Forecast;
-use crate::seasonal::SeasonalTrend;
 use crate::series::{DailySeries, DayObservation};
 
 /// Days the cycles-per-minute relation is fitted on.
@@ -32,47 +31,13 @@ pub struct CycleRegression {
     pub trips_per_minute: f64,
     /// Residual sd of the regression.
     pub sigma: f64,
-    /// Log minutes of driving ahead.
-    pub minutes: Driving,
-}
-
-/// How the driving ahead (log minutes) is forecast.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Driving {
-    /// Weekly seasonal ETS: the level of the last weeks, with the week's profile.
-    Ets(Ets),
-    /// Prophet-style trend with weekly and yearly seasonality (the `trend_seasonal`
-    /// family): driving has a season, and the holdout month may turn it.
-    Seasonal(SeasonalTrend),
-}
-
-impl Driving {
-    fn step(&mut self, log_minutes: f64) {
-        match self {
-            Driving::Ets(m) => {
-                m.step(log_minutes);
-            }
-            Driving::Seasonal(m) => m.step(log_minutes),
-        }
-    }
-
-    fn predict(&self, h: usize) -> Forecast {
-        match self {
-            Driving::Ets(m) => m.predict(h),
-            Driving::Seasonal(m) => m.predict(h),
-        }
-    }
+    /// Log minutes of driving ahead: a weekly seasonal ETS, the level of the last
+    /// weeks with the week's profile.
+    pub minutes: Ets,
 }
 
 impl CycleRegression {
-    /// Driving ahead by weekly ETS (the `regression` family).
     pub fn fit(s: &DailySeries) -> Option<Self> {
-        Self::fit_with(s, false)
-    }
-
-    /// `seasonal`: driving ahead by the Prophet-style curve, fitted on all of `s`.
-    pub fn fit_with(s: &DailySeries, seasonal: bool) -> Option<Self> {
         let recent = s.tail(RECENT_DAYS);
         let n = recent.len();
         if n < 14 {
@@ -114,11 +79,7 @@ impl CycleRegression {
         // Driving varies by a factor, not an amount: on the log scale the weekly pattern
         // is additive (whatever the season's level) and the day-to-day noise symmetric.
         let log_minutes: Vec<f64> = s.minutes.iter().map(|m| m.max(0.0).ln_1p()).collect();
-        let minutes = if seasonal {
-            Driving::Seasonal(SeasonalTrend::fit(s.first_day, &log_minutes)?)
-        } else {
-            Driving::Ets(Ets::fit(&log_minutes, Trend::None, 7)?)
-        };
+        let minutes = Ets::fit(&log_minutes, Trend::None, 7)?;
         Some(Self {
             intercept,
             per_minute,
@@ -138,48 +99,59 @@ impl CycleRegression {
         self.minutes.step(d.minutes.max(0.0).ln_1p());
     }
 
-    /// Expected minutes: the log model's forecast back-transformed with the lognormal
-    /// mean correction exp(s^2 / 2), s being that day's log-scale sd.
-    fn expected_minutes(log_mean: f64, log_sd: f64) -> f64 {
-        (log_mean + log_sd * log_sd / 2.0).exp() - 1.0
-    }
-
     pub fn mean_path(&self, h: usize) -> Vec<f64> {
         self.predict(h).mean
     }
 
-    /// Minutes are lognormal: a day's sd is (mean + 1) * sqrt(exp(s^2) - 1); the sum's
-    /// sd scales the log-scale sum sd by the mean level (delta method).
+    /// Minutes ahead from their log forecast ([`from_log1p`]), times cycles per minute,
+    /// with the regression's residual variance added.
     pub fn predict(&self, h: usize) -> Forecast {
         let g = self.gain();
-        let log = self.minutes.predict(h);
-        let minutes: Vec<f64> = (0..h)
-            .map(|k| Self::expected_minutes(log.mean[k], log.sd[k]))
-            .collect();
+        let minutes = from_log1p(&self.minutes.predict(h));
         let variance = self.sigma.powi(2);
-        let sd = (0..h)
-            .map(|k| {
-                let s = log.sd[k];
-                let day = (minutes[k] + 1.0) * ((s * s).exp() - 1.0).sqrt();
-                (variance + (g * day).powi(2)).sqrt()
-            })
-            .collect();
-        let mut level = 0.0;
-        let sum_sd = (0..h)
-            .map(|k| {
-                level += minutes[k] + 1.0;
-                let days = (k + 1) as f64;
-                let sum = level / days * log.sum_sd[k];
-                (days * variance + (g * sum).powi(2)).sqrt()
-            })
-            .collect();
+        let with_residual = |sd: &[f64]| -> Vec<f64> {
+            sd.iter()
+                .enumerate()
+                .map(|(k, s)| ((k + 1) as f64 * variance + (g * s).powi(2)).sqrt())
+                .collect()
+        };
         Forecast {
             mean: minutes
+                .mean
                 .iter()
                 .map(|m| (self.intercept + g * m).max(0.0))
                 .collect(),
-            sd,
-            sum_sd,
+            sd: minutes
+                .sd
+                .iter()
+                .map(|s| (variance + (g * s).powi(2)).sqrt())
+                .collect(),
+            sum_sd: with_residual(&minutes.sum_sd),
         }
     }
+}
+
+/// A forecast of ln(1 + x) back on the scale of x. Each day's expected value takes the
+/// lognormal mean correction exp(s^2 / 2), s being that day's log-scale sd, and its sd
+/// is (mean + 1) * sqrt(exp(s^2) - 1). The sum's sd scales the log-scale sum sd by the
+/// mean level so far (delta method).
+pub(crate) fn from_log1p(log: &Forecast) -> Forecast {
+    let h = log.horizon();
+    let mean: Vec<f64> = (0..h)
+        .map(|k| (log.mean[k] + log.sd[k] * log.sd[k] / 2.0).exp() - 1.0)
+        .collect();
+    let sd = (0..h)
+        .map(|k| {
+            let s = log.sd[k];
+            (mean[k] + 1.0) * ((s * s).exp() - 1.0).sqrt()
+        })
+        .collect();
+    let mut level = 0.0;
+    let sum_sd = (0..h)
+        .map(|k| {
+            level += mean[k] + 1.0;
+            level / (k + 1) as f64 * log.sum_sd[k]
+        })
+        .collect();
+    Forecast { mean, sd, sum_sd }
 }
