@@ -10,7 +10,10 @@ the last 30 days held out:
 - the noise-free limit is the simulator's expected cycles.
 Prints per forecaster: daily NRMSE (RMSE over the range of the actuals, the reference's),
 the relative error of the 30-day sum (what the end-of-life rule uses), and seconds per
-battery. Run through bench/forecast_peers.sh, which prepares the Python environment.
+battery; then the same over the batteries whose usage did not change inside the held-out
+month. The limit knows of a new driver or a replaced battery on the day it comes; no
+forecaster can, and on such a battery the month's sum is off by a fifth or so. Run
+through bench/forecast_peers.sh, which prepares the Python environment.
 """
 
 import argparse
@@ -37,6 +40,35 @@ def nrmse(actual, predicted):
 
 def sum_error(actual, predicted):
     return abs(np.sum(predicted) - np.sum(actual)) / max(abs(np.sum(actual)), 1e-12)
+
+
+KNOWN_CHANGES = "log-linear fit told the true change days (a reference, not a forecaster)"
+
+
+def with_known_changes(g, cutoff):
+    """What knowing the past well is worth: least squares of log cycles on weekday
+    dummies, a yearly wave, a linear trend (cycles per minute rise with age), and a level
+    step on each day the simulator changed the driver or the battery, all before the
+    cutoff. No forecaster is told those days; the error left is what estimating the
+    level since the last change and the month's noise cost."""
+    g = g[g["reported"] & (g["actual_cycles"] > 0)]
+    day0 = pd.Timestamp("1970-01-01")
+    days = ((pd.to_datetime(g["date"]) - day0).dt.days).to_numpy()
+    changes = g["usage_changes"].to_numpy()
+    steps = [days[i] for i in range(1, len(days)) if changes[i] != changes[i - 1]]
+    future = np.arange(H) + (pd.Timestamp(cutoff) - day0).days
+
+    def design(d):
+        cols = [((d + 3) % 7 == k).astype(float) for k in range(7)]
+        wave = 2 * np.pi * d / 365.25
+        cols += [np.sin(wave), np.cos(wave), np.minimum(d, days[-1]) / 365.0]
+        cols += [(d >= s).astype(float) for s in steps]
+        return np.column_stack(cols)
+
+    log = np.log(g["actual_cycles"].to_numpy())
+    coef = np.linalg.lstsq(design(days), log, rcond=None)[0]
+    residual_var = np.var(log - design(days) @ coef)
+    return np.exp(design(future) @ coef + residual_var / 2)
 
 
 def main():
@@ -115,10 +147,24 @@ def main():
 
     for b, g in held.groupby("battery_id"):
         predictions["noise-free expected value (the limit)"][b] = g["expected_cycles"].to_numpy()
+    for b, g in train_truth.groupby("battery_id"):
+        predictions[KNOWN_CHANGES][b] = with_known_changes(g, cutoff)
     actual = {b: g["actual_cycles"].to_numpy() for b, g in held.groupby("battery_id")}
 
     print(f"forecast peers: {a.batteries} batteries x {a.days} days (seed {a.seed}, --seasons), "
           f"last {H} days held out (from {cutoff})")
+    print_table(predictions, actual, seconds, a.batteries)
+    # A change on the held-out month's first day counts too: the last training day's
+    # count is the one a forecast could know.
+    known = train_truth.groupby("battery_id")["usage_changes"].last()
+    final = held.groupby("battery_id")["usage_changes"].last()
+    steady = {b for b in actual if final[b] == known[b]}
+    print(f"\nthe {len(steady)} batteries whose usage did not change in the held-out month "
+          f"(no new driver, no battery replaced; {len(actual) - len(steady)} did):")
+    print_table(predictions, {b: v for b, v in actual.items() if b in steady}, {}, a.batteries)
+
+
+def print_table(predictions, actual, seconds, batteries):
     print("| forecaster | daily NRMSE | error of the 30-day sum | seconds per battery |")
     print("|---|---|---|---|")
     rows = []
@@ -129,7 +175,7 @@ def main():
         per = seconds.get(name)
         rows.append((s, name, n, per, len(scored)))
     for s, name, n, per, count in sorted(rows, key=lambda r: r[0]):
-        per_text = f"{per / a.batteries:.5f}" if per is not None else "-"
+        per_text = f"{per / batteries:.5f}" if per is not None else "-"
         print(f"| {name} | {n:.4f} | {100 * s:.1f}% | {per_text} |")
     return 0
 

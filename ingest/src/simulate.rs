@@ -168,6 +168,9 @@ pub struct TruthRow {
     pub crosses_rating: bool,
     /// False when the day went unreported (a missing day).
     pub reported: bool,
+    /// Usage regime changes and battery replacements so far. The noise-free expectation
+    /// knows of a change on the day it happens; a forecast made before it cannot.
+    pub usage_changes: u32,
 }
 
 /// A day of fleet telemetry.
@@ -203,6 +206,8 @@ struct Battery {
     twelve_hourly: bool,
     missing: bool,
     crossed: bool,
+    /// Regime changes and replacements so far (truth only).
+    changes: u32,
 }
 
 impl Battery {
@@ -311,12 +316,14 @@ impl FleetSimulator {
                 // A new driver: half to twice the minutes (log-uniform: as likely less as more).
                 let factor = self.rng.random_range(-1.0f64..1.0).exp2();
                 b.minutes_per_day = (b.minutes_per_day * factor).clamp(10.0, 300.0);
+                b.changes += 1;
             }
             let replace = c.replacements_per_year > 0.0
                 && (self.rng.random_bool(c.replacements_per_year / 365.0)
                     || (b.crossed && b.lifetime > b.rated * 1.05));
             if replace {
                 b.replace(&mut self.rng);
+                b.changes += 1;
             }
             let expected_minutes = b.expected_minutes(day);
             let ratio = b.cycles_per_minute();
@@ -334,6 +341,7 @@ impl FleetSimulator {
                 rated_cycles: b.rated,
                 crosses_rating: crosses,
                 reported: !b.missing,
+                usage_changes: b.changes,
             });
             if !b.missing {
                 let trips = ((minutes / b.minutes_per_trip).round() as i64).max(1);
@@ -479,6 +487,7 @@ fn new_battery(
         twelve_hourly: false,
         missing: false,
         crossed: false,
+        changes: 0,
     };
     // Spread starting ages so that a share of the fleet is near its rating: start at a
     // random fraction of the expected life, a little past it for a few.
@@ -767,5 +776,58 @@ fn check_delivery(
         Ok(Ok(_)) => Ok(()),
         Ok(Err((e, _))) => Err(e.to_string()),
         Err(_) => Err("producer dropped a message".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Per battery, its truth rows in day order.
+    fn truth_by_battery(config: SimulatorConfig) -> Vec<Vec<TruthRow>> {
+        let batteries = config.batteries;
+        let mut sim = FleetSimulator::new(config, WireFormat::Json)
+            .unwrap()
+            .without_payloads();
+        let mut rows = vec![Vec::new(); batteries];
+        while let Some(day) = sim.next_day() {
+            for (i, t) in day.truth.into_iter().enumerate() {
+                rows[i].push(t);
+            }
+        }
+        rows
+    }
+
+    #[test]
+    fn truth_counts_every_replacement_and_regime_change() {
+        let config = SimulatorConfig {
+            batteries: 200,
+            days: 730,
+            ..SimulatorConfig::default()
+        };
+        let seasons = truth_by_battery(config.clone().with_seasons());
+        let (mut replaced, mut changed) = (0, 0);
+        for days in &seasons {
+            for pair in days.windows(2) {
+                let (before, today) = (&pair[0], &pair[1]);
+                let step = today.usage_changes - before.usage_changes;
+                assert!(step <= 2, "{} on {}", today.battery_id, today.date);
+                // A replacement starts the lifetime again.
+                if today.lifetime_cycles < before.lifetime_cycles {
+                    assert!(step >= 1, "{} replaced on {}", today.battery_id, today.date);
+                    replaced += 1;
+                }
+                changed += step;
+            }
+        }
+        // About 0.35 changes per battery-year: some 140 in 400 battery-years.
+        assert!(
+            replaced > 0 && changed > replaced,
+            "{replaced} replaced, {changed} changes"
+        );
+        assert!((60..=260).contains(&changed), "{changed} changes");
+        // Without regime changes and replacements, the count stays 0.
+        let plain = truth_by_battery(config);
+        assert!(plain.iter().flatten().all(|t| t.usage_changes == 0));
     }
 }
