@@ -75,16 +75,16 @@ impl ModelKind {
         self == ModelKind::TrendSeasonal
     }
 
-    /// Whether a backtest should try the family, given its newest fold's training window
-    /// (the long one: [`Self::long_window`]). `trend_seasonal` only where that window
+    /// Whether a backtest should try the family, given the cycles of its newest fold's
+    /// training window (the long one: [`Self::long_window`]) from day `first_day`. `trend_seasonal` only where that window
     /// covers a year and shows a yearly season
     /// ([`crate::seasonal::SeasonalCycles::shows_a_season`]): without one it is a weekly
     /// model with level steps, which won 16 of 20 flat series by a hair's breadth of
     /// NRMSE (`selection_picks_trend_seasonal_...`); and trying it on a 365-day backlog
     /// anyway cost a third of its throughput (selections 24 -> 38 CPU s in `bench
     /// pipeline`) for nothing.
-    pub fn applicable(self, newest: &DailySeries) -> bool {
-        self != ModelKind::TrendSeasonal || SeasonalCycles::shows_a_season(newest)
+    pub fn applicable(self, first_day: i32, cycles: &[f64]) -> bool {
+        self != ModelKind::TrendSeasonal || SeasonalCycles::shows_a_season(first_day, cycles)
     }
 }
 

@@ -103,11 +103,11 @@ impl CycleRegression {
         self.predict(h).mean
     }
 
-    /// Minutes ahead from their log forecast ([`from_log1p`]), times cycles per minute,
+    /// Minutes ahead from their log forecast ([`Forecast::from_log1p`]), times cycles per minute,
     /// with the regression's residual variance added.
     pub fn predict(&self, h: usize) -> Forecast {
         let g = self.gain();
-        let minutes = from_log1p(&self.minutes.predict(h));
+        let minutes = Forecast::from_log1p(&self.minutes.predict(h));
         let variance = self.sigma.powi(2);
         let with_residual = |sd: &[f64]| -> Vec<f64> {
             sd.iter()
@@ -129,29 +129,4 @@ impl CycleRegression {
             sum_sd: with_residual(&minutes.sum_sd),
         }
     }
-}
-
-/// A forecast of ln(1 + x) back on the scale of x. Each day's expected value takes the
-/// lognormal mean correction exp(s^2 / 2), s being that day's log-scale sd, and its sd
-/// is (mean + 1) * sqrt(exp(s^2) - 1). The sum's sd scales the log-scale sum sd by the
-/// mean level so far (delta method).
-pub(crate) fn from_log1p(log: &Forecast) -> Forecast {
-    let h = log.horizon();
-    let mean: Vec<f64> = (0..h)
-        .map(|k| (log.mean[k] + log.sd[k] * log.sd[k] / 2.0).exp() - 1.0)
-        .collect();
-    let sd = (0..h)
-        .map(|k| {
-            let s = log.sd[k];
-            (mean[k] + 1.0) * ((s * s).exp() - 1.0).sqrt()
-        })
-        .collect();
-    let mut level = 0.0;
-    let sum_sd = (0..h)
-        .map(|k| {
-            level += mean[k] + 1.0;
-            level / (k + 1) as f64 * log.sum_sd[k]
-        })
-        .collect();
-    Forecast { mean, sd, sum_sd }
 }

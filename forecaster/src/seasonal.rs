@@ -24,7 +24,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::ets::{Ets, Trend};
 use crate::forecast::Forecast;
-use crate::regression::from_log1p;
 use crate::series::DailySeries;
 
 /// Weekly harmonics: 3 pairs span every weekly profile (6 free day effects).
@@ -119,37 +118,29 @@ pub struct SeasonalCycles {
 
 impl SeasonalCycles {
     pub fn fit(s: &DailySeries) -> Option<Self> {
-        let mean = s.cycles.iter().sum::<f64>() / s.len().max(1) as f64;
-        if !(mean > 0.0 && mean.is_finite()) {
-            return None;
-        }
-        let scale = mean / LOG_UNITS;
-        let log: Vec<f64> = s.cycles.iter().map(|&c| to_log(c, scale)).collect();
+        let (scale, log) = log_series(&s.cycles)?;
         Some(Self {
             scale,
             log: SeasonalTrend::fit(s.first_day, &log)?,
         })
     }
 
-    /// Whether `s` covers a year and its log cycles swing with the year by at least
-    /// [`SEASON_Z`] standard errors (a fit without level steps).
-    pub fn shows_a_season(s: &DailySeries) -> bool {
-        let n = s.len();
-        let mean = s.cycles.iter().sum::<f64>() / n.max(1) as f64;
-        if n < YEARLY_MIN_DAYS || !(mean > 0.0 && mean.is_finite()) {
+    /// Whether `cycles` (day `first_day` onwards) cover a year and their log swings with
+    /// the year by at least [`SEASON_Z`] standard errors (a fit without level steps).
+    pub fn shows_a_season(first_day: i32, cycles: &[f64]) -> bool {
+        let n = cycles.len();
+        if n < YEARLY_MIN_DAYS {
             return false;
         }
-        let log: Vec<f64> = s
-            .cycles
-            .iter()
-            .map(|&c| to_log(c, mean / LOG_UNITS))
-            .collect();
-        let mut curve = Curve::new(s.first_day, n);
+        let Some((_, log)) = log_series(cycles) else {
+            return false;
+        };
+        let mut curve = Curve::new(first_day, n);
         if curve.solve(&log).is_none() {
             return false;
         }
         let sq: f64 = curve
-            .values(s.first_day, n)
+            .values(first_day, n)
             .zip(&log)
             .map(|(c, v)| (v - c).powi(2))
             .sum();
@@ -164,7 +155,7 @@ impl SeasonalCycles {
     }
 
     pub fn predict(&self, h: usize) -> Forecast {
-        let f = from_log1p(&self.log.predict(h));
+        let f = Forecast::from_log1p(&self.log.predict(h));
         let scaled = |v: Vec<f64>| v.into_iter().map(|x| x * self.scale).collect();
         Forecast {
             mean: scaled(f.mean),
@@ -178,6 +169,17 @@ impl SeasonalCycles {
     pub fn mean_path(&self, h: usize) -> Vec<f64> {
         self.predict(h).mean
     }
+}
+
+/// The scale (cycles per log unit: the mean day maps to [`LOG_UNITS`]) and the log
+/// series; None when the mean is not positive.
+fn log_series(cycles: &[f64]) -> Option<(f64, Vec<f64>)> {
+    let mean = cycles.iter().sum::<f64>() / cycles.len().max(1) as f64;
+    if !(mean > 0.0 && mean.is_finite()) {
+        return None;
+    }
+    let scale = mean / LOG_UNITS;
+    Some((scale, cycles.iter().map(|&c| to_log(c, scale)).collect()))
 }
 
 fn to_log(cycles: f64, scale: f64) -> f64 {

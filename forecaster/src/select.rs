@@ -392,8 +392,10 @@ pub fn backtest(
     // Decided once per backtest, on the newest fold's history: older folds fit without
     // yearly terms, as a shorter history would.
     let long_window = config.window_for(ModelKind::TrendSeasonal);
-    let newest = series.slice((n - h).saturating_sub(long_window), n - h);
-    let tried = kinds.map(|k| k.applicable(&newest));
+    // Read in place: most backtests see histories too short to try the long window.
+    let from = (n - h).saturating_sub(long_window);
+    let newest = &series.cycles[from..n - h];
+    let tried = kinds.map(|k| k.applicable(series.first_day + from as i32, newest));
     for f in 1..=folds {
         let origin = n - f * h;
         let train = series.slice(origin.saturating_sub(config.fit_window_days), origin);
