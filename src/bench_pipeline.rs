@@ -132,7 +132,8 @@ async fn kafka(args: PipelineArgs, models: &VoltcastConfig) -> anyhow::Result<()
     let producer = config
         .kafka
         .producer_config()?
-        .set("linger.ms", "50")
+        .set("linger.ms", "1000")
+        .set("batch.num.messages", "100000")
         .set("compression.type", "lz4")
         .set("batch.size", "1000000")
         .set("queue.buffering.max.kbytes", "1048576")
@@ -424,6 +425,12 @@ fn print_report(r: &RunReport, times: (f64, f64, f64), rss_before: usize, peak: 
         f.refits,
         t.policy.as_secs_f64(),
         r.alerts,
+    );
+    println!(
+        "bench pipeline wall: source loop {:.2} s, of which {:.2} s waiting for the stage; the stage busy {:.2} s (beside the source)",
+        r.source_seconds,
+        r.source_waited,
+        t.accepting.as_secs_f64(),
     );
     println!(
         "bench pipeline day aggregation: {} plans in {} polls",

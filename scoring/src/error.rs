@@ -14,6 +14,8 @@ pub enum ScoringError {
     Checkpoint(#[from] crate::checkpoint::CheckpointError),
     #[error(transparent)]
     Alerts(#[from] crate::alerts::AlertError),
+    #[error("starting the stage thread: {0}")]
+    StageThread(std::io::Error),
     #[error("api.listen {addr}: {source}")]
     Api {
         addr: String,

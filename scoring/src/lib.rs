@@ -21,6 +21,7 @@ pub mod forecasting;
 pub mod lines;
 pub mod memory;
 pub mod metrics;
+pub mod overlap;
 pub mod partition;
 pub mod pipeline;
 pub mod windows;

@@ -462,6 +462,8 @@ pub struct PartitionSet {
     departed: Mutex<TaskWork>,
     /// Set by [`PartitionSet::halt`]: nothing more is written.
     halted: std::sync::atomic::AtomicBool,
+    /// Held by the stage for the whole of a batch (see [`crate::overlap`]).
+    batch_gate: Arc<Mutex<()>>,
 }
 
 /// What tasks did, summed.
@@ -517,7 +519,19 @@ impl PartitionSet {
             metrics,
             departed: Mutex::new(TaskWork::default()),
             halted: std::sync::atomic::AtomicBool::new(false),
+            batch_gate: Arc::new(Mutex::new(())),
         }
+    }
+
+    /// The lock a stage running beside the source holds while it works on a batch; the
+    /// rebalance callbacks take it too, so they run between batches.
+    pub fn batch_gate(&self) -> Arc<Mutex<()>> {
+        self.batch_gate.clone()
+    }
+
+    /// Waits for the batch in flight, if any.
+    fn between_batches(&self) -> MutexGuard<'_, ()> {
+        self.batch_gate.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// From now on nothing is written: partitions that leave are dropped as if lost.
@@ -663,6 +677,7 @@ impl PartitionSet {
 
 impl PartitionListener for PartitionSet {
     fn assigned(&self, partitions: &[PartitionId]) -> Vec<Option<i64>> {
+        let _between = self.between_batches();
         partitions
             .iter()
             .map(|p| {
@@ -687,8 +702,9 @@ impl PartitionListener for PartitionSet {
     }
 
     fn revoked(&self, partitions: &[PartitionId]) {
+        let _between = self.between_batches();
         if self.is_halted() {
-            return self.lost(partitions);
+            return self.drop_lost(partitions);
         }
         for p in partitions {
             let Some(mut task) = self.lock().remove(&key_of(p)) else {
@@ -710,6 +726,13 @@ impl PartitionListener for PartitionSet {
     }
 
     fn lost(&self, partitions: &[PartitionId]) {
+        let _between = self.between_batches();
+        self.drop_lost(partitions);
+    }
+}
+
+impl PartitionSet {
+    fn drop_lost(&self, partitions: &[PartitionId]) {
         for p in partitions {
             if let Some(mut task) = self.lock().remove(&key_of(p)) {
                 tracing::warn!(partition = %task.key, "partition lost: its state is dropped unsaved");

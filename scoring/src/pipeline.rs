@@ -27,6 +27,7 @@ use crate::error::ScoringError;
 use crate::forecasting::ForecastSettings;
 use crate::memory::on_cpu;
 use crate::metrics::Metrics;
+use crate::overlap::Overlapped;
 use crate::partition::{
     LatestSink, PartitionOutput, PartitionSet, PartitionSettings, PartitionTask, TaskWork,
 };
@@ -82,6 +83,9 @@ pub struct WindowStageTimes {
     /// Alert decisions carried out and latest assessments stored.
     pub alerts: Duration,
     pub checkpoint: Duration,
+    /// Wall time the stage spent on batches (accepted, checkpoints): busy, whether or
+    /// not the source was waiting for it.
+    pub accepting: Duration,
 }
 
 /// Below this many rows a batch's partitions are worked on one after another.
@@ -346,12 +350,12 @@ pub struct StageSummary {
     pub batteries: usize,
 }
 
-impl BatchSink for PartitionStage {
-    async fn accept(&mut self, batch: MicroBatch) -> Result<Vec<SourcePosition>, SinkError> {
-        if let Some(e) = self.partitions.take_failure() {
-            return Err(e.into());
-        }
-        let started = Instant::now();
+impl PartitionStage {
+    async fn accept_now(
+        &mut self,
+        batch: MicroBatch,
+        started: Instant,
+    ) -> Result<Vec<SourcePosition>, SinkError> {
         // Windows, forecasts and archive files: the CPU (and disk) for the whole batch.
         let outputs = off_runtime(|| self.run_tasks(&batch))?;
         self.carry_out(outputs).await?;
@@ -365,6 +369,18 @@ impl BatchSink for PartitionStage {
             return Ok(Vec::new());
         }
         Ok(self.checkpoint_now()?)
+    }
+}
+
+impl BatchSink for PartitionStage {
+    async fn accept(&mut self, batch: MicroBatch) -> Result<Vec<SourcePosition>, SinkError> {
+        if let Some(e) = self.partitions.take_failure() {
+            return Err(e.into());
+        }
+        let started = Instant::now();
+        let accepted = self.accept_now(batch, started).await;
+        self.times.accepting += started.elapsed();
+        accepted
     }
 
     async fn checkpoint(&mut self) -> Result<Vec<SourcePosition>, SinkError> {
@@ -392,6 +408,9 @@ pub struct RunReport {
     /// Wall time of the source loop (read, decode, validate, and the window stage
     /// called from it), from the start of consuming to the end of input or shutdown.
     pub source_seconds: f64,
+    /// Of `source_seconds`, the time the source waited for the stage (which works on a
+    /// batch while the source reads the next).
+    pub source_waited: f64,
     pub window_times: WindowStageTimes,
     /// CPU time spent carrying out alert decisions and storing assessments.
     pub alert_seconds: f64,
@@ -619,7 +638,7 @@ pub async fn run_with(
         archive: ParquetArchive::new(&config.archive),
     };
     let metrics = Some(services.metrics.clone());
-    let (stage, source_seconds) = match config.source {
+    let (stage, source_seconds, source_waited) = match config.source {
         SourceKind::Kafka => {
             let producer = config.kafka.dead_letter_producer()?;
             let late = DeadLetterQueue::kafka(producer, config.kafka.dead_letter_topic.clone());
@@ -637,26 +656,39 @@ pub async fn run_with(
                 stage = stage.with_checkpoints_every(interval);
             }
             let source = KafkaSource::new(&config.kafka, batch, rules, counters.clone())?
-                .with_partition_listener(partitions);
+                .with_partition_listener(partitions.clone());
             services.ready.store(true, Ordering::Relaxed);
             let consuming = Instant::now();
-            source.run(&mut stage, shutdown).await?;
-            (stage, consuming.elapsed().as_secs_f64())
+            let mut overlapped = Overlapped::start(stage, partitions.batch_gate())
+                .map_err(ScoringError::StageThread)?;
+            let ran = source.run(&mut overlapped, shutdown).await;
+            let waited = overlapped.waited();
+            let stage = overlapped.into_inner().await;
+            ran?;
+            let stage = stage.map_err(voltcast_ingest::IngestError::Sink)?;
+            (stage, consuming.elapsed().as_secs_f64(), waited)
         }
         SourceKind::File => {
             // A file replay is a batch job that starts from the top: no checkpoint.
             let dead_letters = config.file.default_dead_letters();
             let partitions = Arc::new(PartitionSet::on_sight(settings, metrics));
-            let mut stage = PartitionStage::new(partitions, DeadLetterQueue::file(&dead_letters))
-                .with_alerts(services.alerts.clone())
-                .with_metrics(services.metrics.clone());
+            let stage =
+                PartitionStage::new(partitions.clone(), DeadLetterQueue::file(&dead_letters))
+                    .with_alerts(services.alerts.clone())
+                    .with_metrics(services.metrics.clone());
             let dlq = DeadLetterQueue::file(dead_letters);
             services.ready.store(true, Ordering::Relaxed);
             let source = FileSource::new(config.file.clone(), batch, rules, counters.clone(), dlq);
             let consuming = Instant::now();
-            source.run(&mut stage).await?;
+            let mut overlapped = Overlapped::start(stage, partitions.batch_gate())
+                .map_err(ScoringError::StageThread)?;
+            let ran = source.run(&mut overlapped).await;
+            let waited = overlapped.waited();
+            let stage = overlapped.into_inner().await;
+            ran?;
+            let mut stage = stage.map_err(voltcast_ingest::IngestError::Sink)?;
             stage.finish().await?;
-            (stage, consuming.elapsed().as_secs_f64())
+            (stage, consuming.elapsed().as_secs_f64(), waited)
         }
     };
     let mut stage = stage;
@@ -688,6 +720,7 @@ pub async fn run_with(
         windows: work.windows,
         aggregate: work.aggregate,
         source_seconds,
+        source_waited: source_waited.as_secs_f64(),
         window_times,
         alert_seconds: window_times.alerts.as_secs_f64(),
         tally,

@@ -28,6 +28,7 @@ use voltcast_scoring::archive::{ArchiveConfig, ParquetArchive};
 use voltcast_scoring::checkpoint::CheckpointStore;
 use voltcast_scoring::forecasting::ForecastSettings;
 use voltcast_scoring::metrics::Metrics;
+use voltcast_scoring::overlap::Overlapped;
 use voltcast_scoring::partition::{PartitionSet, PartitionSettings};
 use voltcast_scoring::pipeline::PartitionStage;
 use voltcast_scoring::windows::{WindowConfig, daily};
@@ -115,20 +116,24 @@ fn start(kafka: &KafkaConfig, ckpt: &Path, read: Arc<AtomicU64>) -> Instance {
     .unwrap()
     .with_partition_listener(partitions.clone());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let gate = partitions.batch_gate();
     let own = Arc::new(AtomicU64::new(0));
     let counted = own.clone();
     let task = tokio::spawn(async move {
-        let mut sink = Counted {
+        let counted = Counted {
             stage,
             read,
             own: counted,
         };
+        // As `voltcast run` does: the stage beside the source, rebalances between batches.
+        let mut sink = Overlapped::start(counted, gate).unwrap();
         source
             .run(&mut sink, async {
                 let _ = stopped.await;
             })
             .await
             .unwrap();
+        sink.into_inner().await.unwrap();
     });
     Instance {
         own,
