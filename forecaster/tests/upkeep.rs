@@ -172,3 +172,34 @@ fn a_short_history_within_reach_waits_for_a_backtest_it_can_run() {
     assert!(refitted.low_confidence);
     assert_eq!(config.upkeep(Some(&record), near(58), true), Upkeep::Select);
 }
+
+/// Daily from within reach of the rating to a week past it (the crossing is seen the day
+/// it comes); far from it and well past it, on the weekly turn or when the model changed.
+#[test]
+fn a_battery_is_assessed_daily_from_near_its_rating_to_a_week_past_it() {
+    let config = SelectionConfig {
+        reach_days: 60,
+        ..Default::default()
+    };
+    // A pace of 2 cycles a day; `remaining` cycles left.
+    let at = |remaining: f64| Standing::new(remaining, [2.0; 28].into_iter(), 300);
+    let daily = |remaining: f64| config.assessed(at(remaining), Upkeep::Keep, false);
+    assert!(!daily(500.0), "far from the rating");
+    assert!(daily(100.0), "within reach");
+    assert!(daily(0.0) && daily(-1.0), "the day it passes");
+    assert!(daily(-13.0), "six and a half days past");
+    assert!(!daily(-15.0), "seven and a half days past");
+    assert!(
+        config.assessed(at(-15.0), Upkeep::Keep, true),
+        "its weekly turn"
+    );
+    assert!(
+        config.assessed(at(-15.0), Upkeep::Refit, false),
+        "a new fit"
+    );
+    let parked = Standing::new(-1.0, [0.0; 28].into_iter(), 300);
+    assert!(
+        !config.assessed(parked, Upkeep::Keep, false),
+        "past it and parked"
+    );
+}

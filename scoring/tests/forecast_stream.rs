@@ -92,12 +92,27 @@ fn closed_days_keep_every_battery_forecast_and_repeats_change_nothing() {
         "{stats:?}"
     );
     // A model is chosen on a battery's first day and every battery is near its rating:
-    // every closed day is assessed.
-    assert_eq!(stats.updates, stats.days_in, "{stats:?}");
+    // every closed day is assessed until a week past the rating, then on the weekly turn.
+    assert_eq!(stats.updates + stats.quiet_days, stats.days_in, "{stats:?}");
     assert_eq!(updates.len() as u64, stats.updates, "{stats:?}");
+    let mut assessed = std::collections::HashMap::<_, Vec<(i32, f64)>>::new();
     for u in updates {
         assert!((0.0..=1.0).contains(&u.risk.probability));
+        let days = assessed.entry(u.battery_id.clone()).or_default();
+        days.push((u.day, u.risk.remaining));
     }
+    let mut weekly = 0;
+    for (id, d) in &assessed {
+        for w in d.windows(2) {
+            let (gap, before_rating) = (w[1].0 - w[0].0, w[0].1 > 0.0);
+            assert!(gap <= if before_rating { 1 } else { 7 }, "{id}: {d:?}");
+            weekly += usize::from(gap > 1);
+        }
+    }
+    assert!(
+        weekly > 0,
+        "no battery well past its rating was left to its weekly turn"
+    );
     // Re-selection is staggered: not the whole fleet on one day.
     let mut versions_by_day = std::collections::BTreeMap::<i32, usize>::new();
     let mut last_version = std::collections::HashMap::new();
@@ -155,7 +170,8 @@ fn batteries_out_of_reach_are_refitted_not_reselected() {
     let b = batteries as u64;
     assert!((3 * b..=4 * b).contains(&s.refits), "{s:?}");
     // Far from the rating, a risk on the battery's turn (weekly) and when its model
-    // changed; past it (reach 0 still counts a passed rating as near), every day.
+    // changed; past it (reach 0 still counts a passed rating as near), every day for a
+    // week, then weekly again.
     assert_eq!(s.updates + s.quiet_days, s.days_in, "{s:?}");
     let mut assessed = std::collections::HashMap::<_, Vec<(i32, f64)>>::new();
     for u in &fed.updates {
@@ -164,18 +180,12 @@ fn batteries_out_of_reach_are_refitted_not_reselected() {
     }
     let mut far = 0;
     for (id, d) in &assessed {
-        // (days between two assessments, and whether the battery was past its rating at
-        // both: then it is assessed daily)
-        let gaps = d
-            .windows(2)
-            .map(|w| (w[1].0 - w[0].0, w[0].1 <= 0.0 && w[1].1 <= 0.0));
         if d.iter().all(|(_, remaining)| *remaining > 0.0) {
             far += 1;
             assert!(d.len() <= days as usize / 5, "{id}: {d:?}");
         }
-        for (gap, past) in gaps {
-            let most = if past { 1 } else { 7 };
-            assert!(gap <= most, "{id}: {d:?}");
+        for w in d.windows(2) {
+            assert!(w[1].0 - w[0].0 <= 7, "{id}: {d:?}");
         }
     }
     assert!(
