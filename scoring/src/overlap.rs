@@ -41,10 +41,10 @@ enum Reply {
 
 /// A [`BatchSink`] that runs `S` on its own thread, overlapped with the source.
 pub struct Overlapped<S: BatchSink + 'static> {
-    jobs: Option<std::sync::mpsc::Sender<Job>>,
+    jobs: std::sync::mpsc::Sender<Job>,
     replies: UnboundedReceiver<Reply>,
     in_flight: bool,
-    thread: Option<JoinHandle<S>>,
+    thread: JoinHandle<S>,
     /// Wall time the source spent waiting for the stage.
     waited: Duration,
 }
@@ -62,10 +62,10 @@ impl<S: BatchSink + 'static> Overlapped<S> {
             .name("voltcast-stage".into())
             .spawn(move || work(sink, &runtime, &inbox, &outbox, &gate))?;
         Ok(Self {
-            jobs: Some(jobs),
+            jobs,
             replies,
             in_flight: false,
-            thread: Some(thread),
+            thread,
             waited: Duration::ZERO,
         })
     }
@@ -78,8 +78,9 @@ impl<S: BatchSink + 'static> Overlapped<S> {
     /// Waits for the batch in flight and gives the sink back.
     pub async fn into_inner(mut self) -> Result<S, SinkError> {
         let last = self.finish_in_flight().await;
-        drop(self.jobs.take());
-        let thread = self.thread.take().expect("joined once");
+        let Self { jobs, thread, .. } = self;
+        // Hung up: the thread ends its loop and hands the sink back.
+        drop(jobs);
         let sink = voltcast_ingest::blocking::off_runtime(|| thread.join())
             .map_err(|_| SinkError::from("the stage thread panicked"))?;
         last.map(|_| sink)
@@ -101,8 +102,7 @@ impl<S: BatchSink + 'static> Overlapped<S> {
 
     /// Hands `job` over; returns once the stage holds the gate.
     async fn begin(&mut self, job: Job) -> Result<(), SinkError> {
-        let jobs = self.jobs.as_ref().ok_or_else(stopped)?;
-        jobs.send(job).map_err(|_| stopped())?;
+        self.jobs.send(job).map_err(|_| stopped())?;
         match self.replies.recv().await {
             Some(Reply::Started) => {
                 self.in_flight = true;

@@ -659,13 +659,9 @@ pub async fn run_with(
                 .with_partition_listener(partitions.clone());
             services.ready.store(true, Ordering::Relaxed);
             let consuming = Instant::now();
-            let mut overlapped = Overlapped::start(stage, partitions.batch_gate())
-                .map_err(ScoringError::StageThread)?;
+            let mut overlapped = beside_the_source(stage, &partitions)?;
             let ran = source.run(&mut overlapped, shutdown).await;
-            let waited = overlapped.waited();
-            let stage = overlapped.into_inner().await;
-            ran?;
-            let stage = stage.map_err(voltcast_ingest::IngestError::Sink)?;
+            let (stage, waited) = rejoin(overlapped, ran).await?;
             (stage, consuming.elapsed().as_secs_f64(), waited)
         }
         SourceKind::File => {
@@ -680,13 +676,9 @@ pub async fn run_with(
             services.ready.store(true, Ordering::Relaxed);
             let source = FileSource::new(config.file.clone(), batch, rules, counters.clone(), dlq);
             let consuming = Instant::now();
-            let mut overlapped = Overlapped::start(stage, partitions.batch_gate())
-                .map_err(ScoringError::StageThread)?;
+            let mut overlapped = beside_the_source(stage, &partitions)?;
             let ran = source.run(&mut overlapped).await;
-            let waited = overlapped.waited();
-            let stage = overlapped.into_inner().await;
-            ran?;
-            let mut stage = stage.map_err(voltcast_ingest::IngestError::Sink)?;
+            let (mut stage, waited) = rejoin(overlapped, ran).await?;
             stage.finish().await?;
             (stage, consuming.elapsed().as_secs_f64(), waited)
         }
@@ -732,6 +724,27 @@ pub async fn run_with(
         at_risk,
         alerts,
     })
+}
+
+/// The stage on its own thread, a batch behind the source (see [`crate::overlap`]).
+fn beside_the_source(
+    stage: PartitionStage,
+    partitions: &PartitionSet,
+) -> Result<Overlapped<PartitionStage>, ScoringError> {
+    Overlapped::start(stage, partitions.batch_gate()).map_err(ScoringError::StageThread)
+}
+
+/// The stage back once the source is done, with the time the source waited for it; the
+/// source's failure first, then the stage's.
+async fn rejoin(
+    overlapped: Overlapped<PartitionStage>,
+    ran: Result<(), voltcast_ingest::IngestError>,
+) -> Result<(PartitionStage, Duration), ScoringError> {
+    let waited = overlapped.waited();
+    let stage = overlapped.into_inner().await;
+    ran?;
+    let stage = stage.map_err(voltcast_ingest::IngestError::Sink)?;
+    Ok((stage, waited))
 }
 
 /// Completes on Ctrl-C or SIGTERM: `docker stop` and Kubernetes send SIGTERM, and both
