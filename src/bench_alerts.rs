@@ -154,7 +154,7 @@ async fn deliveries(n: usize, concurrency: usize) -> anyhow::Result<()> {
     let started = Instant::now();
     for b in 0..n {
         for d in policy.observe(&at_risk(b), chrono::Utc::now()) {
-            c.service.apply(d)?;
+            c.service.record(vec![d], Vec::new(), &[]);
         }
     }
     let queued = started.elapsed().as_secs_f64();

@@ -337,6 +337,12 @@ async fn measure(config: VoltcastConfig, total: Option<u64>) -> anyhow::Result<(
         rss_before,
         peak.load(Ordering::Relaxed) as usize,
     );
+    if config.source == SourceKind::Kafka {
+        println!(
+            "bench pipeline source idle: {:.2} s with no message ready (waiting for the broker's fetches)",
+            counters.idle_seconds()
+        );
+    }
     let heap = *heap.lock().expect("heap sample");
     if let Some(stats) = heap.stats {
         println!(

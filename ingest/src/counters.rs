@@ -11,6 +11,8 @@ pub struct IngestCounters {
     decoded: AtomicU64,
     rejected: [AtomicU64; RejectReason::ALL.len()],
     batches: AtomicU64,
+    /// Nanoseconds the source waited for its next message with none ready.
+    idle_nanos: AtomicU64,
     /// Consumer lag per (topic, partition), from librdkafka's statistics.
     lag: std::sync::Mutex<std::collections::BTreeMap<(String, i32), i64>>,
 }
@@ -27,6 +29,15 @@ impl IngestCounters {
     }
     pub fn record_batch(&self) {
         self.batches.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn record_idle(&self, waited: std::time::Duration) {
+        let nanos = u64::try_from(waited.as_nanos()).unwrap_or(u64::MAX);
+        self.idle_nanos.fetch_add(nanos, Ordering::Relaxed);
+    }
+    /// Seconds the source waited for a message with none ready: on a backlog, how far
+    /// the broker's fetches fall behind the pipeline.
+    pub fn idle_seconds(&self) -> f64 {
+        self.idle_nanos.load(Ordering::Relaxed) as f64 / 1e9
     }
     /// Messages read from the source, good or bad.
     pub fn received(&self) -> u64 {

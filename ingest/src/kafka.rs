@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::{FutureExt, StreamExt};
 use rdkafka::consumer::{
@@ -489,14 +489,27 @@ impl KafkaSource {
             mut topic_names,
         } = self;
         let mut stream = consumer.stream();
+        let counters = consumer.context().counters.clone();
         tokio::pin!(shutdown);
         let idle_wait = Duration::from_millis(200);
         loop {
             let wait = batcher.time_left().unwrap_or(idle_wait);
-            let first = tokio::select! {
-                biased;
-                _ = &mut shutdown => break,
-                received = tokio::time::timeout(wait, stream.next()) => received.ok().flatten(),
+            // Shutdown first, as the `biased` select below would.
+            if (&mut shutdown).now_or_never().is_some() {
+                break;
+            }
+            let first = match stream.next().now_or_never() {
+                Some(ready) => ready,
+                None => {
+                    let idle = Instant::now();
+                    let first = tokio::select! {
+                        biased;
+                        _ = &mut shutdown => break,
+                        received = tokio::time::timeout(wait, stream.next()) => received.ok().flatten(),
+                    };
+                    counters.record_idle(idle.elapsed());
+                    first
+                }
             };
             consumer.context().settle(&mut batcher);
             if let Some(first) = first {

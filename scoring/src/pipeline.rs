@@ -594,13 +594,7 @@ impl Services {
         for w in self.workers {
             let _ = w.await;
         }
-        if let Err(e) = self
-            .alerts
-            .store
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .sync()
-        {
+        if let Err(e) = self.alerts.sync() {
             tracing::error!(error = %e, "syncing the alert log");
         }
     }

@@ -185,3 +185,59 @@ async fn an_alert_seen_on_the_topic_is_still_carried_out_by_its_owner() {
         .pending();
     assert_eq!(pending.len(), 1, "and its event goes out");
 }
+
+/// A batch of decisions makes one outbox segment (one file, one fsync), its events in
+/// decision order, sealed by the time the batch's lines are in the log; an event file
+/// left by an earlier version (one event per `.json` file) is still read, ahead of it.
+#[test]
+fn a_batch_of_decisions_is_one_segment_in_decision_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let events = dir.path().join("events");
+    std::fs::create_dir_all(&events).unwrap();
+    let mut policy = EpisodePolicy::new(AlertConfig::default());
+    let raised = policy.observe(&assessed(1, 0.97), Utc::now());
+    let resolved = policy.observe(&assessed(2, 0.1), Utc::now());
+    let [Decision::Raise(first)] = &raised[..] else {
+        panic!("{raised:?}")
+    };
+    let first = first.clone();
+    let old = voltcast_scoring::alerts::AlertEvent {
+        event: voltcast_scoring::alerts::EventKind::Raised,
+        alert: first.clone(),
+    };
+    std::fs::write(
+        events.join(format!("{:020}.json", 7)),
+        serde_json::to_vec(&old).unwrap(),
+    )
+    .unwrap();
+    let raised_again = policy.observe(&assessed(30, 0.98), Utc::now());
+    assert!(matches!(&raised_again[..], [Decision::Raise(_)]));
+
+    let (alerts, mut woken) = service(dir.path());
+    alerts.record([raised, resolved, raised_again].concat(), Vec::new(), &[]);
+    assert!(woken.try_recv().is_ok(), "the publisher is woken");
+    assert!(woken.try_recv().is_err(), "once for the batch");
+
+    let mut files: Vec<String> = std::fs::read_dir(&events)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    files.sort();
+    assert_eq!(
+        files,
+        [format!("{:020}.json", 7), format!("{:020}.jsonl", 8)],
+        "one segment for the batch, numbered after the old file"
+    );
+    let pending = EventOutbox::open(&events).unwrap().pending();
+    let ids: Vec<String> = pending.iter().map(|(_, e)| e.id()).collect();
+    let segment = std::fs::read_to_string(events.join(format!("{:020}.jsonl", 8))).unwrap();
+    assert_eq!(segment.lines().count(), 3);
+    assert_eq!(ids.len(), 4);
+    assert_eq!(ids[0], format!("{}:raised", first.alert_id));
+    assert_eq!(ids[1], format!("{}:raised", first.alert_id));
+    assert_eq!(ids[2], format!("{}:resolved", first.alert_id));
+    assert!(ids[3].ends_with(":raised") && ids[3] != ids[0]);
+
+    let log = std::fs::read_to_string(dir.path().join("alerts/alerts.jsonl")).unwrap();
+    assert_eq!(log.lines().count(), 3, "raise, resolve, raise: {log}");
+}

@@ -110,7 +110,7 @@ fn raise(service: &AlertService, batteries: usize) -> HashSet<String> {
             if let voltcast_scoring::alerts::Decision::Raise(a) = &d {
                 ids.insert(a.alert_id.clone());
             }
-            service.apply(d).unwrap();
+            service.record(vec![d], Vec::new(), &[]);
         }
     }
     ids
@@ -410,7 +410,7 @@ fn a_torn_last_line_is_cut_before_the_log_is_appended_to() {
             if let voltcast_scoring::alerts::Decision::Raise(a) = &d {
                 ids.insert(a.alert_id.clone());
             }
-            service.apply(d).unwrap();
+            service.record(vec![d], Vec::new(), &[]);
         }
         ids
     };
@@ -500,6 +500,8 @@ fn the_store_reads_each_alert_back_from_its_newest_line_in_the_log() {
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].resolution.as_deref(), Some("battery replaced"));
 
+    // Lines reach the log when written out (the service does so once per batch).
+    logged.sync().unwrap();
     drop(logged);
     let log = path.join("alerts.jsonl");
     let mut bytes = std::fs::read(&log).unwrap();

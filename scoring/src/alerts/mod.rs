@@ -421,9 +421,11 @@ impl AlertService {
         self.store.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Carries out one policy decision: outbox first (durable), then the store, then
-    /// the topic. A crash in between repeats the decision with the same alert id.
-    pub fn apply(&self, decision: Decision) -> Result<(), AlertError> {
+    /// Carries out one policy decision: its events into the outbox's open segment and
+    /// its lines into the store, both made durable by [`Self::write_out`] (outbox
+    /// first) when the batch is recorded. A crash before repeats the decision with the
+    /// same alert id.
+    fn apply(&self, decision: Decision) -> Result<(), AlertError> {
         match decision {
             Decision::Raise(mut alert) => {
                 // The store stays locked from the outbox write to the alert's own line:
@@ -439,7 +441,7 @@ impl AlertService {
                     .alerts_raised
                     .with_label_values(&[alert.severity.as_str()])
                     .inc();
-                self.publish(EventKind::Raised, &alert)?;
+                self.publish(EventKind::Raised, &alert);
                 store.put(&alert)?;
             }
             Decision::Escalate {
@@ -460,9 +462,9 @@ impl AlertService {
                     a.resolution = Some(format!("escalated to {}", alert.alert_id));
                 })?;
                 if let Some(old) = &superseded {
-                    self.publish(EventKind::Resolved, old)?;
+                    self.publish(EventKind::Resolved, old);
                 }
-                self.publish(EventKind::Escalated, &alert)?;
+                self.publish(EventKind::Escalated, &alert);
                 if let Some(old) = &superseded {
                     store.put(old)?;
                 }
@@ -489,7 +491,7 @@ impl AlertService {
                     a.resolution = Some(reason.to_string());
                 })?;
                 if let Some(a) = resolved {
-                    self.publish(EventKind::Resolved, &a)?;
+                    self.publish(EventKind::Resolved, &a);
                     store.put(&a)?;
                 }
                 self.acks.retire(&alert_id);
@@ -517,8 +519,9 @@ impl AlertService {
                 a.acknowledged_by = Some(by.to_string());
             })?
             .ok_or_else(|| AlertError::NotFound(alert_id.to_string()))?;
-        self.publish(EventKind::Acknowledged, &acked)?;
+        self.publish(EventKind::Acknowledged, &acked);
         store.put(&acked)?;
+        self.write_out(&mut store, true)?;
         drop(store);
         // The battery's partition may be this instance's: it applies the booking at its
         // next batch (another owner hears of it through the topic).
@@ -529,7 +532,11 @@ impl AlertService {
 
     /// Records a delivery outcome on the alert (the outbox worker calls this).
     pub fn delivery_status(&self, alert_id: &str, status: DeliveryStatus) {
-        if let Err(e) = self.lock().update(alert_id, |a| a.delivery = status) {
+        let mut store = self.lock();
+        let recorded = store
+            .update(alert_id, |a| a.delivery = status)
+            .and_then(|_| self.write_out(&mut store, false));
+        if let Err(e) = recorded {
             tracing::error!(alert_id, error = %e, "recording a delivery outcome");
         }
     }
@@ -562,25 +569,43 @@ impl AlertService {
         Ok(())
     }
 
-    /// Makes the event durable in the outbox (the publisher sends it), before the
-    /// caller records the decision in the store: a crash in between repeats the
-    /// decision, and with it the event, under the same id.
-    fn publish(&self, event: EventKind, alert: &Alert) -> Result<(), AlertError> {
+    /// Adds the event to the outbox's open segment (the publisher sends it once
+    /// sealed), before the caller records the decision in the store.
+    fn publish(&self, event: EventKind, alert: &Alert) {
         let Some(outbox) = &self.events else {
-            return Ok(());
+            return;
         };
         outbox.enqueue(&AlertEvent {
             event,
             alert: alert.clone(),
-        })?;
-        if let Some(wake) = &*self
-            .wake_publisher
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        });
+    }
+
+    /// Seals the outbox's open segment, then writes the store's new lines to its log
+    /// (and syncs it when `durable`). This order is the outbox's promise: a decision the
+    /// log shows has its events durable, so a crash between the two repeats the
+    /// decision, and with it the events, under the same ids. Called under the store's
+    /// lock, so that no line is written out ahead of its events.
+    fn write_out(&self, store: &mut AlertStore, durable: bool) -> Result<(), AlertError> {
+        if let Some(outbox) = &self.events
+            && outbox.seal()?
+            && let Some(wake) = &*self
+                .wake_publisher
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
         {
             let _ = wake.send(());
         }
-        Ok(())
+        if durable {
+            store.sync()
+        } else {
+            store.write_out()
+        }
+    }
+
+    /// Makes every decision carried out so far durable (at shutdown).
+    pub fn sync(&self) -> Result<(), AlertError> {
+        self.write_out(&mut self.lock(), true)
     }
 
     /// No more events to Kafka: the publisher sends what it has and stops.
@@ -615,7 +640,7 @@ impl AlertService {
         for battery in evicted {
             store.forget_latest(battery);
         }
-        if let Err(e) = store.sync() {
+        if let Err(e) = self.write_out(&mut store, true) {
             tracing::error!(error = %e, "syncing the alert log");
         }
     }

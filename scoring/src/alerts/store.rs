@@ -19,7 +19,7 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::hash::BuildHasher;
-use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -65,10 +65,17 @@ impl IndexedAlert {
 
 pub struct AlertStore {
     path: Option<PathBuf>,
-    log: Option<BufWriter<File>>,
-    /// The log opened for reading alerts back, and its length (where the next line goes).
+    log: Option<File>,
+    /// The log opened for reading alerts back, and its length (where the next line goes,
+    /// the unwritten lines counted).
     reader: Option<File>,
     log_len: u64,
+    /// Lines put since the last write-out, which follow the file's `written_len` bytes.
+    /// Why they wait in memory: a line must not reach the file before the events of its
+    /// decision are durable in the event outbox, and the outbox is sealed once per batch
+    /// of decisions (see `AlertService::write_out`), not once per line.
+    unwritten: Vec<u8>,
+    written_len: u64,
     /// Lines written since the last sync: a sync with none costs an fdatasync for
     /// nothing, and the alert stage asks for one after every batch of updates.
     unsynced: bool,
@@ -126,6 +133,8 @@ impl AlertStore {
             log: None,
             reader: None,
             log_len: 0,
+            unwritten: Vec::new(),
+            written_len: 0,
             unsynced: false,
             alerts: Vec::new(),
             by_id: HashTable::new(),
@@ -171,12 +180,13 @@ impl AlertStore {
             }
         }
         store.log_len = cut_torn_line(&path).map_err(err)?;
+        store.written_len = store.log_len;
         let file = OpenOptions::new()
             .create(true)
             .append(true)
             .open(&path)
             .map_err(err)?;
-        store.log = Some(BufWriter::new(file));
+        store.log = Some(file);
         store.reader = Some(File::open(&path).map_err(err)?);
         store.path = Some(path);
         Ok(store)
@@ -220,12 +230,19 @@ impl AlertStore {
             AlertBody::Whole(a) => return Ok(Cow::Borrowed(&**a)),
             AlertBody::Logged { at, len } => (*at, *len),
         };
-        let reader = self.reader.as_ref().expect("a logged alert has a log");
-        let mut line = vec![0; len as usize];
-        reader
-            .read_exact_at(&mut line, at)
-            .map_err(|e| self.io_error(e))?;
-        serde_json::from_slice(&line)
+        let mut read = Vec::new();
+        let line = match at.checked_sub(self.written_len) {
+            Some(at) => &self.unwritten[at as usize..at as usize + len as usize],
+            None => {
+                let reader = self.reader.as_ref().expect("a logged alert has a log");
+                read.resize(len as usize, 0);
+                reader
+                    .read_exact_at(&mut read, at)
+                    .map_err(|e| self.io_error(e))?;
+                &read[..]
+            }
+        };
+        serde_json::from_slice(line)
             .map(Cow::Owned)
             .map_err(|e| self.io_error(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))
     }
@@ -265,24 +282,39 @@ impl AlertStore {
         self.position(alert_id).map(|i| self.alerts[i].status)
     }
 
-    /// Inserts or replaces an alert, writing it to the log first.
+    /// Inserts or replaces an alert. Its line reaches the log at the next
+    /// [`Self::write_out`] or [`Self::sync`].
     pub fn put(&mut self, alert: &Alert) -> Result<(), AlertError> {
         self.merged.remove(&alert.alert_id);
-        let Some(log) = &mut self.log else {
+        if self.log.is_none() {
             let whole = AlertBody::Whole(Box::new(alert.clone()));
             self.index(IndexedAlert::new(alert, whole));
             return Ok(());
-        };
-        let line = serde_json::to_string(alert).expect("alerts serialize");
-        let written = log
-            .write_all(line.as_bytes())
-            .and_then(|()| log.write_all(b"\n"))
-            .and_then(|()| log.flush());
-        written.map_err(|e| self.io_error(e))?;
-        self.unsynced = true;
-        let (at, len) = (self.log_len, line.len() as u32);
-        self.log_len += line.len() as u64 + 1;
+        }
+        let before = self.unwritten.len();
+        serde_json::to_writer(&mut self.unwritten, alert).expect("alerts serialize");
+        let len = (self.unwritten.len() - before) as u32;
+        self.unwritten.push(b'\n');
+        let at = self.log_len;
+        self.log_len += u64::from(len) + 1;
         self.index(IndexedAlert::new(alert, AlertBody::Logged { at, len }));
+        Ok(())
+    }
+
+    /// Writes the lines put since the last write-out to the log (a process crash keeps
+    /// them; a power cut may not, until [`Self::sync`]).
+    pub fn write_out(&mut self) -> Result<(), AlertError> {
+        let Some(log) = &mut self.log else {
+            return Ok(());
+        };
+        if self.unwritten.is_empty() {
+            return Ok(());
+        }
+        log.write_all(&self.unwritten)
+            .map_err(|e| self.io_error(e))?;
+        self.written_len += self.unwritten.len() as u64;
+        self.unwritten.clear();
+        self.unsynced = true;
         Ok(())
     }
 
@@ -313,14 +345,14 @@ impl AlertStore {
         Ok(Some(a))
     }
 
-    /// Forces the log to disk.
+    /// Writes out what was put and forces the log to disk.
     pub fn sync(&mut self) -> Result<(), AlertError> {
+        self.write_out()?;
         if !self.unsynced {
             return Ok(());
         }
-        if let Some(log) = &mut self.log {
-            let synced = log.flush().and_then(|()| log.get_ref().sync_data());
-            synced.map_err(|e| self.io_error(e))?;
+        if let Some(log) = &self.log {
+            log.sync_data().map_err(|e| self.io_error(e))?;
         }
         self.unsynced = false;
         Ok(())
