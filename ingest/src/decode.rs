@@ -67,8 +67,19 @@ pub fn decode_json<'a>(
     if payload.len() > rules.max_message_bytes {
         return Err(oversize(payload.len(), rules));
     }
-    let r: JsonReport<'a> = serde_json::from_slice(payload).map_err(classify_json_error)?;
-    let record = TelemetryRecord {
+    let record = match crate::flat_json::parse(payload) {
+        Some(record) => record,
+        None => decode_json_with_serde(payload)?,
+    };
+    rules.check(&record, now)?;
+    Ok(record)
+}
+
+/// Any JSON object serde can read as a report (aliases, escapes, numeric ids, unknown
+/// keys); the reason when it cannot.
+fn decode_json_with_serde(payload: &[u8]) -> Result<TelemetryRecord<'_>, Rejection> {
+    let r: JsonReport<'_> = serde_json::from_slice(payload).map_err(classify_json_error)?;
+    Ok(TelemetryRecord {
         battery_id: r.battery_id,
         vehicle_id: r.vehicle_id,
         event_time: r.date,
@@ -81,9 +92,7 @@ pub fn decode_json<'a>(
         resting_voltage: r.resting_voltage,
         state_of_charge: r.state_of_charge,
         temperature_c: r.temperature_c,
-    };
-    rules.check(&record, now)?;
-    Ok(record)
+    })
 }
 
 fn oversize(len: usize, rules: &ValidationConfig) -> Rejection {
@@ -421,5 +430,142 @@ impl CsvLayout {
             out.pop();
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mutate::{MessageMutator, Mutation};
+    use crate::simulate::{FleetSimulator, SimulatorConfig, WireFormat};
+
+    /// The fast path reads `payload` exactly as serde does, or leaves it to serde.
+    fn agrees(payload: &[u8]) -> bool {
+        let Some(fast) = crate::flat_json::parse(payload) else {
+            return false;
+        };
+        let slow = decode_json_with_serde(payload);
+        let same = |a: Option<f64>, b: Option<f64>| a.map(f64::to_bits) == b.map(f64::to_bits);
+        match &slow {
+            Ok(slow) => {
+                assert_eq!(&fast, slow, "{}", String::from_utf8_lossy(payload));
+                for (a, b) in [
+                    (fast.number_of_trips, slow.number_of_trips),
+                    (fast.daily_trip_duration, slow.daily_trip_duration),
+                    (fast.daily_cycles_used, slow.daily_cycles_used),
+                    (fast.lifetime_cycles_used, slow.lifetime_cycles_used),
+                    (fast.battery_rated_cycles, slow.battery_rated_cycles),
+                ] {
+                    assert_eq!(
+                        a.to_bits(),
+                        b.to_bits(),
+                        "{}",
+                        String::from_utf8_lossy(payload)
+                    );
+                }
+                assert!(same(fast.resting_voltage, slow.resting_voltage));
+                assert!(same(fast.state_of_charge, slow.state_of_charge));
+                assert!(same(fast.temperature_c, slow.temperature_c));
+            }
+            Err(why) => panic!(
+                "the fast path took what serde refuses ({why:?}): {}",
+                String::from_utf8_lossy(payload)
+            ),
+        }
+        true
+    }
+
+    #[test]
+    fn the_fast_path_reads_what_serde_reads_and_leaves_the_rest_to_it() {
+        let config = SimulatorConfig {
+            batteries: 300,
+            days: 20,
+            malformed_rate: 0.05,
+            ..SimulatorConfig::default()
+        };
+        let mut sim = FleetSimulator::new(config, WireFormat::Json).unwrap();
+        let mut mutator = MessageMutator::new(7, 70_000);
+        let (mut clean, mut fast, mut mutated, mut fast_mutated) = (0, 0, 0, 0);
+        while let Some(day) = sim.next_day() {
+            for m in day.messages {
+                clean += 1;
+                if agrees(&m.payload) {
+                    fast += 1;
+                } else {
+                    assert!(
+                        m.defect.is_some(),
+                        "{}",
+                        String::from_utf8_lossy(&m.payload)
+                    );
+                }
+                for mutation in Mutation::ALL {
+                    mutated += 1;
+                    fast_mutated += usize::from(agrees(&mutator.apply(mutation, &m.payload)));
+                }
+            }
+        }
+        // Every good report takes the fast path; damaged ones mostly do not.
+        assert!(fast * 100 >= clean * 90, "{fast} of {clean}");
+        assert!(fast_mutated < mutated / 2, "{fast_mutated} of {mutated}");
+        assert!(fast_mutated > 0);
+    }
+
+    #[test]
+    fn edge_cases_agree_with_serde_or_go_to_it() {
+        let good = r#"{"date":"2025-06-01T12:00:00Z","battery_id":"B1","vehicle_id":"V1","battery_age_days":10,"number_of_trips":3,"daily_trip_duration":40.5,"daily_cycles_used":0.1,"lifetime_cycles_used":1.5,"battery_rated_cycles":200}"#;
+        assert!(agrees(good.as_bytes()));
+        let with = |from: &str, to: &str| {
+            assert!(good.contains(from), "{from}");
+            good.replacen(from, to, 1)
+        };
+        let fast = [
+            with(":3,", ":-0,"),
+            with(":3,", ":-0.0,"),
+            with(":3,", ":1e-400,"),
+            with(":3,", ":18446744073709551616,"),
+            with(":3,", ":12345678901234567890123,"),
+            with(":3,", ":2.5E+3,"),
+            with(":10,", ":-5,"),
+            with(":10,", ":-0,"),
+            with("\"V1\"", "null"),
+            with("\"vehicle_id\":\"V1\",", ""),
+            with("\"date\"", "\"Date\""),
+            with("\"battery_id\"", "\"Battery_ID\""),
+            format!(" \n{} \r\t", with(",\"", " ,\t\"")),
+            with("}", ",\"temperature_c\":null}"),
+            with("}", ",\"resting_voltage\":3.7,\"state_of_charge\":55}"),
+        ];
+        for p in &fast {
+            assert!(agrees(p.as_bytes()), "not on the fast path: {p}");
+        }
+        let to_serde = [
+            with(":3,", ":03,"),
+            with(":3,", ":+3,"),
+            with(":3,", ":3.,"),
+            with(":3,", ":.5,"),
+            with(":3,", ":1e400,"),
+            with(":3,", ":NaN,"),
+            with(":3,", ":null,"),
+            with(":3,", ":\"3\","),
+            with(":10,", ":10.0,"),
+            with(":10,", ":9223372036854775808,"),
+            with("\"B1\"", "17"),
+            with("\"B1\"", "\"B\\u0031\""),
+            with("\"2025-06-01T12:00:00Z\"", "1748779200000"),
+            with("\"2025-06-01T12:00:00Z\"", "\"June\""),
+            with("\"date\"", "\"timestamp\":1,\"date\""),
+            with("\"date\"", "\"date\":\"2025-06-01\",\"Date\""),
+            with("}", ",\"extra\":1}"),
+            with("}", ",}"),
+            with("}", "}x"),
+            with(",\"battery_rated_cycles\":200", ""),
+            with("\"V1\"", "nullx"),
+            "{}".to_string(),
+            "[]".to_string(),
+            String::new(),
+        ];
+        for p in &to_serde {
+            assert!(!agrees(p.as_bytes()), "took the fast path: {p}");
+        }
     }
 }

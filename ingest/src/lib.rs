@@ -20,6 +20,7 @@ pub mod dead_letter;
 pub mod decode;
 pub mod error;
 pub mod file;
+mod flat_json;
 pub mod kafka;
 pub mod mutate;
 pub mod record;
