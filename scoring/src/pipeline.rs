@@ -540,13 +540,8 @@ impl Services {
         {
             return None;
         }
-        let origin = crate::alerts::publish::new_origin(&config.kafka.group_id);
-        let reader = crate::alerts::view::AlertTopicReader::new(
-            &config.kafka,
-            &a.topic,
-            &a.forecasts_topic,
-            origin.clone(),
-        );
+        let reader =
+            crate::alerts::view::AlertTopicReader::new(&config.kafka, &a.topic, &a.forecasts_topic);
         let reader = match reader {
             Ok(reader) => reader,
             Err(e) => {
@@ -556,7 +551,7 @@ impl Services {
         };
         let (stop, stopped) = watch::channel(false);
         workers.push(tokio::spawn(reader.run(alerts.clone(), stopped.clone())));
-        match Self::forecast_publisher(config, origin) {
+        match Self::forecast_publisher(config) {
             Ok(publisher) => {
                 alerts.track_latest_changes();
                 workers.push(tokio::spawn(publisher.run(alerts.clone(), stopped)));
@@ -568,7 +563,6 @@ impl Services {
 
     fn forecast_publisher(
         config: &VoltcastConfig,
-        origin: String,
     ) -> Result<crate::alerts::publish::ForecastPublisher, voltcast_ingest::IngestError> {
         let producer = config
             .kafka
@@ -583,7 +577,6 @@ impl Services {
         Ok(crate::alerts::publish::ForecastPublisher {
             producer,
             topic: config.alerts.forecasts_topic.clone(),
-            origin,
         })
     }
 
