@@ -496,23 +496,14 @@ impl KafkaSource {
         let idle_wait = Duration::from_millis(200);
         loop {
             let wait = batcher.time_left().unwrap_or(idle_wait);
-            // Shutdown first, as the `biased` select below would.
-            if (&mut shutdown).now_or_never().is_some() {
-                break;
-            }
-            let first = match stream.next().now_or_never() {
-                Some(ready) => ready,
-                None => {
-                    let idle = Instant::now();
-                    let first = tokio::select! {
-                        biased;
-                        _ = &mut shutdown => break,
-                        received = tokio::time::timeout(wait, stream.next()) => received.ok().flatten(),
-                    };
-                    counters.record_idle(idle.elapsed());
-                    first
-                }
+            // A ready message returns at once, so the time spent here is the idle time.
+            let polled = Instant::now();
+            let first = tokio::select! {
+                biased;
+                _ = &mut shutdown => break,
+                received = tokio::time::timeout(wait, stream.next()) => received.ok().flatten(),
             };
+            counters.record_idle(polled.elapsed());
             consumer.context().settle(&mut batcher);
             if let Some(first) = first {
                 let now = crate::now_millis();
