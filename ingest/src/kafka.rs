@@ -128,11 +128,13 @@ impl KafkaConfig {
             // pipeline drained the queue in a fraction of that and then sat idle, reading
             // 115k messages/s on a core that could decode a million.
             .set("fetch.queue.backoff.ms", "10")
-            // With fetches resumed that quickly, 16 MB of prefetch (about one micro-batch
-            // of messages) keeps the pipeline fed. librdkafka's default 64 MB cut the
-            // source's idle time on the mock cluster's backlog (9 -> 5.5 s of 30), but
-            // made the tansu broker of the crash test drop its connections and stall.
-            .set("queued.max.messages.kbytes", "16384");
+            // Prefetch: librdkafka fetches again only while its queue holds less than
+            // this. At 16 MB (about one micro-batch) the queue was over it after a single
+            // fetch response, so the next fetch left only once the source had drained
+            // it: with the stage beside the source, the source then sat idle 9.5 s of
+            // 32 on a 20,000-battery backlog, waiting for fetches. 64 MB (librdkafka's
+            // default) keeps a fetch in flight while the source decodes.
+            .set("queued.max.messages.kbytes", "65536");
         self.apply_properties(&mut cfg, PRODUCER_ONLY);
         // Our commit protocol depends on this one: refuse to let it be overridden.
         cfg.set("enable.auto.commit", "false");
