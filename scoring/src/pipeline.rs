@@ -540,8 +540,13 @@ impl Services {
         {
             return None;
         }
-        let reader =
-            crate::alerts::view::AlertTopicReader::new(&config.kafka, &a.topic, &a.forecasts_topic);
+        let origin = crate::alerts::publish::new_origin(&config.kafka.group_id);
+        let reader = crate::alerts::view::AlertTopicReader::new(
+            &config.kafka,
+            &a.topic,
+            &a.forecasts_topic,
+            origin.clone(),
+        );
         let reader = match reader {
             Ok(reader) => reader,
             Err(e) => {
@@ -551,7 +556,7 @@ impl Services {
         };
         let (stop, stopped) = watch::channel(false);
         workers.push(tokio::spawn(reader.run(alerts.clone(), stopped.clone())));
-        match Self::forecast_publisher(config) {
+        match Self::forecast_publisher(config, origin) {
             Ok(publisher) => {
                 alerts.track_latest_changes();
                 workers.push(tokio::spawn(publisher.run(alerts.clone(), stopped)));
@@ -563,6 +568,7 @@ impl Services {
 
     fn forecast_publisher(
         config: &VoltcastConfig,
+        origin: String,
     ) -> Result<crate::alerts::publish::ForecastPublisher, voltcast_ingest::IngestError> {
         let producer = config
             .kafka
@@ -577,6 +583,7 @@ impl Services {
         Ok(crate::alerts::publish::ForecastPublisher {
             producer,
             topic: config.alerts.forecasts_topic.clone(),
+            origin,
         })
     }
 

@@ -164,8 +164,93 @@ async fn each_instance_lists_the_alerts_of_every_instance() {
     assert!(!own_a.is_empty() && !own_b.is_empty(), "both raised alerts");
     let union: BTreeSet<_> = own_a.union(&own_b).cloned().collect();
     assert_eq!(ids(&a), union, "A lists every alert, its own and B's");
+    own_assessments_are_skipped(&a_config, &a, &b).await;
     a.finish(Duration::from_secs(1)).await;
     b.finish(Duration::from_secs(1)).await;
+}
+
+/// Each instance tags its assessments with its origin and its view skips them unread
+/// (it holds them already), while it reads every other origin's. Shown with forged
+/// copies of a published assessment dated later: one under the publisher's own origin,
+/// which only the other instance takes, then an older one under a third origin, which
+/// only the publisher takes.
+async fn own_assessments_are_skipped(config: &VoltcastConfig, a: &Services, b: &Services) {
+    use rdkafka::Message;
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    use rdkafka::message::{Header, Headers, OwnedHeaders};
+    use voltcast_scoring::alerts::publish::HEADER_ORIGIN;
+
+    let consumer: StreamConsumer = config
+        .kafka
+        .consumer_config()
+        .unwrap()
+        .set("group.id", "fleet-view-test-reader")
+        .create()
+        .unwrap();
+    let mut list = rdkafka::TopicPartitionList::new();
+    for p in 0..4 {
+        list.add_partition_offset("battery-forecasts", p, rdkafka::Offset::Beginning)
+            .unwrap();
+    }
+    consumer.assign(&list).unwrap();
+    // Messages until both instances' origins are seen: (origin, key, payload) of each.
+    let mut seen: Vec<(String, Vec<u8>, serde_json::Value)> = Vec::new();
+    let origins = |seen: &[(String, Vec<u8>, serde_json::Value)]| {
+        seen.iter().map(|s| s.0.clone()).collect::<BTreeSet<_>>()
+    };
+    while origins(&seen).len() < 2 {
+        let m = tokio::time::timeout(Duration::from_secs(20), consumer.recv())
+            .await
+            .expect("both instances published assessments")
+            .unwrap();
+        let origin = m
+            .headers()
+            .and_then(|h| h.iter().find(|h| h.key == HEADER_ORIGIN))
+            .and_then(|h| h.value)
+            .map(|v| String::from_utf8(v.to_vec()).unwrap())
+            .expect("every assessment names its origin");
+        let payload = serde_json::from_slice(m.payload().unwrap()).unwrap();
+        seen.push((origin, m.key().unwrap().to_vec(), payload));
+    }
+    let (origin, key, mut forged) = seen.last().cloned().unwrap();
+    let battery = String::from_utf8(key.clone()).unwrap();
+    let day = forged["day"].as_i64().unwrap();
+    let producer = producer(config);
+    let send = |forged: serde_json::Value, origin: String| {
+        let producer = producer.clone();
+        let key = key.clone();
+        async move {
+            let headers = OwnedHeaders::new().insert(Header {
+                key: HEADER_ORIGIN,
+                value: Some(origin.as_str()),
+            });
+            let payload = serde_json::to_vec(&forged).unwrap();
+            let record = FutureRecord::to("battery-forecasts")
+                .key(&key)
+                .payload(&payload)
+                .headers(headers);
+            producer.send(record, Duration::from_secs(5)).await.unwrap();
+        }
+    };
+    let day_in = |s: &Services| s.alerts.latest(&battery).map_or(0, |u| i64::from(u.day));
+
+    // First 2,000 days on under the publisher's origin, then 1,000 under a third's, in
+    // the same partition: an instance that reads the first ignores the second (older).
+    forged["day"] = (day + 2000).into();
+    send(forged.clone(), origin).await;
+    forged["day"] = (day + 1000).into();
+    send(forged, "a-third-instance".to_string()).await;
+    wait_for("both views past the forged assessments", 20, || {
+        day_in(a) >= day + 1000 && day_in(b) >= day + 1000
+    })
+    .await;
+    let mut days = [day_in(a) - day, day_in(b) - day];
+    days.sort();
+    assert_eq!(
+        days,
+        [1000, 2000],
+        "the publisher skipped its own origin's assessment and read the third's; the other read both"
+    );
 }
 
 /// Sends the days' messages and waits for their delivery; returns how many.

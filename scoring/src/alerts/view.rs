@@ -15,6 +15,7 @@ use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::watch;
 
+use super::publish::HEADER_ORIGIN;
 use super::{AlertError, AlertEvent, AlertService};
 use crate::forecasting::RiskUpdate;
 use voltcast_ingest::KafkaConfig;
@@ -23,6 +24,8 @@ pub struct AlertTopicReader {
     consumer: StreamConsumer,
     topic: String,
     forecasts_topic: String,
+    /// This instance's [`HEADER_ORIGIN`]: its own assessments are skipped unread.
+    origin: String,
 }
 
 impl AlertTopicReader {
@@ -32,6 +35,7 @@ impl AlertTopicReader {
         kafka: &KafkaConfig,
         topic: &str,
         forecasts_topic: &str,
+        origin: String,
     ) -> Result<Self, AlertError> {
         let consumer: StreamConsumer = kafka
             .consumer_config()
@@ -42,6 +46,9 @@ impl AlertTopicReader {
                 "group.id",
                 format!("{}-alert-view-{}", kafka.group_id, std::process::id()),
             )
+            // Alerts and assessments are a trickle next to telemetry: the source's
+            // 64 MB prefetch would only hold memory here.
+            .set("queued.max.messages.kbytes", "16384")
             .create()
             .map_err(AlertError::Kafka)?;
         let mut list = TopicPartitionList::new();
@@ -66,6 +73,7 @@ impl AlertTopicReader {
             consumer,
             topic: topic.to_string(),
             forecasts_topic: forecasts_topic.to_string(),
+            origin,
         })
     }
 
@@ -86,6 +94,9 @@ impl AlertTopicReader {
             };
             let payload = msg.payload().unwrap_or_default();
             if msg.topic() == self.forecasts_topic {
+                if self.is_own(&msg) {
+                    continue;
+                }
                 match serde_json::from_slice::<RiskUpdate>(payload) {
                     Ok(update) => service.merge_latest(update),
                     Err(e) => {
@@ -101,6 +112,15 @@ impl AlertTopicReader {
                 }
             }
         }
+    }
+}
+
+impl AlertTopicReader {
+    fn is_own(&self, msg: &rdkafka::message::BorrowedMessage<'_>) -> bool {
+        use rdkafka::message::Headers;
+        msg.headers()
+            .and_then(|h| h.iter().find(|h| h.key == HEADER_ORIGIN))
+            .is_some_and(|h| h.value == Some(self.origin.as_bytes()))
     }
 }
 
