@@ -145,6 +145,44 @@ async fn head_unit(
     (unit, rx)
 }
 
+/// A stop with a deadline ends the worker once nothing is queued, in flight or waiting in
+/// its channel, not at the deadline. The service holds the channel's sender as long as it
+/// lives, and `voltcast run` used to wait out the whole drain (10 s) at every SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_worker_ends_once_drained_not_at_its_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let (_unit, mut received) = head_unit(port, None).await;
+    let config = webhook(port, dir.path());
+    let Incarnation {
+        service,
+        worker,
+        stop,
+    } = incarnation(&config, dir.path());
+    let ids = raise(&service, 3);
+    let mut got = Vec::new();
+    receive_until(&mut received, ids.len(), &mut got).await;
+    assert_eq!(
+        got.len(),
+        ids.len(),
+        "every alert delivered before the stop"
+    );
+    stop.send(Some(tokio::time::Instant::now() + Duration::from_secs(600)))
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(60), worker)
+        .await
+        .expect("the worker ended once drained, long before its 600 s deadline")
+        .unwrap();
+    assert!(
+        Outbox::open(&config.outbox_path)
+            .unwrap()
+            .pending()
+            .is_empty(),
+        "nothing left in the outbox"
+    );
+    drop(service);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_alert_arrives_exactly_once_after_the_receiver_was_down() {
     let dir = tempfile::tempdir().unwrap();

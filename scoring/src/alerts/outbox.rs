@@ -262,8 +262,8 @@ pub async fn send(
 }
 
 /// The delivery worker: takes new deliveries from the service, retries failures with
-/// backoff, and stops when `stop` carries a deadline that has passed or when nothing is
-/// left (whichever first); what is left stays in the outbox for the next start.
+/// backoff, and once `stop` carries a deadline, stops when it has passed or when nothing
+/// is left to send (whichever first); what is left stays in the outbox for the next start.
 pub struct DeliveryWorker {
     pub config: WebhookConfig,
     pub outbox: Arc<Outbox>,
@@ -309,8 +309,13 @@ impl DeliveryWorker {
                 });
             }
             let deadline = *stop.borrow();
+            // Once stopped, nothing queued, in flight or waiting in the channel means the
+            // drain is done. Why not wait for the channel to close: the service holds its
+            // sender as long as it lives, so every shutdown waited out the whole deadline.
+            // A delivery recorded later is in the outbox for the next start.
+            let drained = queue.is_empty() && inflight.is_empty() && (!open || incoming.is_empty());
             if let Some(deadline) = deadline
-                && (now >= deadline || (queue.is_empty() && inflight.is_empty() && !open))
+                && (now >= deadline || drained)
             {
                 break;
             }
