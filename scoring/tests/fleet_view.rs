@@ -193,12 +193,10 @@ async fn own_assessments_are_skipped(config: &VoltcastConfig, a: &Services, b: &
             .unwrap();
     }
     consumer.assign(&list).unwrap();
-    // Messages until both instances' origins are seen: (origin, key, payload) of each.
-    let mut seen: Vec<(String, Vec<u8>, serde_json::Value)> = Vec::new();
-    let origins = |seen: &[(String, Vec<u8>, serde_json::Value)]| {
-        seen.iter().map(|s| s.0.clone()).collect::<BTreeSet<_>>()
-    };
-    while origins(&seen).len() < 2 {
+    // Messages until both instances' origins are seen; the last one is forged below.
+    let mut origins = BTreeSet::new();
+    let mut last = None;
+    while origins.len() < 2 {
         let m = tokio::time::timeout(Duration::from_secs(20), consumer.recv())
             .await
             .expect("both instances published assessments")
@@ -209,37 +207,31 @@ async fn own_assessments_are_skipped(config: &VoltcastConfig, a: &Services, b: &
             .and_then(|h| h.value)
             .map(|v| String::from_utf8(v.to_vec()).unwrap())
             .expect("every assessment names its origin");
-        let payload = serde_json::from_slice(m.payload().unwrap()).unwrap();
-        seen.push((origin, m.key().unwrap().to_vec(), payload));
+        let payload: serde_json::Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
+        origins.insert(origin.clone());
+        last = Some((origin, m.key().unwrap().to_vec(), payload));
     }
-    let (origin, key, mut forged) = seen.last().cloned().unwrap();
+    let (origin, key, mut forged) = last.unwrap();
     let battery = String::from_utf8(key.clone()).unwrap();
     let day = forged["day"].as_i64().unwrap();
     let producer = producer(config);
-    let send = |forged: serde_json::Value, origin: String| {
-        let producer = producer.clone();
-        let key = key.clone();
-        async move {
-            let headers = OwnedHeaders::new().insert(Header {
-                key: HEADER_ORIGIN,
-                value: Some(origin.as_str()),
-            });
-            let payload = serde_json::to_vec(&forged).unwrap();
-            let record = FutureRecord::to("battery-forecasts")
-                .key(&key)
-                .payload(&payload)
-                .headers(headers);
-            producer.send(record, Duration::from_secs(5)).await.unwrap();
-        }
-    };
     let day_in = |s: &Services| s.alerts.latest(&battery).map_or(0, |u| i64::from(u.day));
 
     // First 2,000 days on under the publisher's origin, then 1,000 under a third's, in
     // the same partition: an instance that reads the first ignores the second (older).
-    forged["day"] = (day + 2000).into();
-    send(forged.clone(), origin).await;
-    forged["day"] = (day + 1000).into();
-    send(forged, "a-third-instance".to_string()).await;
+    for (days_on, from) in [(2000, origin.as_str()), (1000, "a-third-instance")] {
+        forged["day"] = (day + days_on).into();
+        let payload = serde_json::to_vec(&forged).unwrap();
+        let headers = OwnedHeaders::new().insert(Header {
+            key: HEADER_ORIGIN,
+            value: Some(from),
+        });
+        let record = FutureRecord::to("battery-forecasts")
+            .key(&key)
+            .payload(&payload)
+            .headers(headers);
+        producer.send(record, Duration::from_secs(5)).await.unwrap();
+    }
     wait_for("both views past the forged assessments", 20, || {
         day_in(a) >= day + 1000 && day_in(b) >= day + 1000
     })
