@@ -53,6 +53,11 @@ pub struct PipelineArgs {
     /// repeatable.
     #[arg(long = "property", value_parser = parse_property)]
     properties: Vec<(String, String)>,
+    /// Before the pipeline, read the produced topic twice more to show the ceilings
+    /// the pipeline sits under: librdkafka alone (messages polled and dropped), then the
+    /// Kafka source alone (consume, decode, validate, batch; batches dropped).
+    #[arg(long, conflicts_with = "input")]
+    floors: bool,
 }
 
 fn parse_property(s: &str) -> Result<(String, String), String> {
@@ -157,6 +162,10 @@ async fn kafka(args: PipelineArgs, models: &VoltcastConfig) -> anyhow::Result<()
     );
     let dir = tempfile::tempdir()?;
     configure(&mut config, &args, dir.path(), models);
+    if args.floors {
+        crate::bench_floors::librdkafka_alone(&config.kafka, total)?;
+        crate::bench_floors::source_alone(&config, total).await?;
+    }
     measure(config, Some(total)).await
 }
 

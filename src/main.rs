@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_alerts;
+mod bench_floors;
 mod bench_fuzz;
 mod bench_handoff;
 mod bench_pipeline;

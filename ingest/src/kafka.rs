@@ -412,7 +412,7 @@ pub struct KafkaSource {
     consumer: StreamConsumer<SourceContext>,
     batcher: MicroBatcher,
     dlq: DeadLetterQueue,
-    topic_names: HashMap<String, Arc<str>>,
+    topic_names: TopicNames,
 }
 
 impl KafkaSource {
@@ -456,7 +456,7 @@ impl KafkaSource {
             consumer,
             batcher: MicroBatcher::new(batch, rules, counters),
             dlq,
-            topic_names: HashMap::new(),
+            topic_names: TopicNames::default(),
         })
     }
 
@@ -515,7 +515,7 @@ impl KafkaSource {
                     match received {
                         Ok(msg) => {
                             let origin = Origin {
-                                source: topic_name(&mut topic_names, msg.topic()),
+                                source: topic_names.name(msg.topic()),
                                 partition: msg.partition(),
                                 offset: msg.offset(),
                             };
@@ -556,34 +556,51 @@ impl KafkaSource {
     }
 }
 
-/// The shared name of `topic` (one allocation per topic, not per message).
-fn topic_name(names: &mut HashMap<String, Arc<str>>, topic: &str) -> Arc<str> {
-    if let Some(name) = names.get(topic) {
-        return name.clone();
+/// One shared name per topic, not an allocation per message; the batcher tells
+/// partitions apart by these pointers first.
+#[derive(Default)]
+struct TopicNames {
+    names: HashMap<String, Arc<str>>,
+    /// The topic of the previous message: messages come in runs of one partition.
+    last: Option<Arc<str>>,
+}
+
+impl TopicNames {
+    fn name(&mut self, topic: &str) -> Arc<str> {
+        if let Some(last) = self.last.as_ref().filter(|last| ***last == *topic) {
+            return last.clone();
+        }
+        let name = match self.names.get(topic) {
+            Some(name) => name.clone(),
+            None => {
+                let name: Arc<str> = Arc::from(topic);
+                self.names.insert(topic.to_string(), name.clone());
+                name
+            }
+        };
+        self.last = Some(name.clone());
+        name
     }
-    let name: Arc<str> = Arc::from(topic);
-    names.insert(topic.to_string(), name.clone());
-    name
 }
 
 /// The partitions `consumer` reads now, as batch partition ids.
 fn assigned(
     consumer: &StreamConsumer<SourceContext>,
-    names: &mut HashMap<String, Arc<str>>,
+    names: &mut TopicNames,
 ) -> Vec<crate::batcher::PartitionId> {
     let Ok(list) = consumer.assignment() else {
         return Vec::new();
     };
     list.elements()
         .iter()
-        .map(|e| (topic_name(names, e.topic()), e.partition()))
+        .map(|e| (names.name(e.topic()), e.partition()))
         .collect()
 }
 
 /// Hands the open batch on and commits what the sink made durable.
 async fn flush<S: BatchSink>(
     consumer: &StreamConsumer<SourceContext>,
-    names: &mut HashMap<String, Arc<str>>,
+    names: &mut TopicNames,
     batcher: &mut MicroBatcher,
     dlq: &mut DeadLetterQueue,
     sink: &mut S,
