@@ -373,9 +373,14 @@ impl AlertService {
         self.lock().track_changes();
     }
 
-    /// The assessments that changed since the last call (to publish).
-    pub fn take_changed_latest(&self) -> Vec<crate::forecasting::RiskUpdate> {
-        self.lock().take_changed()
+    /// Up to `max` of the assessments changed since they were last taken (to publish).
+    pub fn take_changed_latest(&self, max: usize) -> Vec<crate::forecasting::RiskUpdate> {
+        self.lock().take_changed(max)
+    }
+
+    /// How many batteries' assessments changed since they were last taken.
+    pub fn changed_latest_count(&self) -> usize {
+        self.lock().changed_count()
     }
 
     /// Takes in another instance's latest assessment (the fleet-wide view).

@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use tokio::sync::mpsc;
@@ -263,6 +264,18 @@ pub struct ForecastPublisher {
     pub origin: String,
 }
 
+/// Whether a delivery future ended with the message written (not cancelled, not refused).
+fn delivered_ok(
+    delivered: <rdkafka::producer::DeliveryFuture as std::future::Future>::Output,
+) -> bool {
+    matches!(delivered, Ok(Ok(_)))
+}
+
+/// Assessments a publishing round copies out of the store at a time.
+const PUBLISH_CHUNK: usize = 1024;
+/// Deliveries a round keeps in flight; librdkafka holds a copy of each until acked.
+const PUBLISH_IN_FLIGHT: usize = 8192;
+
 impl ForecastPublisher {
     pub async fn run(
         self,
@@ -274,34 +287,70 @@ impl ForecastPublisher {
                 _ = tokio::time::sleep(Duration::from_secs(1)) => false,
                 _ = stop.changed() => true,
             };
-            let changed = service.take_changed_latest();
-            let payloads: Vec<Vec<u8>> = changed
-                .iter()
-                .map(|u| serde_json::to_vec(u).expect("assessments serialize"))
-                .collect();
-            let mut sent = Vec::with_capacity(changed.len());
-            for (update, payload) in changed.iter().zip(&payloads) {
-                let headers = OwnedHeaders::new().insert(Header {
-                    key: HEADER_ORIGIN,
-                    value: Some(self.origin.as_str()),
-                });
-                let record = FutureRecord::to(&self.topic)
-                    .key(update.battery_id.as_bytes())
-                    .payload(payload)
-                    .headers(headers);
-                sent.push(self.producer.send(record, Duration::from_secs(5)));
-            }
-            let failed = futures::future::join_all(sent)
-                .await
-                .into_iter()
-                .filter(Result::is_err)
-                .count();
-            if failed > 0 {
-                tracing::warn!(topic = %self.topic, failed, "latest forecasts not published (the next ones replace them)");
-            }
+            self.publish_changed(&service).await;
             if last {
                 return;
             }
+        }
+    }
+
+    /// Publishes the assessments changed since the last round, a chunk at a time with a
+    /// bounded number in flight. Why not all at once: on a backlog of 100,000 batteries
+    /// every assessment changes every second, and a round held each one cloned, its
+    /// JSON, and librdkafka's copy of it, all together (hundreds of MB, the Kafka path's
+    /// peak memory above a file replay's, measured through a tansu broker).
+    async fn publish_changed(&self, service: &super::AlertService) {
+        use futures::StreamExt;
+        let mut remaining = service.changed_latest_count();
+        let mut in_flight = futures::stream::FuturesUnordered::new();
+        let mut payload = Vec::new();
+        let mut failed = 0usize;
+        while remaining > 0 {
+            let chunk = service.take_changed_latest(PUBLISH_CHUNK.min(remaining));
+            if chunk.is_empty() {
+                break;
+            }
+            remaining = remaining.saturating_sub(chunk.len());
+            for update in &chunk {
+                while in_flight.len() >= PUBLISH_IN_FLIGHT {
+                    if let Some(delivered) = in_flight.next().await {
+                        failed += usize::from(!delivered_ok(delivered));
+                    }
+                }
+                payload.clear();
+                serde_json::to_writer(&mut payload, update).expect("assessments serialize");
+                loop {
+                    let headers = OwnedHeaders::new().insert(Header {
+                        key: HEADER_ORIGIN,
+                        value: Some(self.origin.as_str()),
+                    });
+                    let record = FutureRecord::to(&self.topic)
+                        .key(update.battery_id.as_bytes())
+                        .payload(&payload)
+                        .headers(headers);
+                    // Enqueued now, and librdkafka copies the payload: the buffer is
+                    // reused at once.
+                    match self.producer.send_result(record) {
+                        Ok(delivery) => in_flight.push(delivery),
+                        Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                            // Let deliveries make room (or the broker catch up).
+                            match in_flight.next().await {
+                                Some(delivered) => failed += usize::from(!delivered_ok(delivered)),
+                                None => tokio::time::sleep(Duration::from_millis(10)).await,
+                            }
+                            continue;
+                        }
+                        Err(_) => failed += 1,
+                    }
+                    break;
+                }
+            }
+        }
+        while let Some(delivered) = in_flight.next().await {
+            failed += usize::from(!delivered_ok(delivered));
+        }
+        if failed > 0 {
+            tracing::warn!(topic = %self.topic, failed, "latest forecasts not published (the next ones replace them)");
         }
     }
 }

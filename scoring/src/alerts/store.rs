@@ -429,15 +429,24 @@ impl AlertStore {
         self.changed.get_or_insert_with(Default::default);
     }
 
-    /// The assessments changed since the last call.
-    pub fn take_changed(&mut self) -> Vec<RiskUpdate> {
+    /// Up to `max` of the assessments changed since they were last taken.
+    pub fn take_changed(&mut self, max: usize) -> Vec<RiskUpdate> {
         let Some(changed) = &mut self.changed else {
             return Vec::new();
         };
-        changed
-            .drain()
-            .filter_map(|b| self.latest.get(&b).cloned())
+        let taken: Vec<Arc<str>> = changed.iter().take(max).cloned().collect();
+        taken
+            .into_iter()
+            .filter_map(|b| {
+                changed.remove(&b);
+                self.latest.get(&b).cloned()
+            })
             .collect()
+    }
+
+    /// How many batteries' assessments changed since they were last taken.
+    pub fn changed_count(&self) -> usize {
+        self.changed.as_ref().map_or(0, |c| c.len())
     }
 
     pub fn forget_latest(&mut self, battery: &str) {
