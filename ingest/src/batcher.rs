@@ -191,7 +191,7 @@ impl OpenPartitions {
         let hit = self
             .slots
             .get(self.last)
-            .is_some_and(|s| is_origin(&s.position, origin));
+            .is_some_and(|s| is_origin(&s.position.source, s.position.partition, origin));
         if !hit {
             let key = (origin.source.clone(), origin.partition);
             self.last = *self.index.entry(key).or_insert_with(|| {
@@ -235,11 +235,11 @@ impl OpenPartitions {
     }
 }
 
-/// Whether `position` is of the partition `origin` is in. Sources share one name per
-/// topic, so the pointers usually settle it.
-fn is_origin(position: &SourcePosition, origin: &Origin) -> bool {
-    position.partition == origin.partition
-        && (Arc::ptr_eq(&position.source, &origin.source) || position.source == origin.source)
+/// Whether (`source`, `partition`) is the partition `origin` is in. Sources share one
+/// name per topic, so the pointers usually settle it.
+fn is_origin(source: &Arc<str>, partition: i32, origin: &Origin) -> bool {
+    partition == origin.partition
+        && (Arc::ptr_eq(source, &origin.source) || *source == origin.source)
 }
 
 impl MicroBatcher {
@@ -303,12 +303,7 @@ impl MicroBatcher {
             return false;
         }
         let next = match &self.resume_hit {
-            Some((id, next))
-                if id.1 == origin.partition
-                    && (Arc::ptr_eq(&id.0, &origin.source) || id.0 == origin.source) =>
-            {
-                *next
-            }
+            Some(((source, partition), next)) if is_origin(source, *partition, origin) => *next,
             _ => {
                 let id = (origin.source.clone(), origin.partition);
                 let next = self.resume.get(&id).copied();
@@ -374,18 +369,8 @@ impl MicroBatcher {
     ) -> Result<(), IngestError> {
         self.opened.get_or_insert_with(Instant::now);
         self.counters.record_received();
-        let event_time = match outcome {
-            Ok(record) => {
-                let max_rows = self.config.max_rows;
-                self.open
-                    .slot(origin)
-                    .rows
-                    .get_or_insert_with(|| TelemetryBatchBuilder::with_capacity(max_rows.min(4096)))
-                    .append(&record);
-                self.rows += 1;
-                self.counters.record_decoded();
-                Some(record.event_time)
-            }
+        let record = match outcome {
+            Ok(record) => Some(record),
             Err(rejection) => {
                 self.counters.record_rejected(rejection.reason);
                 self.dead_letters += 1;
@@ -398,16 +383,22 @@ impl MicroBatcher {
                 None
             }
         };
-        self.advance(origin, event_time);
-        Ok(())
-    }
-
-    fn advance(&mut self, origin: &Origin, event_time: Option<EpochMillis>) {
-        let pos = &mut self.open.slot(origin).position;
+        // One lookup of the partition for both its rows and its position.
+        let part = self.open.slot(origin);
+        if let Some(record) = &record {
+            let max_rows = self.config.max_rows;
+            part.rows
+                .get_or_insert_with(|| TelemetryBatchBuilder::with_capacity(max_rows.min(4096)))
+                .append(record);
+            self.rows += 1;
+            self.counters.record_decoded();
+        }
+        let pos = &mut part.position;
         pos.next_offset = pos.next_offset.max(origin.offset + 1);
-        if let Some(t) = event_time {
+        if let Some(t) = record.map(|r| r.event_time) {
             pos.max_event_time = Some(pos.max_event_time.map_or(t, |m| m.max(t)));
         }
+        Ok(())
     }
 
     pub fn is_empty(&self) -> bool {

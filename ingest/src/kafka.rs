@@ -567,7 +567,9 @@ struct TopicNames {
 
 impl TopicNames {
     fn name(&mut self, topic: &str) -> Arc<str> {
-        if let Some(last) = self.last.as_ref().filter(|last| ***last == *topic) {
+        if let Some(last) = &self.last
+            && **last == *topic
+        {
             return last.clone();
         }
         let name = match self.names.get(topic) {

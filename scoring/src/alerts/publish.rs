@@ -264,13 +264,6 @@ pub struct ForecastPublisher {
     pub origin: String,
 }
 
-/// Whether a delivery future ended with the message written (not cancelled, not refused).
-fn delivered_ok(
-    delivered: <rdkafka::producer::DeliveryFuture as std::future::Future>::Output,
-) -> bool {
-    matches!(delivered, Ok(Ok(_)))
-}
-
 /// Assessments a publishing round copies out of the store at a time.
 const PUBLISH_CHUNK: usize = 1024;
 /// Deliveries a round keeps in flight; librdkafka holds a copy of each until acked.
@@ -300,11 +293,9 @@ impl ForecastPublisher {
     /// JSON, and librdkafka's copy of it, all together (hundreds of MB, the Kafka path's
     /// peak memory above a file replay's, measured through a tansu broker).
     async fn publish_changed(&self, service: &super::AlertService) {
-        use futures::StreamExt;
-        let mut remaining = service.changed_latest_count();
-        let mut in_flight = futures::stream::FuturesUnordered::new();
+        let mut deliveries = Deliveries::default();
         let mut payload = Vec::new();
-        let mut failed = 0usize;
+        let mut remaining = service.changed_latest_count();
         while remaining > 0 {
             let chunk = service.take_changed_latest(PUBLISH_CHUNK.min(remaining));
             if chunk.is_empty() {
@@ -312,45 +303,72 @@ impl ForecastPublisher {
             }
             remaining = remaining.saturating_sub(chunk.len());
             for update in &chunk {
-                while in_flight.len() >= PUBLISH_IN_FLIGHT {
-                    if let Some(delivered) = in_flight.next().await {
-                        failed += usize::from(!delivered_ok(delivered));
-                    }
-                }
+                deliveries.settle_down_to(PUBLISH_IN_FLIGHT - 1).await;
                 payload.clear();
                 serde_json::to_writer(&mut payload, update).expect("assessments serialize");
-                loop {
-                    let headers = OwnedHeaders::new().insert(Header {
-                        key: HEADER_ORIGIN,
-                        value: Some(self.origin.as_str()),
-                    });
-                    let record = FutureRecord::to(&self.topic)
-                        .key(update.battery_id.as_bytes())
-                        .payload(&payload)
-                        .headers(headers);
-                    // Enqueued now, and librdkafka copies the payload: the buffer is
-                    // reused at once.
-                    match self.producer.send_result(record) {
-                        Ok(delivery) => in_flight.push(delivery),
-                        Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                            // Let deliveries make room (or the broker catch up).
-                            match in_flight.next().await {
-                                Some(delivered) => failed += usize::from(!delivered_ok(delivered)),
-                                None => tokio::time::sleep(Duration::from_millis(10)).await,
-                            }
-                            continue;
-                        }
-                        Err(_) => failed += 1,
-                    }
-                    break;
-                }
+                self.enqueue(update.battery_id.as_bytes(), &payload, &mut deliveries)
+                    .await;
             }
         }
-        while let Some(delivered) = in_flight.next().await {
-            failed += usize::from(!delivered_ok(delivered));
-        }
-        if failed > 0 {
+        deliveries.settle_down_to(0).await;
+        if deliveries.failed > 0 {
+            let failed = deliveries.failed;
             tracing::warn!(topic = %self.topic, failed, "latest forecasts not published (the next ones replace them)");
+        }
+    }
+
+    /// Hands one assessment to librdkafka now (it copies the payload, so the caller's
+    /// buffer is free at once); while its queue is full, waits for a delivery first.
+    async fn enqueue(&self, key: &[u8], payload: &[u8], deliveries: &mut Deliveries) {
+        loop {
+            let headers = OwnedHeaders::new().insert(Header {
+                key: HEADER_ORIGIN,
+                value: Some(self.origin.as_str()),
+            });
+            let record = FutureRecord::to(&self.topic)
+                .key(key)
+                .payload(payload)
+                .headers(headers);
+            match self.producer.send_result(record) {
+                Ok(delivery) => return deliveries.pending.push(delivery),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    deliveries.make_room().await
+                }
+                Err(_) => return deliveries.failed += 1,
+            }
+        }
+    }
+}
+
+/// A publishing round's deliveries in flight, and how many failed.
+#[derive(Default)]
+struct Deliveries {
+    pending: futures::stream::FuturesUnordered<rdkafka::producer::DeliveryFuture>,
+    failed: usize,
+}
+
+impl Deliveries {
+    /// Waits for one delivery; false when none is in flight.
+    async fn settle_one(&mut self) -> bool {
+        use futures::StreamExt;
+        match self.pending.next().await {
+            Some(delivered) => {
+                // Written, or else cancelled or refused.
+                self.failed += usize::from(!matches!(delivered, Ok(Ok(_))));
+                true
+            }
+            None => false,
+        }
+    }
+
+    async fn settle_down_to(&mut self, in_flight: usize) {
+        while self.pending.len() > in_flight && self.settle_one().await {}
+    }
+
+    /// Lets a delivery end, or with none in flight the broker catch up.
+    async fn make_room(&mut self) {
+        if !self.settle_one().await {
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 }
