@@ -355,11 +355,12 @@ async fn measure(config: VoltcastConfig, total: Option<u64>) -> anyhow::Result<(
     let heap = *heap.lock().expect("heap sample");
     if let Some(stats) = heap.stats {
         println!(
-            "bench pipeline heap at the most resident of the once-a-second samples ({:.0} MB): {:.0} MB in use ({:.0} bytes per battery), {:.0} MB free inside the allocator",
+            "bench pipeline heap at the most resident of the once-a-second samples ({:.0} MB): {:.0} MB in use ({:.0} bytes per battery), {:.0} MB free inside the allocator's {} arenas",
             heap.resident as f64 / 1e6,
             stats.in_use as f64 / 1e6,
             stats.in_use as f64 / report.tally.batteries.len().max(1) as f64,
             stats.free_held as f64 / 1e6,
+            stats.arenas,
         );
     }
     Ok(())

@@ -105,6 +105,8 @@ enum ConfigAction {
 }
 
 fn main() -> ExitCode {
+    // Before any thread exists: the arena cap applies to arenas made from now on.
+    voltcast_scoring::memory::tune_allocator();
     let cli = Cli::parse();
     init_logging();
     match real_main(cli) {
