@@ -66,7 +66,7 @@ pub fn tune_allocator() {
 pub fn arena_cap() -> usize {
     std::thread::available_parallelism()
         .map_or(2, |n| n.get())
-        .clamp(2, 64)
+        .max(2)
 }
 
 /// CPU time this thread has used. The pipeline's stages share two cores with each
@@ -141,7 +141,7 @@ pub fn arena_count() -> Option<usize> {
         let mut len: libc::size_t = 0;
         // SAFETY: open_memstream writes the buffer's address and length into the two
         // locals we own; the stream is closed before they are read, and the buffer it
-        // allocated is freed once copied.
+        // allocated is freed once counted.
         unsafe {
             let stream = libc::open_memstream(&mut buf, &mut len);
             if stream.is_null() {
@@ -152,9 +152,9 @@ pub fn arena_count() -> Option<usize> {
             if buf.is_null() {
                 return None;
             }
-            let text = std::slice::from_raw_parts(buf.cast::<u8>(), len).to_vec();
-            libc::free(buf.cast());
+            let text = std::slice::from_raw_parts(buf.cast::<u8>(), len);
             let heaps = text.windows(9).filter(|w| w == b"<heap nr=").count();
+            libc::free(buf.cast());
             return written.then_some(heaps);
         }
     }
