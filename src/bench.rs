@@ -66,6 +66,10 @@ pub enum BenchTarget {
     /// A partition handed to a new owner: checkpoint size per battery (models included)
     /// and the time from assignment to the first processed batch.
     Handoff(crate::bench_handoff::HandoffArgs),
+    /// librdkafka's mock cluster alone in this process, for `bench pipeline
+    /// --broker-process`: prints `bootstrap HOST:PORT`, runs until its stdin closes.
+    #[command(hide = true)]
+    MockBroker(crate::bench_pipeline::MockBrokerArgs),
     /// JSON (and CSV) -> validated Arrow batches on one core.
     Ingest {
         /// Messages to decode.
@@ -82,7 +86,10 @@ pub enum BenchTarget {
 pub fn run(target: BenchTarget, config: &VoltcastConfig) -> anyhow::Result<()> {
     if !matches!(
         target,
-        BenchTarget::Pipeline(_) | BenchTarget::Fuzz(_) | BenchTarget::Handoff(_)
+        BenchTarget::Pipeline(_)
+            | BenchTarget::Fuzz(_)
+            | BenchTarget::Handoff(_)
+            | BenchTarget::MockBroker(_)
     ) {
         println!("bench build: {}", build_profile());
     }
@@ -90,6 +97,7 @@ pub fn run(target: BenchTarget, config: &VoltcastConfig) -> anyhow::Result<()> {
         BenchTarget::Pipeline(args) => crate::bench_pipeline::run(args, config),
         BenchTarget::Fuzz(args) => crate::bench_fuzz::run(args),
         BenchTarget::Handoff(args) => crate::bench_handoff::run(args, config),
+        BenchTarget::MockBroker(args) => crate::bench_pipeline::mock_broker(args),
         BenchTarget::Ingest {
             records,
             batch_rows,
@@ -374,7 +382,16 @@ fn steal_share(since: (u64, u64)) -> f64 {
 }
 
 pub(crate) fn resident_bytes() -> usize {
-    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    statm_resident("/proc/self/statm")
+}
+
+/// Resident bytes of another process (0 if it is gone).
+pub(crate) fn resident_bytes_of(pid: u32) -> usize {
+    statm_resident(&format!("/proc/{pid}/statm"))
+}
+
+fn statm_resident(path: &str) -> usize {
+    let statm = std::fs::read_to_string(path).unwrap_or_default();
     let pages: usize = statm
         .split_whitespace()
         .nth(1)

@@ -35,6 +35,11 @@ pub struct PipelineArgs {
     /// topic); default: librdkafka's mock cluster in this process.
     #[arg(long, conflicts_with = "input")]
     brokers: Option<String>,
+    /// The mock cluster in a child process instead of this one, so that this process's
+    /// memory is the pipeline's alone (the mock keeps the whole topic in memory: GBs for
+    /// a 730-day fleet).
+    #[arg(long, conflicts_with_all = ["brokers", "input"])]
+    broker_process: bool,
     /// Partitions of the bench topic. 0: enough for the mock cluster, which keeps only
     /// 5 MiB per partition (8 on a real broker).
     #[arg(long, default_value_t = 0)]
@@ -66,9 +71,12 @@ fn parse_property(s: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
 }
 
-/// Compressed bytes a message takes in the mock broker, generously (lz4 of ~250-byte
+/// Compressed bytes a message takes in the mock broker, generously (zstd of ~315-byte
 /// JSON lines that share most of their text).
-const MOCK_BYTES_PER_MESSAGE: usize = 220;
+const MOCK_BYTES_PER_MESSAGE: usize = 64;
+/// The bench producer's codec: zstd keeps the broker's copy of a 730-day fleet of
+/// 100,000 batteries (80 M messages) within a few GB.
+const COMPRESSION: &str = "zstd";
 /// What the mock broker keeps per partition before it drops the oldest messages.
 const MOCK_PARTITION_BYTES: usize = 5 << 20;
 
@@ -92,25 +100,12 @@ async fn kafka(args: PipelineArgs, models: &VoltcastConfig) -> anyhow::Result<()
         ..Default::default()
     };
     let expected = sim.batteries * sim.days as usize * 11 / 10;
-    let (cluster, brokers, partitions) = match &args.brokers {
-        Some(b) => (
-            None,
-            b.clone(),
-            if args.partitions > 0 {
-                args.partitions
-            } else {
-                8
-            },
-        ),
-        None => {
-            let cluster = MockCluster::new(1).context("starting librdkafka's mock cluster")?;
-            let brokers = cluster.bootstrap_servers();
+    let partitions = match (args.partitions, &args.brokers) {
+        (n, _) if n > 0 => n,
+        (_, Some(_)) => 8,
+        (_, None) => {
             let auto = (expected * MOCK_BYTES_PER_MESSAGE).div_ceil(MOCK_PARTITION_BYTES);
-            let partitions = match args.partitions {
-                0 => auto.clamp(4, 1024) as i32,
-                n => n,
-            };
-            (Some(cluster), brokers, partitions)
+            auto.clamp(4, 4096) as i32
         }
     };
     let stamp = std::time::SystemTime::now()
@@ -118,20 +113,26 @@ async fn kafka(args: PipelineArgs, models: &VoltcastConfig) -> anyhow::Result<()
         .as_secs();
     let topic = format!("bench-telemetry-{stamp}");
     let mut config = VoltcastConfig::default();
-    config.kafka.brokers = brokers.clone();
     config.kafka.topics = vec![topic.clone()];
     config.kafka.group_id = format!("bench-{stamp}");
     config.kafka.dead_letter_topic = format!("{topic}-dlq");
     config.alerts.topic = format!("{topic}-alerts");
     config.alerts.forecasts_topic = format!("{topic}-forecasts");
-    for t in [
+    let topics: Vec<(String, i32)> = [
         &topic,
         &config.kafka.dead_letter_topic,
         &config.alerts.topic,
         &config.alerts.forecasts_topic,
-    ] {
-        let n = if *t == topic { partitions } else { 1 };
-        create_topic(cluster.as_ref(), &config.kafka, t, n).await?;
+    ]
+    .into_iter()
+    .map(|t| (t.clone(), if *t == topic { partitions } else { 1 }))
+    .collect();
+    let broker = BenchBroker::start(&args, &topics)?;
+    config.kafka.brokers = broker.bootstrap();
+    if let BenchBroker::External(_) = broker {
+        for (t, n) in &topics {
+            create_topic(&config.kafka, t, *n).await?;
+        }
     }
 
     let producer = config
@@ -139,7 +140,7 @@ async fn kafka(args: PipelineArgs, models: &VoltcastConfig) -> anyhow::Result<()
         .producer_config()?
         .set("linger.ms", "1000")
         .set("batch.num.messages", "100000")
-        .set("compression.type", "lz4")
+        .set("compression.type", COMPRESSION)
         .set("batch.size", "1000000")
         .set("queue.buffering.max.kbytes", "1048576")
         .create()
@@ -149,16 +150,15 @@ async fn kafka(args: PipelineArgs, models: &VoltcastConfig) -> anyhow::Result<()
     let summary = publish_kafka(&mut fleet, &producer, &topic, 0.0, None).await?;
     let produce_seconds = producing.elapsed().as_secs_f64();
     let total = summary.messages;
-    if cluster.is_some() {
+    drop(producer);
+    if !matches!(broker, BenchBroker::External(_)) {
         ensure_nothing_dropped(&config.kafka, &topic, partitions, total)?;
     }
-    let broker = match &cluster {
-        Some(_) => "librdkafka mock cluster in this process".to_string(),
-        None => brokers.clone(),
-    };
     println!(
-        "bench pipeline: kafka ({broker}), topic of {partitions} partitions (lz4), {} batteries x {} days: {total} messages produced in {produce_seconds:.1} s",
-        sim.batteries, sim.days
+        "bench pipeline: kafka ({}), topic of {partitions} partitions ({COMPRESSION}), {} batteries x {} days: {total} messages produced in {produce_seconds:.1} s",
+        broker.describe(),
+        sim.batteries,
+        sim.days
     );
     let dir = tempfile::tempdir()?;
     configure(&mut config, &args, dir.path(), models);
@@ -166,22 +166,138 @@ async fn kafka(args: PipelineArgs, models: &VoltcastConfig) -> anyhow::Result<()
         crate::bench_floors::librdkafka_alone(&config.kafka, total)?;
         crate::bench_floors::source_alone(&config, total).await?;
     }
-    measure(config, Some(total)).await
+    measure(config, Some(total)).await?;
+    broker.stop()
 }
 
-/// Creates `topic` on the mock cluster, or through the admin API of a real broker.
-async fn create_topic(
-    cluster: Option<&MockCluster<'_, rdkafka::producer::DefaultProducerContext>>,
-    kafka: &KafkaConfig,
-    topic: &str,
-    partitions: i32,
-) -> anyhow::Result<()> {
-    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-    if let Some(cluster) = cluster {
-        return cluster
-            .create_topic(topic, partitions, 1)
-            .with_context(|| format!("creating {topic} on the mock cluster"));
+type Mock = MockCluster<'static, rdkafka::producer::DefaultProducerContext>;
+
+/// Where the bench's topic lives.
+enum BenchBroker {
+    /// librdkafka's mock cluster in this process: its copy of the topic is in this
+    /// process's memory, before the pipeline starts.
+    InProcess(Mock),
+    /// The mock cluster in a child process (`voltcast bench mock-broker`), which ends
+    /// when its stdin closes.
+    Child {
+        child: std::process::Child,
+        bootstrap: String,
+    },
+    /// A broker of the user's (`--brokers`).
+    External(String),
+}
+
+impl BenchBroker {
+    fn start(args: &PipelineArgs, topics: &[(String, i32)]) -> anyhow::Result<Self> {
+        if let Some(brokers) = &args.brokers {
+            return Ok(Self::External(brokers.clone()));
+        }
+        if args.broker_process {
+            return spawn_mock_broker(topics);
+        }
+        let cluster = MockCluster::new(1).context("starting librdkafka's mock cluster")?;
+        create_mock_topics(&cluster, topics)?;
+        Ok(Self::InProcess(cluster))
     }
+
+    fn bootstrap(&self) -> String {
+        match self {
+            Self::InProcess(cluster) => cluster.bootstrap_servers(),
+            Self::Child { bootstrap, .. } | Self::External(bootstrap) => bootstrap.clone(),
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Self::InProcess(_) => "librdkafka mock cluster in this process".into(),
+            Self::Child { child, bootstrap } => format!(
+                "librdkafka mock cluster in child process {} at {bootstrap}, {:.0} MB resident",
+                child.id(),
+                crate::bench::resident_bytes_of(child.id()) as f64 / 1e6
+            ),
+            Self::External(brokers) => brokers.clone(),
+        }
+    }
+
+    /// Ends a child broker: its stdin closes, so it returns and exits.
+    fn stop(self) -> anyhow::Result<()> {
+        if let Self::Child { mut child, .. } = self {
+            drop(child.stdin.take());
+            child
+                .wait()
+                .context("waiting for the mock broker process")?;
+        }
+        Ok(())
+    }
+}
+
+fn create_mock_topics(cluster: &Mock, topics: &[(String, i32)]) -> anyhow::Result<()> {
+    for (topic, partitions) in topics {
+        cluster
+            .create_topic(topic, *partitions, 1)
+            .with_context(|| format!("creating {topic} on the mock cluster"))?;
+    }
+    Ok(())
+}
+
+/// Starts `voltcast bench mock-broker` with `topics` and reads the address it prints.
+fn spawn_mock_broker(topics: &[(String, i32)]) -> anyhow::Result<BenchBroker> {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+    let mut command = Command::new(std::env::current_exe()?);
+    command.args(["bench", "mock-broker"]);
+    for (topic, partitions) in topics {
+        command.arg("--topic").arg(format!("{topic}:{partitions}"));
+    }
+    let mut child = command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting the mock broker process")?;
+    let mut line = String::new();
+    let stdout = child.stdout.take().context("the mock broker's stdout")?;
+    std::io::BufReader::new(stdout).read_line(&mut line)?;
+    let Some(bootstrap) = line.trim().strip_prefix("bootstrap ") else {
+        let _ = child.kill();
+        bail!("the mock broker process printed {line:?}, not its address");
+    };
+    let bootstrap = bootstrap.to_string();
+    Ok(BenchBroker::Child { child, bootstrap })
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct MockBrokerArgs {
+    /// A topic to create, NAME:PARTITIONS; repeatable.
+    #[arg(long = "topic", value_parser = parse_topic)]
+    topics: Vec<(String, i32)>,
+}
+
+fn parse_topic(s: &str) -> Result<(String, i32), String> {
+    let (name, partitions) = s
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{s:?} is not NAME:PARTITIONS"))?;
+    let partitions = partitions
+        .parse()
+        .map_err(|e| format!("{s:?}: partitions: {e}"))?;
+    Ok((name.to_string(), partitions))
+}
+
+/// `voltcast bench mock-broker`: the mock cluster with `args.topics`, until stdin closes
+/// (the bench's end, or its death: the broker never outlives it).
+pub fn mock_broker(args: MockBrokerArgs) -> anyhow::Result<()> {
+    use std::io::Write;
+    let cluster = MockCluster::new(1).context("starting librdkafka's mock cluster")?;
+    create_mock_topics(&cluster, &args.topics)?;
+    let mut out = std::io::stdout();
+    writeln!(out, "bootstrap {}", cluster.bootstrap_servers())?;
+    out.flush()?;
+    std::io::copy(&mut std::io::stdin(), &mut std::io::sink())?;
+    Ok(())
+}
+
+/// Creates `topic` through the admin API of a real broker.
+async fn create_topic(kafka: &KafkaConfig, topic: &str, partitions: i32) -> anyhow::Result<()> {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
     let admin: AdminClient<_> = kafka.connection()?.create()?;
     let new = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
     let results = admin
