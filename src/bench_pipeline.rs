@@ -127,13 +127,8 @@ async fn kafka(args: PipelineArgs, models: &VoltcastConfig) -> anyhow::Result<()
     .into_iter()
     .map(|t| (t.clone(), if *t == topic { partitions } else { 1 }))
     .collect();
-    let broker = BenchBroker::start(&args, &topics)?;
+    let broker = BenchBroker::start(&args, &topics).await?;
     config.kafka.brokers = broker.bootstrap();
-    if let BenchBroker::External(_) = broker {
-        for (t, n) in &topics {
-            create_topic(&config.kafka, t, *n).await?;
-        }
-    }
 
     let producer = config
         .kafka
@@ -188,8 +183,16 @@ enum BenchBroker {
 }
 
 impl BenchBroker {
-    fn start(args: &PipelineArgs, topics: &[(String, i32)]) -> anyhow::Result<Self> {
+    /// Starts the broker (or names the user's) with `topics` created on it.
+    async fn start(args: &PipelineArgs, topics: &[(String, i32)]) -> anyhow::Result<Self> {
         if let Some(brokers) = &args.brokers {
+            let kafka = KafkaConfig {
+                brokers: brokers.clone(),
+                ..Default::default()
+            };
+            for (topic, partitions) in topics {
+                create_topic(&kafka, topic, *partitions).await?;
+            }
             return Ok(Self::External(brokers.clone()));
         }
         if args.broker_process {

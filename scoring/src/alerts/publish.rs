@@ -216,15 +216,7 @@ impl AlertPublisher {
             let sent: Vec<_> = window.iter().map(|(_, event)| self.send(event)).collect();
             let mut failure = None;
             for delivery in sent {
-                let delivered = match delivery {
-                    Ok(ack) => match ack.await {
-                        Ok(Ok(_)) => Ok(()),
-                        Ok(Err((e, _))) => Err(e),
-                        Err(_) => Err(KafkaError::Canceled),
-                    },
-                    Err(e) => Err(e),
-                };
-                if let Err(e) = delivered {
+                if let Err(e) = acknowledged(delivery).await {
                     failure = Some(e);
                     break;
                 }
@@ -274,6 +266,15 @@ impl AlertPublisher {
             .payload(&payload)
             .headers(headers);
         self.producer.send_result(record).map_err(|(e, _)| e)
+    }
+}
+
+/// Waits for one handed-over event: Ok once the broker acknowledged it.
+async fn acknowledged(delivery: Result<DeliveryFuture, KafkaError>) -> Result<(), KafkaError> {
+    match delivery?.await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err((e, _))) => Err(e),
+        Err(_) => Err(KafkaError::Canceled),
     }
 }
 
