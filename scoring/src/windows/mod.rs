@@ -382,8 +382,9 @@ impl DailyWindows {
         closed: &RecordBatch,
     ) -> Result<Vec<(f64, f64)>, WindowError> {
         let history = |id: &str| self.state.battery(id).map(|b| b.history);
-        let ctx = self.aggregators[0].context();
-        Ok(daily::rolling_means_sql(ctx, &history, closed).await?)
+        // A session of its own: the query registers a table by name.
+        let ctx = datafusion::prelude::SessionContext::new();
+        Ok(daily::rolling_means_sql(&ctx, &history, closed).await?)
     }
 
     pub fn state(&self) -> &WindowState {
