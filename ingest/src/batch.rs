@@ -80,21 +80,20 @@ impl TelemetryBatchBuilder {
     }
 
     /// The rows appended, as one batch.
-    pub fn finish(self) -> RecordBatch {
-        let mut b = self;
+    pub fn finish(mut self) -> RecordBatch {
         let columns: Vec<ArrayRef> = vec![
-            Arc::new(b.battery_id.finish()),
-            Arc::new(b.vehicle_id.finish()),
-            Arc::new(b.event_time.finish()),
-            Arc::new(b.age.finish()),
-            Arc::new(b.trips.finish()),
-            Arc::new(b.minutes.finish()),
-            Arc::new(b.cycles.finish()),
-            Arc::new(b.lifetime.finish()),
-            Arc::new(b.rated.finish()),
-            Arc::new(b.voltage.finish()),
-            Arc::new(b.soc.finish()),
-            Arc::new(b.temperature.finish()),
+            Arc::new(self.battery_id.finish()),
+            Arc::new(self.vehicle_id.finish()),
+            Arc::new(self.event_time.finish()),
+            Arc::new(self.age.finish()),
+            Arc::new(self.trips.finish()),
+            Arc::new(self.minutes.finish()),
+            Arc::new(self.cycles.finish()),
+            Arc::new(self.lifetime.finish()),
+            Arc::new(self.rated.finish()),
+            Arc::new(self.voltage.finish()),
+            Arc::new(self.soc.finish()),
+            Arc::new(self.temperature.finish()),
         ];
         RecordBatch::try_new(telemetry_schema(), columns).expect("builders match the schema")
     }

@@ -521,6 +521,14 @@ pub async fn hand_on<S: BatchSink>(
 mod tests {
     use super::*;
 
+    fn origin(source: &Arc<str>, partition: i32, offset: i64) -> Origin {
+        Origin {
+            source: source.clone(),
+            partition,
+            offset,
+        }
+    }
+
     const JSON: &[u8] = br#"{"battery_id":"B1","event_time":"2024-01-01T00:00:00Z","battery_age_days":1,"number_of_trips":1,"daily_trip_duration":10,"daily_cycles_used":0.5,"lifetime_cycles_used":1,"battery_rated_cycles":1000}"#;
 
     /// A backlog spread over many partitions gives each a few rows per batch: the
@@ -537,11 +545,7 @@ mod tests {
         let (partitions, rows_each) = (1_000, 3);
         for partition in 0..partitions {
             for offset in 0..rows_each {
-                let origin = Origin {
-                    source: source.clone(),
-                    partition,
-                    offset,
-                };
+                let origin = origin(&source, partition, offset);
                 b.push_json(JSON, &origin, crate::now_millis(), &mut dlq)
                     .unwrap();
             }
@@ -563,11 +567,7 @@ mod tests {
 
         // One partition filling a whole batch grows to it.
         for offset in 0..10_000 {
-            let origin = Origin {
-                source: source.clone(),
-                partition: 0,
-                offset: 100 + offset,
-            };
+            let origin = origin(&source, 0, 100 + offset);
             b.push_json(JSON, &origin, crate::now_millis(), &mut dlq)
                 .unwrap();
         }
@@ -592,14 +592,9 @@ mod tests {
             max_event_time: None,
         }]);
         let (mut dlq, _letters) = DeadLetterQueue::memory();
-        let json = JSON;
         for (partition, offset) in [(0, 3), (0, 4), (0, 5), (1, 0)] {
-            let origin = Origin {
-                source: source.clone(),
-                partition,
-                offset,
-            };
-            b.push_json(json, &origin, crate::now_millis(), &mut dlq)
+            let origin = origin(&source, partition, offset);
+            b.push_json(JSON, &origin, crate::now_millis(), &mut dlq)
                 .unwrap();
         }
         let batch = b.take().unwrap();

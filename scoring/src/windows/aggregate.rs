@@ -248,8 +248,7 @@ fn drive_in_memory<F: Future>(work: F, tally: &mut AggregateWork) -> Result<F::O
 #[cfg(test)]
 mod tests {
     use super::*;
-    use datafusion::arrow::array::{ArrayRef, UInt32Array};
-    use datafusion::arrow::datatypes::{Field, Schema};
+    use datafusion::arrow::array::UInt32Array;
     use voltcast_ingest::{TelemetryBatchBuilder, TelemetryRecord};
 
     /// One battery's report on `day`, with the battery index the window stage adds.
@@ -269,18 +268,8 @@ mod tests {
             state_of_charge: None,
             temperature_c: Some(20.0),
         });
-        let rows = b.finish();
-        let mut fields = Vec::new();
-        let mut columns: Vec<ArrayRef> = Vec::new();
-        let schema = rows.schema();
-        for name in INPUTS {
-            let (i, field) = schema.column_with_name(name).unwrap();
-            fields.push(field.clone());
-            columns.push(rows.column(i).clone());
-        }
-        fields.push(Field::new(out::BATTERY, DataType::UInt32, false));
-        columns.push(Arc::new(UInt32Array::from(vec![0])));
-        RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).unwrap()
+        let index = UInt32Array::from(vec![0]);
+        crate::windows::shard::aggregate_input(&b.finish(), index).unwrap()
     }
 
     fn metrics_held(aggregator: &DailyAggregator) -> usize {

@@ -358,7 +358,10 @@ pub(super) fn prefetch<T>(p: *const T) {
 
 /// The columns the aggregation reads, with the interned battery index in place of the
 /// id strings (which filtering would otherwise copy for nothing).
-fn aggregate_input(rows: &RecordBatch, index: UInt32Array) -> Result<RecordBatch, WindowError> {
+pub(super) fn aggregate_input(
+    rows: &RecordBatch,
+    index: UInt32Array,
+) -> Result<RecordBatch, WindowError> {
     let schema = rows.schema();
     let mut fields = Vec::with_capacity(aggregate::INPUTS.len() + 1);
     let mut columns = Vec::with_capacity(aggregate::INPUTS.len() + 1);
