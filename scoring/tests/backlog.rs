@@ -89,11 +89,12 @@ fn a_task_that_spent_its_budget_still_aggregates_in_one_poll() {
             rows > 0 && closed > 0,
             "{shards} shard(s): {rows} rows, {closed} closed"
         );
-        // Per shard: planning the query once, then running it on the batch.
-        assert_eq!(
-            work.plans_run,
-            2 * shards as u64,
-            "{shards} shard(s): planned and run once per shard"
+        // Per shard: running the query on the batch, after planning it unless the
+        // process's session already had an idle plan (an earlier batch's).
+        let shards = shards as u64;
+        assert!(
+            (shards..=2 * shards).contains(&work.plans_run),
+            "{shards} shard(s): run once per shard, planned at most once: {work:?}"
         );
         assert_eq!(
             work.polls, work.plans_run,

@@ -73,8 +73,6 @@ pub const INPUTS: [&str; 10] = [
 
 pub struct DailyAggregator {
     session: &'static Session,
-    /// The planned query and the slot it reads, for batches of one schema.
-    planned: Option<Planned>,
     /// Polls spent driving plans, and plans driven: one poll each unless something
     /// made the plan wait (see [`drive_in_memory`]).
     work: AggregateWork,
@@ -109,6 +107,12 @@ struct BatchSlot {
     next: Mutex<Option<RecordBatch>>,
 }
 
+impl BatchSlot {
+    fn put(&self, batch: Option<RecordBatch>) {
+        *self.next.lock().unwrap_or_else(|e| e.into_inner()) = batch;
+    }
+}
+
 impl PartitionStream for BatchSlot {
     fn schema(&self) -> &SchemaRef {
         &self.schema
@@ -124,18 +128,24 @@ impl PartitionStream for BatchSlot {
 }
 
 /// The DataFusion session every aggregator plans and runs in, with the task context its
-/// runs share. Why one for the process: there is an aggregator per window shard of every
-/// partition, and their sessions' function registries took 15 MB with 1,400 partitions
-/// (heaptrack); and a task context made per run (`SessionContext::task_ctx`) copies
-/// those registries each time, once per partition per micro-batch.
+/// runs share and the plans not being run. Why one for the process: there is an
+/// aggregator per window shard of every partition, and their sessions' function
+/// registries took 15 MB with 1,400 partitions (heaptrack); a task context made per run
+/// (`SessionContext::task_ctx`) copies those registries each time, once per partition
+/// per micro-batch; and a plan cached per aggregator took another 23 MB (about 8 KB a
+/// plan), although only as many run at once as there are threads running shards.
 struct Session {
     ctx: SessionContext,
     task: Arc<TaskContext>,
+    idle: Mutex<Vec<Planned>>,
 }
 
-fn session() -> &'static Session {
-    static SESSION: OnceLock<Session> = OnceLock::new();
-    SESSION.get_or_init(|| {
+/// Idle plans a session keeps: more than the threads that run shards at once, so a
+/// plan is made only when a new schema comes (tests) or the pool was empty.
+const IDLE_PLANS: usize = 16;
+
+impl Session {
+    fn new() -> Self {
         // One partition: a micro-batch is small, and repartitioning it across two cores
         // costs more than it saves; parallelism comes from the pipeline's stages instead.
         let config = SessionConfig::new()
@@ -143,17 +153,49 @@ fn session() -> &'static Session {
             .with_batch_size(1 << 16);
         let ctx = SessionContext::new_with_config(config);
         let task = ctx.task_ctx();
-        Session { ctx, task }
-    })
+        Self {
+            ctx,
+            task,
+            idle: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn idle(&self) -> std::sync::MutexGuard<'_, Vec<Planned>> {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// An idle plan for batches of `schema`, taken out of the pool.
+    fn take_plan(&self, schema: &SchemaRef) -> Option<Planned> {
+        let mut idle = self.idle();
+        let at = idle.iter().position(|p| p.slot.schema == *schema)?;
+        Some(idle.swap_remove(at))
+    }
+
+    /// Puts a plan back for the next run, the oldest dropped when the pool is full.
+    fn give_back(&self, planned: Planned) {
+        let mut idle = self.idle();
+        if idle.len() >= IDLE_PLANS {
+            idle.remove(0);
+        }
+        idle.push(planned);
+    }
+
+    /// Plans waiting in the pool.
+    #[cfg(test)]
+    fn idle_plans(&self) -> usize {
+        self.idle().len()
+    }
+}
+
+/// The process's session.
+fn session() -> &'static Session {
+    static SESSION: OnceLock<Session> = OnceLock::new();
+    SESSION.get_or_init(Session::new)
 }
 
 impl Default for DailyAggregator {
     fn default() -> Self {
-        Self {
-            session: session(),
-            planned: None,
-            work: AggregateWork::default(),
-        }
+        Self::in_session(session())
     }
 }
 
@@ -166,16 +208,20 @@ impl DailyAggregator {
         if rows.num_rows() == 0 {
             return Ok(Vec::new());
         }
-        let same_schema = self
-            .planned
-            .as_ref()
-            .is_some_and(|p| p.slot.schema == rows.schema());
-        if !same_schema {
-            let planned = drive_in_memory(plan(&self.session.ctx, rows.schema()), &mut self.work)??;
-            self.planned = Some(planned);
-        }
-        let planned = self.planned.as_ref().expect("planned above");
-        *planned.slot.next.lock().unwrap_or_else(|e| e.into_inner()) = Some(rows);
+        let schema = rows.schema();
+        let planned = match self.session.take_plan(&schema) {
+            Some(planned) => planned,
+            None => drive_in_memory(plan(&self.session.ctx, schema), &mut self.work)??,
+        };
+        let partials = self.run(&planned, rows);
+        // Emptied whatever happened, so an idle plan holds no batch.
+        planned.slot.put(None);
+        self.session.give_back(planned);
+        partials
+    }
+
+    fn run(&mut self, planned: &Planned, rows: RecordBatch) -> Result<Vec<RecordBatch>> {
+        planned.slot.put(Some(rows));
         // A fresh copy of the plan for each run: every execution registers its metrics
         // (a few hundred bytes) in the plan it runs, so the cached plan itself, run
         // once per partition per micro-batch, grew without end: 180 MB after 270,000
@@ -184,6 +230,14 @@ impl DailyAggregator {
         let run = reset_plan_states(planned.plan.clone())?;
         let collect = datafusion::physical_plan::collect(run, self.session.task.clone());
         drive_in_memory(collect, &mut self.work)?
+    }
+
+    /// An aggregator planning and running in `session` (tests give it one of its own).
+    fn in_session(session: &'static Session) -> Self {
+        Self {
+            session,
+            work: AggregateWork::default(),
+        }
     }
 
     /// Polls spent so far, and plans driven.
@@ -272,10 +326,15 @@ mod tests {
         crate::windows::shard::aggregate_input(&b.finish(), index).unwrap()
     }
 
-    fn metrics_held(aggregator: &DailyAggregator) -> usize {
-        let planned = aggregator.planned.as_ref().expect("planned");
+    /// A session of the test's own, so tests running beside it share no plans.
+    fn private_session() -> &'static Session {
+        Box::leak(Box::new(Session::new()))
+    }
+
+    fn metrics_held(session: &Session) -> usize {
+        let idle = session.idle();
         let mut held = 0;
-        let mut plans = vec![planned.plan.clone()];
+        let mut plans: Vec<_> = idle.iter().map(|p| p.plan.clone()).collect();
         while let Some(plan) = plans.pop() {
             held += plan.metrics().map_or(0, |m| m.iter().count());
             plans.extend(plan.children().into_iter().cloned());
@@ -287,16 +346,36 @@ mod tests {
     /// service lives: nothing of a run may stay behind in it.
     #[test]
     fn running_the_cached_plan_again_and_again_leaves_nothing_in_it() {
-        let mut aggregator = DailyAggregator::default();
+        let session = private_session();
+        let mut aggregator = DailyAggregator::in_session(session);
         let first = aggregator.partials(input(0)).unwrap();
         assert_eq!(first.iter().map(RecordBatch::num_rows).sum::<usize>(), 1);
-        let after_one = metrics_held(&aggregator);
+        let after_one = metrics_held(session);
         for day in 1..50 {
             let partials = aggregator.partials(input(day)).unwrap();
             let days = partials[0].column_by_name(out::DAY).unwrap();
             assert_eq!(days.len(), 1, "one battery-day per run");
         }
-        assert_eq!(metrics_held(&aggregator), after_one);
+        assert_eq!(metrics_held(session), after_one);
         assert_eq!(aggregator.work().plans_run, 51, "one plan made, fifty run");
+    }
+
+    /// An instance owning many partitions has an aggregator per shard of each: they
+    /// take turns with the session's plans rather than keep one each (8 KB apiece).
+    #[test]
+    fn aggregators_of_many_partitions_share_the_plans() {
+        let session = private_session();
+        let mut aggregators: Vec<_> = (0..100)
+            .map(|_| DailyAggregator::in_session(session))
+            .collect();
+        for (day, aggregator) in aggregators.iter_mut().enumerate() {
+            let partials = aggregator.partials(input(day as i64)).unwrap();
+            assert_eq!(partials.iter().map(RecordBatch::num_rows).sum::<usize>(), 1);
+        }
+        assert_eq!(session.idle_plans(), 1, "one plan, taken in turn");
+        let made = aggregators.iter().map(|a| a.work().plans_run).sum::<u64>() - 100;
+        assert_eq!(made, 1, "planned once for a hundred aggregators");
+        let slot_empty = session.idle()[0].slot.next.lock().unwrap().is_none();
+        assert!(slot_empty, "an idle plan holds no batch");
     }
 }
