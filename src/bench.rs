@@ -211,7 +211,7 @@ fn forecast(
         e.median_lead_days
     );
     println!(
-        "bench forecast cost per core: selection {:.2} ms per battery ({} families x {} folds + final fit), daily update + {}-day predict + risk {:.1} us per battery",
+        "bench forecast cost per core: selection {:.2} ms per battery (up to {} families x {} folds + final fit; `trend_seasonal` alone where a season shows), daily update + {}-day predict + risk {:.1} us per battery",
         e.selection_ms,
         voltcast_scoring::forecaster::ModelKind::CANDIDATES.len(),
         config.selection.folds,

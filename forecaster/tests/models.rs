@@ -338,3 +338,19 @@ fn selection_picks_trend_seasonal_where_there_are_seasons_and_not_where_there_ar
     assert!(with_seasons >= 15, "{with_seasons}/20 with seasons");
     assert!(without <= 10, "{without}/20 without seasons");
 }
+
+#[test]
+fn where_a_season_shows_trend_seasonal_is_the_only_family_backtested() {
+    let config = SelectionConfig::default();
+    let seasonal_scores = backtest(&seasonal(700, 7, 0.15, 0.25), &config, config.folds);
+    assert_eq!(seasonal_scores.len(), 1, "{seasonal_scores:?}");
+    assert_eq!(seasonal_scores[0].kind, ModelKind::TrendSeasonal);
+    assert!(seasonal_scores[0].nrmse.is_finite());
+    let flat_scores = backtest(&seasonal(700, 7, 0.15, 0.0), &config, config.folds);
+    assert!(flat_scores.len() >= 4, "{flat_scores:?}");
+    assert!(
+        flat_scores
+            .iter()
+            .all(|s| s.kind != ModelKind::TrendSeasonal)
+    );
+}
