@@ -86,6 +86,9 @@ static WEEKLY_WAVES: std::sync::LazyLock<[[f64; 2 * WEEKLY_HARMONICS]; 7]> =
         })
     });
 
+/// X'X of a curve's design (upper triangle: `[a][b]` for a <= b).
+type Gram = [[f64; MAX_COLUMNS]; MAX_COLUMNS];
+
 /// Days in which the yearly wave repeats exactly: four years of 365.25 days.
 const YEARLY_CYCLE_DAYS: i32 = 1461;
 
@@ -269,17 +272,17 @@ impl Curve {
     fn fit(first_day: i32, y: &[f64]) -> Option<Self> {
         let n = y.len();
         let mut curve = Self::new(first_day, n);
-        curve.solve(y)?;
+        let mut gram = curve.solve(y)?;
         let mut residuals = vec![0.0; n];
         while curve.steps.len() < MAX_STEPS {
             for ((r, v), c) in residuals.iter_mut().zip(y).zip(curve.values(first_day, n)) {
                 *r = v - c;
             }
-            let Some(at) = curve.strongest_step(&residuals) else {
+            let Some(at) = curve.strongest_step(&residuals, &gram) else {
                 break;
             };
             curve.steps.push(first_day + at as i32);
-            curve.solve(y)?;
+            gram = curve.solve(y)?;
         }
         Some(curve)
     }
@@ -311,10 +314,13 @@ impl Curve {
     /// rows (linfa's least squares) gave the same coefficients and was a quarter of a
     /// selection's time; with at most 20 columns of unit scale (a level, a ramp, steps,
     /// waves) and the ridge on the diagonal, the system is well conditioned for Cholesky.
-    fn solve(&mut self, y: &[f64]) -> Option<()> {
+    ///
+    /// Returns X'X without the penalties (upper triangle), which the step search
+    /// ([`Self::strongest_step`]) projects on.
+    fn solve(&mut self, y: &[f64]) -> Option<Gram> {
         let n = y.len();
         let cols = self.columns();
-        let mut gram = [[0.0; MAX_COLUMNS]; MAX_COLUMNS];
+        let mut gram: Gram = [[0.0; MAX_COLUMNS]; MAX_COLUMNS];
         let mut xty = [0.0; MAX_COLUMNS];
         let mut row = [0.0; MAX_COLUMNS];
         for (i, v) in y.iter().enumerate() {
@@ -330,6 +336,7 @@ impl Curve {
                 }
             }
         }
+        let unpenalized = gram;
         // The penalty is in units of the column's mean square over the window.
         for (j, row) in gram.iter_mut().enumerate().take(cols).skip(2) {
             let scale = row[j] / n as f64;
@@ -339,7 +346,10 @@ impl Curve {
         let mut b = Array2::from_shape_fn((cols, 1), |(i, _)| xty[i]);
         a.solvec_inplace(&mut b).ok()?;
         self.coef = b.iter().copied().collect();
-        self.coef.iter().all(|c| c.is_finite()).then_some(())
+        self.coef
+            .iter()
+            .all(|c| c.is_finite())
+            .then_some(unpenalized)
     }
 
     fn columns(&self) -> usize {
@@ -395,7 +405,7 @@ impl Curve {
     /// that test found 131 of 298 true steps (some of them halvings of usage), this one
     /// 214, the rest small. The weekly waves are left out of the projection: a step is
     /// all but orthogonal to them over any stretch of weeks.
-    fn strongest_step(&self, residuals: &[f64]) -> Option<usize> {
+    fn strongest_step(&self, residuals: &[f64], gram: &Gram) -> Option<usize> {
         let n = residuals.len();
         if n < MIN_SEGMENT_DAYS + MIN_NEWEST_SEGMENT_DAYS {
             return None;
@@ -405,8 +415,14 @@ impl Curve {
         if var <= 0.0 {
             return None;
         }
-        let inverse = self.smooth_gram(n).invc().ok()?;
-        let m = inverse.nrows();
+        // X'X of the smooth columns: the curve's, less the weekly rows and columns.
+        let m = self.columns() - 2 * WEEKLY_HARMONICS;
+        let inverse = Array2::from_shape_fn((m, m), |(a, b)| {
+            let (i, j) = (self.smooth_column(a), self.smooth_column(b));
+            gram[i.min(j)][i.max(j)]
+        })
+        .invc()
+        .ok()?;
         let steps: Vec<usize> = self
             .steps
             .iter()
@@ -441,36 +457,27 @@ impl Curve {
         best.1
     }
 
-    /// The columns a step is tested against (all but the weekly waves) of day number
+    /// The design column of the `a`-th column a step is tested against: all but the
+    /// weekly waves (level, slope, steps, then the yearly pair).
+    fn smooth_column(&self, a: usize) -> usize {
+        let weekly = 2 + self.steps.len();
+        if a < weekly {
+            a
+        } else {
+            a + 2 * WEEKLY_HARMONICS
+        }
+    }
+
+    /// The columns a step is tested against ([`Self::smooth_column`]) of day number
     /// `day`'s design row: `row` is the whole row, `smooth` gets those columns.
     fn smooth_row(&self, day: i32, row: &mut [f64; MAX_COLUMNS], smooth: &mut [f64; MAX_COLUMNS]) {
         self.row(day, row);
-        let weekly = 2 + self.steps.len();
-        let cols = self.columns();
-        smooth[..weekly].copy_from_slice(&row[..weekly]);
-        let rest = cols - weekly - 2 * WEEKLY_HARMONICS;
-        smooth[weekly..weekly + rest].copy_from_slice(&row[weekly + 2 * WEEKLY_HARMONICS..cols]);
-    }
-
-    /// X'X of the smooth columns ([`Self::smooth_row`]) over the window's `n` days.
-    fn smooth_gram(&self, n: usize) -> Array2<f64> {
-        let m = self.columns() - 2 * WEEKLY_HARMONICS;
-        let (mut row, mut smooth) = ([0.0; MAX_COLUMNS], [0.0; MAX_COLUMNS]);
-        let mut gram = Array2::<f64>::zeros((m, m));
-        for i in 0..n {
-            self.smooth_row(self.first_day + i as i32, &mut row, &mut smooth);
-            for a in 0..m {
-                for b in a..m {
-                    gram[[a, b]] += smooth[a] * smooth[b];
-                }
-            }
+        for (a, v) in smooth[..self.columns() - 2 * WEEKLY_HARMONICS]
+            .iter_mut()
+            .enumerate()
+        {
+            *v = row[self.smooth_column(a)];
         }
-        for a in 0..m {
-            for b in 0..a {
-                gram[[a, b]] = gram[[b, a]];
-            }
-        }
-        gram
     }
 
     /// The curve's value on day number `day`.
