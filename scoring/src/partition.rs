@@ -31,7 +31,7 @@ use crate::error::ScoringError;
 use crate::forecasting::{BatteryModels, ForecastSettings, ForecastStats, RiskUpdate};
 use crate::memory::on_cpu;
 use crate::metrics::Metrics;
-use crate::windows::{DailyWindows, WindowConfig, WindowState};
+use crate::windows::{DailyWindows, DayPartials, ScreenedPartition, WindowConfig, WindowState};
 
 /// What every task of a run shares: how windows, forecasts and alerts behave.
 #[derive(Debug, Clone)]
@@ -198,6 +198,10 @@ impl PartitionTask {
 
     /// Takes in this partition's rows of a micro-batch (offset order) and how far it got.
     /// `latest`: where the fresh assessments go as they are made (else into the output).
+    ///
+    /// The stage does the same in three steps, so that the day aggregation runs once for
+    /// all the partitions of a batch: [`Self::screen`], [`DayPartials::aggregate`],
+    /// [`Self::finish`].
     pub fn apply(
         &mut self,
         rows: &RecordBatch,
@@ -207,9 +211,49 @@ impl PartitionTask {
         metrics: Option<&Metrics>,
         latest: Option<LatestSink>,
     ) -> Result<PartitionOutput, ScoringError> {
+        let screened = self.screen(rows, position, now)?;
+        let windows = &mut self.windows;
+        let partials = on_cpu(&mut self.times.windows, || {
+            windows.aggregate_alone(rows, &screened)
+        })?;
+        self.finish(
+            screened, &partials, rows, position, settings, metrics, latest,
+        )
+    }
+
+    /// The batch's first step: the partition's watermark moves over `rows`, late rows
+    /// and duplicates are set aside (see [`DailyWindows::screen_partition`]).
+    pub fn screen(
+        &mut self,
+        rows: &RecordBatch,
+        position: &SourcePosition,
+        now: EpochMillis,
+    ) -> Result<ScreenedPartition, ScoringError> {
+        let windows = &mut self.windows;
+        Ok(on_cpu(&mut self.times.windows, || {
+            windows.screen_partition(rows, position, now)
+        })?)
+    }
+
+    /// The batch's last step, after the day aggregation: the windows take in the sums
+    /// and close the days passed, then the archive, forecasts and alert policy run.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the batch's rows and position, and apply's own arguments"
+    )]
+    pub fn finish(
+        &mut self,
+        screened: ScreenedPartition,
+        partials: &DayPartials,
+        rows: &RecordBatch,
+        position: &SourcePosition,
+        settings: &PartitionSettings,
+        metrics: Option<&Metrics>,
+        latest: Option<LatestSink>,
+    ) -> Result<PartitionOutput, ScoringError> {
         let windows = &mut self.windows;
         let out = on_cpu(&mut self.times.windows, || {
-            windows.apply_partition(rows, position, now)
+            windows.finish_partition(screened, partials)
         })?;
         self.check_contiguous(position, metrics);
         // Offsets from..to: where the state was, where this batch takes it.

@@ -31,6 +31,7 @@ use crate::overlap::Overlapped;
 use crate::partition::{
     LatestSink, PartitionOutput, PartitionSet, PartitionSettings, PartitionTask, TaskWork,
 };
+use crate::windows::{DailyAggregator, DayPartials};
 
 /// Counts what reached the end of the pipeline.
 #[derive(Debug, Default)]
@@ -115,6 +116,10 @@ pub struct PartitionStage {
     last_checkpoint: Instant,
     metrics: Option<Arc<Metrics>>,
     pub tally: BatchTally,
+    /// The day aggregation of each batch's partitions together.
+    aggregator: DailyAggregator,
+    /// The CPU it took (the partitions' own window steps count theirs).
+    aggregation_cpu: Duration,
 }
 
 impl PartitionStage {
@@ -128,6 +133,8 @@ impl PartitionStage {
             last_checkpoint: Instant::now(),
             metrics: None,
             tally: BatchTally::default(),
+            aggregator: DailyAggregator::default(),
+            aggregation_cpu: Duration::ZERO,
             times: WindowStageTimes::default(),
         }
     }
@@ -210,7 +217,8 @@ impl PartitionStage {
     fn run_tasks(&mut self, batch: &MicroBatch) -> Result<Vec<PartitionOutput>, ScoringError> {
         let partitions = self.partitions.clone();
         let mut tasks = partitions.lock();
-        let mut work: BTreeMap<PartitionKey, (RecordBatch, &SourcePosition)> = BTreeMap::new();
+        let mut work: BTreeMap<PartitionKey, (RecordBatch, &SourcePosition, usize)> =
+            BTreeMap::new();
         for position in &batch.positions {
             let key = PartitionKey {
                 topic: position.source.clone(),
@@ -225,16 +233,16 @@ impl PartitionStage {
                 tasks.insert(key.clone(), partitions.fresh_task(key.clone()));
             }
             let id = (position.source.clone(), position.partition);
-            let rows = batch
+            let (rows, at) = batch
                 .parts
                 .iter()
                 .find(|p| p.partition == id)
                 // A partition whose messages were all refused still advances its offset.
                 .map_or_else(
-                    || RecordBatch::new_empty(schema::telemetry_schema()),
-                    |p| batch.rows_of(p),
+                    || (RecordBatch::new_empty(schema::telemetry_schema()), 0),
+                    |p| (batch.rows_of(p), p.start),
                 );
-            work.insert(key, (rows, position));
+            work.insert(key, (rows, position, at));
         }
         let now = voltcast_ingest::now_millis();
         let metrics = partitions.metrics();
@@ -254,30 +262,48 @@ impl PartitionStage {
                 alerts.settle_acks(&settled);
             }
         }
-        let busy: Vec<(&mut PartitionTask, (RecordBatch, &SourcePosition))> = tasks
+        let busy: Vec<(&mut PartitionTask, (RecordBatch, &SourcePosition, usize))> = tasks
             .iter_mut()
             .filter_map(|(key, task)| Some((task, work.remove(key)?)))
             .collect();
-        if busy.len() < 2 || batch.rows.num_rows() < PARALLEL_MIN_ROWS {
-            let settings = &partitions.settings;
-            return busy
-                .into_iter()
-                .map(|(task, (rows, position))| {
-                    task.apply(&rows, position, now, settings, metrics, latest)
-                })
-                .collect();
-        }
-        // The partitions share the cores; each spreads its forecasts over its share.
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let parallel = busy.len() >= 2 && batch.rows.num_rows() >= PARALLEL_MIN_ROWS;
+        // A thread per partition cost a spawn and a stack per partition and batch: the
+        // mock cluster's 337 partitions made 51,000 threads on a 20,000-battery backlog.
+        let threads = match parallel {
+            true => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            false => 1,
+        };
         let mut settings = partitions.settings.clone();
-        if let Some(f) = &mut settings.forecast {
+        if let Some(f) = &mut settings.forecast
+            && parallel
+        {
+            // The partitions share the cores; each spreads its forecasts over its share.
             f.threads = (f.threads / busy.len()).max(1);
         }
         let settings = &settings;
-        // A thread per partition cost a spawn and a stack per partition and batch: the
-        // mock cluster's 337 partitions made 51,000 threads on a 20,000-battery backlog.
-        crate::workers::in_order(busy, cores, |(task, (rows, position))| {
-            task.apply(&rows, position, now, settings, metrics, latest)
+        // Three steps, so that the day aggregation runs once for the batch, not once per
+        // partition (see `DayPartials::aggregate`): each partition screens its rows...
+        let screened = crate::workers::in_order(busy, threads, |(task, (rows, position, at))| {
+            let screened = task.screen(&rows, position, now);
+            (task, rows, position, at, screened)
+        });
+        let mut steps = Vec::with_capacity(screened.len());
+        for (task, rows, position, at, screened) in screened {
+            steps.push((task, rows, position, at, screened?));
+        }
+        // ...the batch's fresh rows are aggregated...
+        let parts: Vec<_> = steps.iter().map(|(_, _, _, at, s)| (*at, s)).collect();
+        let aggregator = &mut self.aggregator;
+        let partials = on_cpu(&mut self.aggregation_cpu, || {
+            DayPartials::aggregate(aggregator, &batch.rows, &parts)
+        })?;
+        // ...and each partition takes in its sums, closes days, forecasts.
+        let finishing = steps.into_iter().zip(partials).collect();
+        crate::workers::in_order(finishing, threads, |(step, partials)| {
+            let (task, rows, position, _, screened) = step;
+            task.finish(
+                screened, &partials, &rows, position, settings, metrics, latest,
+            )
         })
         .into_iter()
         .collect()
@@ -319,6 +345,8 @@ impl PartitionStage {
     /// Sums what the partitions (those here and those that left) did.
     pub fn report(&self) -> StageSummary {
         let mut work = self.partitions.departed();
+        work.times.windows += self.aggregation_cpu;
+        work.aggregate = [work.aggregate, self.aggregator.work()].into_iter().sum();
         let mut batteries = 0;
         for task in self.partitions.lock().values() {
             work.add(task);

@@ -14,6 +14,10 @@ pub fn in_order<T: Send, R: Send>(
     work: impl Fn(T) -> R + Sync,
 ) -> Vec<R> {
     let workers = threads.clamp(1, items.len().max(1));
+    if workers == 1 {
+        // No thread to spawn for one worker: this one is free.
+        return items.into_iter().map(work).collect();
+    }
     let queue = Mutex::new(items.into_iter().enumerate());
     let mut done: Vec<(usize, R)> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..workers)

@@ -5,7 +5,8 @@
 //!    is `late` (dead-lettered); a row whose (battery, event time) was already counted is
 //!    an exact duplicate (counted once, however many batches apart the copies arrive);
 //! 2. DataFusion aggregates the remaining rows per (battery, UTC day) into partials, which
-//!    merge into the open windows (12-hourly reports become one day);
+//!    merge into the open windows (12-hourly reports become one day); the stream does
+//!    this once for all the partitions of a micro-batch ([`DayPartials::aggregate`]);
 //! 3. the watermark advances (per source partition, see [`watermark`]) and every day
 //!    window whose end it has passed closes: the day is appended to its battery's
 //!    [`BatteryHistory`], missing days before it are interpolated, and the closed days
@@ -42,7 +43,7 @@ pub use open::OpenWindows;
 pub use shard::ShardState;
 pub use watermark::Watermarks;
 
-use shard::{ClosedRows, RowClock, ShardOutput, ShardTask, route};
+use shard::{ClosedRows, RowClock, ScreenedRows, ShardOutput, ShardTask, route};
 
 /// `[windows]` in the config file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -224,6 +225,111 @@ pub struct WindowOutput {
     /// Batteries forgotten (silent past the retention): their models, alert episodes and
     /// latest assessments go too.
     pub evicted: Vec<Arc<str>>,
+}
+
+/// One partition's rows of a micro-batch after [`DailyWindows::screen_partition`],
+/// waiting for their day aggregation.
+pub struct ScreenedPartition {
+    /// The partition's rows in the micro-batch.
+    rows: usize,
+    /// Per shard of the partition's windows.
+    shards: Vec<ScreenedRows>,
+    /// Days before this one close once the rows are in.
+    close: Option<i32>,
+}
+
+impl ScreenedPartition {
+    /// Rows that go on to the day aggregation (neither late nor duplicates).
+    pub fn fresh_rows(&self) -> usize {
+        let kept = |s: &ScreenedRows| s.keep.iter().filter(|k| **k).count();
+        self.shards.iter().map(kept).sum()
+    }
+}
+
+/// One partition's share of a day aggregation run over several partitions' rows: the
+/// partial batches (shared by the partitions of the run) and, per shard of the
+/// partition, the rows of them that are its.
+#[derive(Debug, Clone, Default)]
+pub struct DayPartials {
+    batches: Arc<[RecordBatch]>,
+    /// Per shard: (batch, row) of its partials.
+    rows: Vec<Vec<(u32, u32)>>,
+}
+
+impl DayPartials {
+    /// Aggregates the fresh rows of several partitions of a micro-batch in one
+    /// DataFusion run: `parts` are each partition's screening and where its rows start
+    /// in `rows` (the micro-batch's rows, partitions one after another). Returns each
+    /// partition's partials, in `parts`' order.
+    ///
+    /// Why one run: a backlog spread over many partitions gives each only tens of rows
+    /// per micro-batch, and a run per partition (hash table, accumulators, a copy of the
+    /// plan) cost more than its rows: at 10,000 batteries x 730 days over 1,400
+    /// partitions, 30,919 runs took the window stage 11.9 CPU s against 5.8 with 140.
+    pub fn aggregate(
+        aggregator: &mut DailyAggregator,
+        rows: &RecordBatch,
+        parts: &[(usize, &ScreenedPartition)],
+    ) -> Result<Vec<DayPartials>, WindowError> {
+        let mut keep = vec![false; rows.num_rows()];
+        let mut keys = vec![0u64; rows.num_rows()];
+        // Slot numbers: the shards of the parts, one after another.
+        let mut owner: Vec<(usize, usize)> = Vec::new();
+        for (p, (start, part)) in parts.iter().enumerate() {
+            for (k, shard) in part.shards.iter().enumerate() {
+                let slot = owner.len() as u32;
+                owner.push((p, k));
+                let kept = shard.keep.iter().zip(&shard.index).enumerate();
+                for (i, (_, b)) in kept.filter(|(_, (k, _))| **k) {
+                    keep[start + i] = true;
+                    keys[start + i] = aggregate::battery_key(slot, *b);
+                }
+            }
+            debug_assert!(start + part.rows <= rows.num_rows());
+        }
+        let mut partials: Vec<DayPartials> = parts
+            .iter()
+            .map(|(_, part)| DayPartials {
+                batches: Arc::from([]),
+                rows: vec![Vec::new(); part.shards.len()],
+            })
+            .collect();
+        if !keep.contains(&true) {
+            return Ok(partials);
+        }
+        let input = shard::aggregate_input(rows, keys.into())?;
+        let fresh = datafusion::arrow::compute::filter_record_batch(&input, &keep.into())
+            .map_err(DataFusionError::from)?;
+        let batches: Arc<[RecordBatch]> = aggregator.partials(fresh)?.into();
+        for (b, batch) in batches.iter().enumerate() {
+            let keys = column(batch, aggregate::out::BATTERY)?
+                .as_primitive::<datafusion::arrow::datatypes::UInt64Type>();
+            for (r, key) in keys.values().iter().enumerate() {
+                let (p, k) = owner[aggregate::split_key(*key).0 as usize];
+                partials[p].rows[k].push((b as u32, r as u32));
+            }
+        }
+        for p in &mut partials {
+            p.batches = batches.clone();
+        }
+        Ok(partials)
+    }
+
+    /// Shard `k`'s rows, by partial batch.
+    fn of_shard(&self, k: usize) -> impl Iterator<Item = (&RecordBatch, Vec<u32>)> + '_ {
+        let rows = self.rows.get(k).map_or(&[][..], Vec::as_slice);
+        self.batches
+            .iter()
+            .enumerate()
+            .filter_map(move |(b, batch)| {
+                let mine: Vec<u32> = rows
+                    .iter()
+                    .filter(|(rb, _)| *rb as usize == b)
+                    .map(|(_, r)| *r)
+                    .collect();
+                (!mine.is_empty()).then_some((batch, mine))
+            })
+    }
 }
 
 #[derive(Debug, Error)]
@@ -439,6 +545,32 @@ impl DailyWindows {
         position: &voltcast_ingest::SourcePosition,
         now: EpochMillis,
     ) -> Result<WindowOutput, WindowError> {
+        let screened = self.screen_partition(rows, position, now)?;
+        let partials = self.aggregate_alone(rows, &screened)?;
+        self.finish_partition(screened, &partials)
+    }
+
+    /// The day aggregation of one partition's screened `rows` by themselves.
+    pub fn aggregate_alone(
+        &mut self,
+        rows: &RecordBatch,
+        screened: &ScreenedPartition,
+    ) -> Result<DayPartials, WindowError> {
+        let aggregator = &mut self.aggregators[0];
+        let mut partials = DayPartials::aggregate(aggregator, rows, &[(0, screened)])?;
+        Ok(partials.remove(0))
+    }
+
+    /// [`Self::apply_partition`]'s first step: the partition's clock and watermark move
+    /// over the rows, late rows and duplicates are set aside, and the fresh ones are
+    /// interned. Its rows then go through the day aggregation with other partitions'
+    /// ([`DayPartials::aggregate`]) before [`Self::finish_partition`] takes in the sums.
+    pub fn screen_partition(
+        &mut self,
+        rows: &RecordBatch,
+        position: &voltcast_ingest::SourcePosition,
+        now: EpochMillis,
+    ) -> Result<ScreenedPartition, WindowError> {
         let late_before = self.state.closed_before;
         let st = &mut self.state;
         let clock = RowClock {
@@ -466,7 +598,47 @@ impl DailyWindows {
         st.watermarks
             .observe(std::slice::from_ref(&position), &[], now);
         let close = st.watermarks.advance(now).map(|w| day_of(w + 1));
-        self.run(rows, late_before, close, Some(clock), ClosedRows::Emit)
+        let close = close.filter(|d| late_before.is_none_or(|c| *d > c));
+        let tasks = self.shard_tasks(rows, late_before, close, Some(clock), ClosedRows::Emit);
+        let shards = self
+            .state
+            .shards
+            .iter_mut()
+            .zip(&tasks)
+            .map(|(shard, task)| shard.screen(task))
+            .collect::<Result<_, _>>()?;
+        Ok(ScreenedPartition {
+            rows: rows.num_rows(),
+            shards,
+            close,
+        })
+    }
+
+    /// [`Self::apply_partition`]'s last step: the day partials of the partition's
+    /// screened rows merge into its open windows, and the days its watermark has passed
+    /// close.
+    pub fn finish_partition(
+        &mut self,
+        screened: ScreenedPartition,
+        partials: &DayPartials,
+    ) -> Result<WindowOutput, WindowError> {
+        let closing = shard::Closing {
+            before: screened.close,
+            retention_days: self.config.retention_days,
+            rows: ClosedRows::Emit,
+        };
+        let mut outputs = Vec::with_capacity(screened.shards.len());
+        let shards = self.state.shards.iter_mut();
+        for (k, (shard, screened)) in shards.zip(screened.shards).enumerate() {
+            for (batch, rows) in partials.of_shard(k) {
+                shard.merge(batch, rows.iter().map(|r| *r as usize))?;
+            }
+            outputs.push(Ok(shard.close(&closing, screened.output)));
+        }
+        if screened.close.is_some() {
+            self.state.closed_before = screened.close;
+        }
+        self.combine(outputs)
     }
 
     /// Closes every open window (end of a finite input: a file replay or a test).
@@ -535,19 +707,8 @@ impl DailyWindows {
         closed_rows: ClosedRows,
     ) -> Result<WindowOutput, WindowError> {
         let close = close.filter(|d| late_before.is_none_or(|c| *d > c));
-        let shards = self.state.shards.len();
-        let tasks: Vec<ShardTask> = (0..shards)
-            .map(|shard| ShardTask {
-                rows,
-                shard,
-                shards,
-                closed_before: late_before,
-                close_before: close,
-                retention_days: self.config.retention_days,
-                row_clock,
-                closed_rows,
-            })
-            .collect();
+        let tasks = self.shard_tasks(rows, late_before, close, row_clock, closed_rows);
+        let shards = tasks.len();
         let work = self
             .state
             .shards
@@ -565,6 +726,30 @@ impl DailyWindows {
             self.state.closed_before = close;
         }
         self.combine(outputs)
+    }
+
+    /// What each shard is to do with `rows`.
+    fn shard_tasks<'a>(
+        &self,
+        rows: &'a RecordBatch,
+        late_before: Option<i32>,
+        close: Option<i32>,
+        row_clock: Option<RowClock>,
+        closed_rows: ClosedRows,
+    ) -> Vec<ShardTask<'a>> {
+        let shards = self.state.shards.len();
+        (0..shards)
+            .map(|shard| ShardTask {
+                rows,
+                shard,
+                shards,
+                closed_before: late_before,
+                close_before: close,
+                retention_days: self.config.retention_days,
+                row_clock,
+                closed_rows,
+            })
+            .collect()
     }
 
     fn combine(

@@ -10,12 +10,12 @@ use std::hash::BuildHasher;
 use std::sync::Arc;
 
 use datafusion::arrow::array::{
-    Array, AsArray, BooleanArray, Float64Array, Int32Array, RecordBatch, StringArray, UInt32Array,
+    Array, AsArray, BooleanArray, Float64Array, Int32Array, RecordBatch, StringArray, UInt64Array,
 };
 use datafusion::arrow::compute::filter_record_batch;
 use datafusion::arrow::datatypes::{
     DataType, Field, Float64Type, Int32Type, Int64Type, Schema, TimestampMillisecondType,
-    UInt32Type,
+    UInt64Type,
 };
 use datafusion::error::DataFusionError;
 use serde::{Deserialize, Serialize};
@@ -76,6 +76,24 @@ pub(super) struct ShardTask<'a> {
     pub closed_rows: ClosedRows,
 }
 
+/// What closing a shard's days after a batch takes.
+pub(super) struct Closing {
+    /// Close every open day before this one.
+    pub before: Option<i32>,
+    pub retention_days: usize,
+    pub rows: ClosedRows,
+}
+
+impl ShardTask<'_> {
+    pub fn closing(&self) -> Closing {
+        Closing {
+            before: self.close_before,
+            retention_days: self.retention_days,
+            rows: self.closed_rows,
+        }
+    }
+}
+
 /// Whether closing days makes their closed-day rows, or only fills the histories.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum ClosedRows {
@@ -102,48 +120,65 @@ pub(super) struct ShardOutput {
     pub stats: WindowStats,
 }
 
+/// A shard's rows of a micro-batch after screening, before the day aggregation: per
+/// row, whether it is aggregated and under which interned battery.
+#[derive(Default)]
+pub(super) struct ScreenedRows {
+    pub keep: Vec<bool>,
+    pub index: Vec<u32>,
+    pub output: ShardOutput,
+}
+
+impl ScreenedRows {
+    pub fn any_kept(&self) -> bool {
+        self.keep.contains(&true)
+    }
+}
+
 impl ShardState {
+    /// The whole of a micro-batch for this shard: screening, its own day aggregation,
+    /// merging and closing. (A partition's stage aggregates several partitions' screened
+    /// rows at once instead: [`super::DailyWindows::screen_partition`].)
     pub(super) fn run(
         &mut self,
         aggregator: &mut DailyAggregator,
         task: &ShardTask<'_>,
     ) -> Result<ShardOutput, WindowError> {
-        let mut output = ShardOutput::default();
-        if task.rows.num_rows() > 0 {
-            let (keep, index) = self.screen(task, &mut output)?;
-            if keep.true_count() > 0 {
-                let fresh = filter_record_batch(&aggregate_input(task.rows, index)?, &keep)
-                    .map_err(DataFusionError::from)?;
-                for partial in aggregator.partials(fresh)? {
-                    self.merge(&partial)?;
-                }
+        let screened = self.screen(task)?;
+        if screened.any_kept() {
+            let keys = UInt64Array::from_iter_values(
+                screened.index.iter().map(|b| aggregate::battery_key(0, *b)),
+            );
+            let keep = BooleanArray::from(screened.keep);
+            let fresh = filter_record_batch(&aggregate_input(task.rows, keys)?, &keep)
+                .map_err(DataFusionError::from)?;
+            for partial in aggregator.partials(fresh)? {
+                self.merge(&partial, 0..partial.num_rows())?;
             }
         }
-        if let Some(day) = task.close_before {
-            let closing = self.open.days().next().is_some_and(|d| d.day() < day);
-            output.closed = self.close_before(
-                day,
-                task.retention_days,
-                task.closed_rows,
-                &mut output.stats,
-            );
-            if closing {
-                output.evicted = self.evict_silent(day, task.retention_days);
+        Ok(self.close(&task.closing(), screened.output))
+    }
+
+    /// Closes the days `closing` says are over, after the batch's rows are merged.
+    pub(super) fn close(&mut self, closing: &Closing, mut output: ShardOutput) -> ShardOutput {
+        if let Some(day) = closing.before {
+            let any = self.open.days().next().is_some_and(|d| d.day() < day);
+            output.closed =
+                self.close_before(day, closing.retention_days, closing.rows, &mut output.stats);
+            if any {
+                output.evicted = self.evict_silent(day, closing.retention_days);
                 output.stats.evicted += output.evicted.len() as u64;
             }
         }
-        Ok(output)
+        output
     }
 
     /// Takes this shard's rows of the batch: late ones become dead letters, fresh ones
     /// have their event times registered in their windows so copies are recognised
     /// (the mask keeps first copies only), and each row's battery is interned (the
     /// index column DataFusion groups by).
-    fn screen(
-        &mut self,
-        task: &ShardTask<'_>,
-        output: &mut ShardOutput,
-    ) -> Result<(BooleanArray, UInt32Array), WindowError> {
+    pub(super) fn screen(&mut self, task: &ShardTask<'_>) -> Result<ScreenedRows, WindowError> {
+        let mut output = ShardOutput::default();
         let rows = task.rows;
         let ids = column(rows, s::BATTERY_ID)?.as_string::<i32>();
         let vehicles = column(rows, s::VEHICLE_ID)?.as_string::<i32>();
@@ -190,12 +225,21 @@ impl ShardState {
             stats.duplicates += u64::from(!fresh);
             keep.push(fresh);
         }
-        Ok((BooleanArray::from(keep), UInt32Array::from(index)))
+        Ok(ScreenedRows {
+            keep,
+            index,
+            output,
+        })
     }
 
-    /// Adds DataFusion's partial aggregates to the open windows.
-    fn merge(&mut self, p: &RecordBatch) -> Result<(), WindowError> {
-        let batteries = column(p, out::BATTERY)?.as_primitive::<UInt32Type>();
+    /// Adds rows `at` of DataFusion's partial aggregates `p` (this shard's) to the open
+    /// windows.
+    pub(super) fn merge(
+        &mut self,
+        p: &RecordBatch,
+        at: impl IntoIterator<Item = usize>,
+    ) -> Result<(), WindowError> {
+        let keys = column(p, out::BATTERY)?.as_primitive::<UInt64Type>();
         let days = column(p, out::DAY)?.as_primitive::<Int64Type>();
         let trips = column(p, out::TRIPS)?.as_primitive::<Float64Type>();
         let minutes = column(p, out::MINUTES)?.as_primitive::<Float64Type>();
@@ -214,9 +258,10 @@ impl ShardState {
                 .and_then(|c| c.as_primitive_opt::<Int64Type>());
             (f64s("min"), f64s("max"), f64s("sum"), n)
         });
-        for i in 0..p.num_rows() {
+        for i in at {
+            let (_, battery) = aggregate::split_key(keys.value(i));
             // screen() opened this window; the partial only fills it.
-            let Some(w) = self.open.get_mut(days.value(i) as i32, batteries.value(i)) else {
+            let Some(w) = self.open.get_mut(days.value(i) as i32, battery) else {
                 continue;
             };
             w.trips += trips.value(i);
@@ -360,7 +405,7 @@ pub(super) fn prefetch<T>(p: *const T) {
 /// id strings (which filtering would otherwise copy for nothing).
 pub(super) fn aggregate_input(
     rows: &RecordBatch,
-    index: UInt32Array,
+    keys: UInt64Array,
 ) -> Result<RecordBatch, WindowError> {
     let schema = rows.schema();
     let mut fields = Vec::with_capacity(aggregate::INPUTS.len() + 1);
@@ -372,8 +417,8 @@ pub(super) fn aggregate_input(
         fields.push(field.clone());
         columns.push(rows.column(i).clone());
     }
-    fields.push(Field::new(out::BATTERY, DataType::UInt32, false));
-    columns.push(Arc::new(index));
+    fields.push(Field::new(out::BATTERY, DataType::UInt64, false));
+    columns.push(Arc::new(keys));
     RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
         .map_err(|e| WindowError::DataFusion(e.into()))
 }
