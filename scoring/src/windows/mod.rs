@@ -230,29 +230,18 @@ pub struct WindowOutput {
 /// One partition's rows of a micro-batch after [`DailyWindows::screen_partition`],
 /// waiting for their day aggregation.
 pub struct ScreenedPartition {
-    /// The partition's rows in the micro-batch.
-    rows: usize,
     /// Per shard of the partition's windows.
     shards: Vec<ScreenedRows>,
-    /// Days before this one close once the rows are in.
-    close: Option<i32>,
-}
-
-impl ScreenedPartition {
-    /// Rows that go on to the day aggregation (neither late nor duplicates).
-    pub fn fresh_rows(&self) -> usize {
-        let kept = |s: &ScreenedRows| s.keep.iter().filter(|k| **k).count();
-        self.shards.iter().map(kept).sum()
-    }
+    /// What closes once the rows are in.
+    closing: shard::Closing,
 }
 
 /// One partition's share of a day aggregation run over several partitions' rows: the
 /// partial batches (shared by the partitions of the run) and, per shard of the
-/// partition, the rows of them that are its.
-#[derive(Debug, Clone, Default)]
+/// partition, the (batch, row) pairs of them that are its.
+#[derive(Debug, Clone)]
 pub struct DayPartials {
     batches: Arc<[RecordBatch]>,
-    /// Per shard: (batch, row) of its partials.
     rows: Vec<Vec<(u32, u32)>>,
 }
 
@@ -271,64 +260,18 @@ impl DayPartials {
         rows: &RecordBatch,
         parts: &[(usize, &ScreenedPartition)],
     ) -> Result<Vec<DayPartials>, WindowError> {
-        let mut keep = vec![false; rows.num_rows()];
-        let mut keys = vec![0u64; rows.num_rows()];
-        // Slot numbers: the shards of the parts, one after another.
-        let mut owner: Vec<(usize, usize)> = Vec::new();
-        for (p, (start, part)) in parts.iter().enumerate() {
-            for (k, shard) in part.shards.iter().enumerate() {
-                let slot = owner.len() as u32;
-                owner.push((p, k));
-                let kept = shard.keep.iter().zip(&shard.index).enumerate();
-                for (i, (_, b)) in kept.filter(|(_, (k, _))| **k) {
-                    keep[start + i] = true;
-                    keys[start + i] = aggregate::battery_key(slot, *b);
-                }
-            }
-            debug_assert!(start + part.rows <= rows.num_rows());
-        }
-        let mut partials: Vec<DayPartials> = parts
+        // A slot per shard of each part, one part after another.
+        let slots: Vec<_> = parts
             .iter()
-            .map(|(_, part)| DayPartials {
-                batches: Arc::from([]),
-                rows: vec![Vec::new(); part.shards.len()],
-            })
+            .flat_map(|(start, part)| part.shards.iter().map(move |s| (*start, s)))
             .collect();
-        if !keep.contains(&true) {
-            return Ok(partials);
-        }
-        let input = shard::aggregate_input(rows, keys.into())?;
-        let fresh = datafusion::arrow::compute::filter_record_batch(&input, &keep.into())
-            .map_err(DataFusionError::from)?;
-        let batches: Arc<[RecordBatch]> = aggregator.partials(fresh)?.into();
-        for (b, batch) in batches.iter().enumerate() {
-            let keys = column(batch, aggregate::out::BATTERY)?
-                .as_primitive::<datafusion::arrow::datatypes::UInt64Type>();
-            for (r, key) in keys.values().iter().enumerate() {
-                let (p, k) = owner[aggregate::split_key(*key).0 as usize];
-                partials[p].rows[k].push((b as u32, r as u32));
-            }
-        }
-        for p in &mut partials {
-            p.batches = batches.clone();
-        }
-        Ok(partials)
-    }
-
-    /// Shard `k`'s rows, by partial batch.
-    fn of_shard(&self, k: usize) -> impl Iterator<Item = (&RecordBatch, Vec<u32>)> + '_ {
-        let rows = self.rows.get(k).map_or(&[][..], Vec::as_slice);
-        self.batches
-            .iter()
-            .enumerate()
-            .filter_map(move |(b, batch)| {
-                let mine: Vec<u32> = rows
-                    .iter()
-                    .filter(|(rb, _)| *rb as usize == b)
-                    .map(|(_, r)| *r)
-                    .collect();
-                (!mine.is_empty()).then_some((batch, mine))
-            })
+        let all = shard::aggregate_slots(aggregator, rows, &slots)?;
+        let mut by_slot = all.rows.into_iter();
+        let partials = parts.iter().map(|(_, part)| DayPartials {
+            batches: all.batches.clone(),
+            rows: by_slot.by_ref().take(part.shards.len()).collect(),
+        });
+        Ok(partials.collect())
     }
 }
 
@@ -608,9 +551,8 @@ impl DailyWindows {
             .map(|(shard, task)| shard.screen(task))
             .collect::<Result<_, _>>()?;
         Ok(ScreenedPartition {
-            rows: rows.num_rows(),
             shards,
-            close,
+            closing: tasks[0].closing,
         })
     }
 
@@ -622,21 +564,15 @@ impl DailyWindows {
         screened: ScreenedPartition,
         partials: &DayPartials,
     ) -> Result<WindowOutput, WindowError> {
-        let closing = shard::Closing {
-            before: screened.close,
-            retention_days: self.config.retention_days,
-            rows: ClosedRows::Emit,
-        };
+        let closing = screened.closing;
         let mut outputs = Vec::with_capacity(screened.shards.len());
         let shards = self.state.shards.iter_mut();
-        for (k, (shard, screened)) in shards.zip(screened.shards).enumerate() {
-            for (batch, rows) in partials.of_shard(k) {
-                shard.merge(batch, rows.iter().map(|r| *r as usize))?;
-            }
+        for ((shard, screened), rows) in shards.zip(screened.shards).zip(&partials.rows) {
+            shard.merge(&partials.batches, rows)?;
             outputs.push(Ok(shard.close(&closing, screened.output)));
         }
-        if screened.close.is_some() {
-            self.state.closed_before = screened.close;
+        if closing.before.is_some() {
+            self.state.closed_before = closing.before;
         }
         self.combine(outputs)
     }
@@ -744,10 +680,12 @@ impl DailyWindows {
                 shard,
                 shards,
                 closed_before: late_before,
-                close_before: close,
-                retention_days: self.config.retention_days,
                 row_clock,
-                closed_rows,
+                closing: shard::Closing {
+                    before: close,
+                    retention_days: self.config.retention_days,
+                    rows: closed_rows,
+                },
             })
             .collect()
     }

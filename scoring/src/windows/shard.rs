@@ -10,7 +10,7 @@ use std::hash::BuildHasher;
 use std::sync::Arc;
 
 use datafusion::arrow::array::{
-    Array, AsArray, BooleanArray, Float64Array, Int32Array, RecordBatch, StringArray, UInt64Array,
+    Array, AsArray, Float64Array, Int32Array, RecordBatch, StringArray, UInt64Array,
 };
 use datafusion::arrow::compute::filter_record_batch;
 use datafusion::arrow::datatypes::{
@@ -66,32 +66,21 @@ pub(super) struct ShardTask<'a> {
     pub shards: usize,
     /// Days before this one had closed when the batch arrived: their rows are late.
     pub closed_before: Option<i32>,
-    /// After taking the rows in, close every open day before this one.
-    pub close_before: Option<i32>,
-    pub retention_days: usize,
     /// When the rows are one partition's, in offset order: each row is judged against
     /// the watermark of the rows before it, so whether a row is late does not depend on
     /// where micro-batches happen to split (a replay after a crash splits elsewhere).
     pub row_clock: Option<RowClock>,
-    pub closed_rows: ClosedRows,
+    /// What closes once the rows are in.
+    pub closing: Closing,
 }
 
 /// What closing a shard's days after a batch takes.
+#[derive(Debug, Clone, Copy)]
 pub(super) struct Closing {
     /// Close every open day before this one.
     pub before: Option<i32>,
     pub retention_days: usize,
     pub rows: ClosedRows,
-}
-
-impl ShardTask<'_> {
-    pub fn closing(&self) -> Closing {
-        Closing {
-            before: self.close_before,
-            retention_days: self.retention_days,
-            rows: self.closed_rows,
-        }
-    }
 }
 
 /// Whether closing days makes their closed-day rows, or only fills the histories.
@@ -122,17 +111,55 @@ pub(super) struct ShardOutput {
 
 /// A shard's rows of a micro-batch after screening, before the day aggregation: per
 /// row, whether it is aggregated and under which interned battery.
-#[derive(Default)]
 pub(super) struct ScreenedRows {
     pub keep: Vec<bool>,
     pub index: Vec<u32>,
     pub output: ShardOutput,
 }
 
-impl ScreenedRows {
-    pub fn any_kept(&self) -> bool {
-        self.keep.contains(&true)
+/// The day partials of several slots' screened rows (a slot: one shard's windows),
+/// aggregated in one run: the batches, and per slot the (batch, row) pairs that are its,
+/// in batch order.
+pub(super) struct SlotPartials {
+    pub batches: Arc<[RecordBatch]>,
+    pub rows: Vec<Vec<(u32, u32)>>,
+}
+
+/// Aggregates `slots`' fresh rows in one DataFusion run: each slot is a screening and
+/// where its rows start in `rows`; a row is grouped under its slot's number (its place
+/// in `slots`) and its battery.
+pub(super) fn aggregate_slots(
+    aggregator: &mut DailyAggregator,
+    rows: &RecordBatch,
+    slots: &[(usize, &ScreenedRows)],
+) -> Result<SlotPartials, WindowError> {
+    let mut keep = vec![false; rows.num_rows()];
+    let mut keys = vec![0u64; rows.num_rows()];
+    for (slot, (start, screened)) in slots.iter().enumerate() {
+        let kept = screened.keep.iter().zip(&screened.index).enumerate();
+        for (i, (_, b)) in kept.filter(|(_, (k, _))| **k) {
+            keep[start + i] = true;
+            keys[start + i] = aggregate::battery_key(slot as u32, *b);
+        }
     }
+    let mut partials = SlotPartials {
+        batches: Arc::from([]),
+        rows: vec![Vec::new(); slots.len()],
+    };
+    if !keep.contains(&true) {
+        return Ok(partials);
+    }
+    let input = aggregate_input(rows, keys.into())?;
+    let fresh = filter_record_batch(&input, &keep.into()).map_err(DataFusionError::from)?;
+    partials.batches = aggregator.partials(fresh)?.into();
+    for (b, batch) in partials.batches.iter().enumerate() {
+        let keys = column(batch, out::BATTERY)?.as_primitive::<UInt64Type>();
+        for (r, key) in keys.values().iter().enumerate() {
+            let (slot, _) = aggregate::split_key(*key);
+            partials.rows[slot as usize].push((b as u32, r as u32));
+        }
+    }
+    Ok(partials)
 }
 
 impl ShardState {
@@ -145,18 +172,9 @@ impl ShardState {
         task: &ShardTask<'_>,
     ) -> Result<ShardOutput, WindowError> {
         let screened = self.screen(task)?;
-        if screened.any_kept() {
-            let keys = UInt64Array::from_iter_values(
-                screened.index.iter().map(|b| aggregate::battery_key(0, *b)),
-            );
-            let keep = BooleanArray::from(screened.keep);
-            let fresh = filter_record_batch(&aggregate_input(task.rows, keys)?, &keep)
-                .map_err(DataFusionError::from)?;
-            for partial in aggregator.partials(fresh)? {
-                self.merge(&partial, 0..partial.num_rows())?;
-            }
-        }
-        Ok(self.close(&task.closing(), screened.output))
+        let partials = aggregate_slots(aggregator, task.rows, &[(0, &screened)])?;
+        self.merge(&partials.batches, &partials.rows[0])?;
+        Ok(self.close(&task.closing, screened.output))
     }
 
     /// Closes the days `closing` says are over, after the batch's rows are merged.
@@ -232,12 +250,25 @@ impl ShardState {
         })
     }
 
-    /// Adds rows `at` of DataFusion's partial aggregates `p` (this shard's) to the open
-    /// windows.
+    /// Adds this shard's rows of the partial aggregates, (batch, row) in batch order, to
+    /// the open windows.
     pub(super) fn merge(
         &mut self,
+        batches: &[RecordBatch],
+        rows: &[(u32, u32)],
+    ) -> Result<(), WindowError> {
+        for run in rows.chunk_by(|a, b| a.0 == b.0) {
+            let batch = &batches[run[0].0 as usize];
+            self.merge_batch(batch, run.iter().map(|(_, r)| *r as usize))?;
+        }
+        Ok(())
+    }
+
+    /// Adds rows `at` of the partial aggregates `p` to the open windows.
+    fn merge_batch(
+        &mut self,
         p: &RecordBatch,
-        at: impl IntoIterator<Item = usize>,
+        at: impl Iterator<Item = usize>,
     ) -> Result<(), WindowError> {
         let keys = column(p, out::BATTERY)?.as_primitive::<UInt64Type>();
         let days = column(p, out::DAY)?.as_primitive::<Int64Type>();
