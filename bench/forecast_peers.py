@@ -71,6 +71,38 @@ def with_known_changes(g, cutoff):
     return np.exp(design(future) @ coef + residual_var / 2)
 
 
+def bounds(truth, cutoff, seed=0):
+    """The 30-day sum error no forecaster can beat in expectation, in two steps. First
+    the noise-free expectation carried on from the cutoff as if nothing changed inside
+    the held-out month (what perfect knowledge of the past gives: a change to come is
+    unknowable): after a change day, the expectation is divided by its jump against the
+    same weekday a week before. Then with the level since the newest change before the
+    cutoff known only from the days since, as an efficient estimate would: off by a
+    normal error of sd (the day's log noise) / sqrt(days) on the log scale, averaged
+    over draws. Returns both means over the batteries."""
+    rng = np.random.default_rng(seed)
+    past, level = [], []
+    for _, g in truth.sort_values(["battery_id", "date"]).groupby("battery_id"):
+        n0 = int((g["date"] < cutoff).sum())
+        expected = g["expected_cycles"].to_numpy().copy()
+        changes = g["usage_changes"].to_numpy()
+        for c in range(max(n0, 7), len(g)):
+            if changes[c] != changes[c - 1]:
+                expected[c:] /= expected[c] / expected[c - 7]
+        carried = expected[n0:].sum()
+        actual = g["actual_cycles"].to_numpy()
+        held = actual[n0:].sum()
+        past.append(abs(carried - held) / held)
+        before = g.iloc[:n0]
+        seen = before[before["reported"] & (before["actual_cycles"] > 0)]
+        noise = np.std(np.log(seen["actual_cycles"] / seen["expected_cycles"]))
+        since = np.flatnonzero(np.diff(seen["usage_changes"].to_numpy()))
+        days = len(seen) - (since[-1] + 1 if len(since) else 0)
+        draws = carried * np.exp(rng.normal(0.0, noise / np.sqrt(max(days, 1)), 2000))
+        level.append(np.abs(draws - held).mean() / held)
+    return float(np.mean(past)), float(np.mean(level))
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--voltcast", required=True)
@@ -154,6 +186,10 @@ def main():
     print(f"forecast peers: {a.batteries} batteries x {a.days} days (seed {a.seed}, --seasons), "
           f"last {H} days held out (from {cutoff})")
     print_table(predictions, actual, seconds, a.batteries)
+    past, level = bounds(truth, cutoff)
+    print(f"\nbounds on the 30-day sum error (no forecaster can know a change to come): "
+          f"{100 * past:.2f}% knowing the past perfectly; {100 * level:.2f}% with the level "
+          f"since the newest change estimated from its days (log noise sd / sqrt(days))")
     # A change on the held-out month's first day counts too: the last training day's
     # count is the one a forecast could know.
     known = train_truth.groupby("battery_id")["usage_changes"].last()

@@ -193,7 +193,7 @@ impl FittedModel {
             FittedModel::Regression(m) => m.step(d),
             FittedModel::Ensemble { parts } => parts.iter_mut().for_each(|p| p.update(d)),
             FittedModel::Mean(m) => m.step(d.cycles),
-            FittedModel::TrendSeasonal(m) => m.step(d.cycles),
+            FittedModel::TrendSeasonal(m) => m.step(d),
         }
     }
 }

@@ -296,30 +296,78 @@ fn seasonal(days: usize, seed: u64, noise: f64, amplitude: f64) -> DailySeries {
     )
 }
 
+/// Cycles per minute rising 10% a year with age (the reference's "cycles per minute grow
+/// with age"), from 0.0025.
+fn aging(t: usize) -> f64 {
+    0.0025 * (1.0 + 0.1 * t as f64 / 365.0)
+}
+
+/// Day `t`'s expected cycles: [`seasonal`]'s minutes (amplitude 0.25) times `ratio(t)`.
+fn seasonal_cycles(t: usize, ratio: impl Fn(usize) -> f64) -> f64 {
+    let season = 1.0 + 0.25 * (std::f64::consts::TAU * t as f64 / 365.25).cos();
+    60.0 * COMMUTER[t % 7] * season * ratio(t)
+}
+
 #[test]
 fn trend_seasonal_recovers_a_trend_with_weekly_and_yearly_seasons() {
-    // 700 days: the holdout month is late November into December, where the season
-    // turns upward.
-    let s = seasonal(730, 4, 0.01, 0.25);
+    // Minutes with a week and a season, cycles per minute drifting up with age. 700
+    // days: the holdout month is late November into December, where the season turns
+    // upward.
+    let minutes = |t: usize| seasonal_cycles(t, |_| 1.0);
+    let s = series(730, 4, 0.01, minutes, aging);
     let (train, days) = (s.slice(0, 700), 700..730);
-    let truth: Vec<f64> = days
-        .map(|t| {
-            let season = 1.0 + 0.25 * (std::f64::consts::TAU * t as f64 / 365.25).cos();
-            60.0 * COMMUTER[t % 7] * season * 0.0025
-        })
-        .collect();
+    let truth: Vec<f64> = days.map(|t| seasonal_cycles(t, aging)).collect();
     let ours = ModelKind::TrendSeasonal.fit(&train).unwrap().mean_path(30);
     let level_only = ModelKind::Regression.fit(&train).unwrap().mean_path(30);
     let sum = |p: &[f64]| p.iter().sum::<f64>();
     let err = |p: &[f64]| (sum(p) - sum(&truth)).abs() / sum(&truth);
-    assert!(err(&ours) < 0.01, "30-day sum off by {:.3}", err(&ours));
+    assert!(err(&ours) < 0.005, "30-day sum off by {:.4}", err(&ours));
     assert!(
         err(&level_only) > 2.0 * err(&ours),
         "the level-only driving forecast should miss the season: {:.3} vs {:.3}",
         err(&level_only),
         err(&ours)
     );
-    assert!(mean_abs_error(&ours, &truth) < 0.03 * sum(&truth) / 30.0);
+    assert!(mean_abs_error(&ours, &truth) < 0.02 * sum(&truth) / 30.0);
+}
+
+#[test]
+fn trend_seasonal_starts_cycles_per_minute_again_for_a_replaced_battery() {
+    // The battery is replaced on day 640 (a new one: 8% fewer cycles per minute, its
+    // own drift from then on), and again on day 715, after the fit: the forecast takes
+    // each new battery's ratio, in the fit and through the daily update.
+    let replaced = |t: usize| {
+        let since = [715, 640, 0].into_iter().find(|&day| t >= day).unwrap_or(0);
+        let fresh = if since > 0 { 0.92 } else { 1.0 };
+        0.0025 * fresh * (1.0 + 0.1 * (t - since) as f64 / 365.0)
+    };
+    let minutes = |t: usize| seasonal_cycles(t, |_| 1.0);
+    let s = series(760, 8, 0.15, minutes, replaced);
+    let mut m = ModelKind::TrendSeasonal.fit(&s.slice(0, 700)).unwrap();
+    let ratio_ahead = |m: &voltcast_forecaster::FittedModel, from: usize| {
+        let path = m.mean_path(30);
+        let want: f64 = (from..from + 30)
+            .map(|t| seasonal_cycles(t, replaced))
+            .sum();
+        path.iter().sum::<f64>() / want
+    };
+    let before = ratio_ahead(&m, 700);
+    assert!(
+        (before - 1.0).abs() < 0.03,
+        "30-day sum / truth {before:.3}"
+    );
+    for t in 700..730 {
+        m.update(&DayObservation {
+            cycles: s.cycles[t],
+            minutes: s.minutes[t],
+            trips: s.trips[t],
+        });
+    }
+    let after = ratio_ahead(&m, 730);
+    assert!(
+        (after - 1.0).abs() < 0.03,
+        "after a replacement: {after:.3}"
+    );
 }
 
 #[test]

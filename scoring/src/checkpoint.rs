@@ -37,8 +37,9 @@ use thiserror::Error;
 /// count days since their last backtest; 03: the archive files a checkpoint commits; 04:
 /// the watermark's battery quorum; 05: fractional trips, evicted fleet slots; 06: the
 /// service booking of an open alert episode; 07: history days in 5 bytes, half floats;
-/// 08: `trend_seasonal` models log cycles with level steps).
-const MAGIC: &[u8; 8] = b"VCPART08";
+/// 08: `trend_seasonal` models log cycles with level steps; 09: `trend_seasonal` models
+/// log minutes times cycles per minute).
+const MAGIC: &[u8; 8] = b"VCPART09";
 const STATE: u8 = b'S';
 const CLAIM: u8 = b'C';
 /// A claim object: the magic and its kind, nothing else.
