@@ -195,22 +195,23 @@ impl SeasonalCycles {
     /// Minutes' forecast times each day's cycles per minute.
     pub fn predict(&self, h: usize) -> Forecast {
         let f = Forecast::from_log1p(&self.log.predict(h));
-        let ratio: Vec<f64> = (0..h as i32)
+        // Cycles per unit of the log series, day by day.
+        let per_unit: Vec<f64> = (0..h as i32)
             .map(|k| self.scale * self.ratio.at(self.log.next_day + k))
             .collect();
-        let mut ratio_sum = 0.0;
+        let mut per_unit_sum = 0.0;
         let sum_sd = f
             .sum_sd
             .iter()
-            .zip(&ratio)
+            .zip(&per_unit)
             .enumerate()
             .map(|(k, (sd, r))| {
                 // The ratio moves by a fraction of a percent a month: its mean so far.
-                ratio_sum += r;
-                sd * ratio_sum / (k + 1) as f64
+                per_unit_sum += r;
+                sd * per_unit_sum / (k + 1) as f64
             })
             .collect();
-        let times = |v: Vec<f64>| v.iter().zip(&ratio).map(|(x, r)| x * r).collect();
+        let times = |v: Vec<f64>| v.iter().zip(&per_unit).map(|(x, r)| x * r).collect();
         Forecast {
             mean: times(f.mean),
             sd: times(f.sd),
@@ -259,28 +260,14 @@ impl CyclesPerMinute {
                 r.is_finite().then_some((s.first_day + i as i32, r))
             })
             .collect();
-        let (&(last_day, _), _) = points.split_last()?;
-        let changes: Vec<f64> = points.windows(2).map(|w| w[1].1 - w[0].1).collect();
-        let typical = median(&changes);
-        let deviations: Vec<f64> = changes.iter().map(|c| (c - typical).abs()).collect();
-        let spread = 1.4826 * median(&deviations);
-        let jump = (RATIO_JUMP_MADS * spread).max(RATIO_JUMP_MIN);
-        let start = changes
-            .iter()
-            .rposition(|c| (c - typical).abs() > jump)
-            .map_or(0, |k| k + 1);
+        let &(last_day, _) = points.last()?;
+        let (start, jump) = newest_segment(&points);
         let segment = &points[start..];
         let n = segment.len() as f64;
         let mean_day = segment.iter().map(|p| f64::from(p.0)).sum::<f64>() / n;
         let mean = segment.iter().map(|p| p.1).sum::<f64>() / n;
-        let (mut sxy, mut sxx) = (0.0, 0.0);
-        for &(d, r) in segment {
-            let x = f64::from(d) - mean_day;
-            sxy += x * (r - mean);
-            sxx += x * x;
-        }
-        let slope = if segment.len() >= RATIO_SLOPE_MIN_DAYS && sxx > 0.0 {
-            sxy / sxx
+        let slope = if segment.len() >= RATIO_SLOPE_MIN_DAYS {
+            least_squares_slope(segment, mean_day, mean)
         } else {
             0.0
         };
@@ -307,6 +294,31 @@ impl CyclesPerMinute {
     }
 }
 
+/// Where the newest segment of (day, log ratio) `points` starts (the point after the newest
+/// jump, 0 without one), and the jump threshold.
+fn newest_segment(points: &[(i32, f64)]) -> (usize, f64) {
+    let changes: Vec<f64> = points.windows(2).map(|w| w[1].1 - w[0].1).collect();
+    let typical = median(&changes);
+    let deviations: Vec<f64> = changes.iter().map(|c| (c - typical).abs()).collect();
+    let jump = (RATIO_JUMP_MADS * 1.4826 * median(&deviations)).max(RATIO_JUMP_MIN);
+    let start = changes
+        .iter()
+        .rposition(|c| (c - typical).abs() > jump)
+        .map_or(0, |k| k + 1);
+    (start, jump)
+}
+
+/// The slope of the least-squares line through `points`, given their means.
+fn least_squares_slope(points: &[(i32, f64)], mean_day: f64, mean: f64) -> f64 {
+    let (mut sxy, mut sxx) = (0.0, 0.0);
+    for &(d, r) in points {
+        let x = f64::from(d) - mean_day;
+        sxy += x * (r - mean);
+        sxx += x * x;
+    }
+    if sxx > 0.0 { sxy / sxx } else { 0.0 }
+}
+
 fn median(values: &[f64]) -> f64 {
     let mut v = values.to_vec();
     if v.is_empty() {
@@ -316,19 +328,20 @@ fn median(values: &[f64]) -> f64 {
     *v.select_nth_unstable_by(mid, f64::total_cmp).1
 }
 
-/// The scale (cycles per log unit: the mean day maps to [`LOG_UNITS`]) and the log
-/// series; None when the mean is not positive.
-fn log_series(cycles: &[f64]) -> Option<(f64, Vec<f64>)> {
-    let mean = cycles.iter().sum::<f64>() / cycles.len().max(1) as f64;
+/// The scale (`values`' units per log unit: the mean day maps to [`LOG_UNITS`]) and the
+/// log series; None when the mean is not positive. Minutes for the family, cycles for
+/// [`SeasonalCycles::shows_a_season`].
+fn log_series(values: &[f64]) -> Option<(f64, Vec<f64>)> {
+    let mean = values.iter().sum::<f64>() / values.len().max(1) as f64;
     if !(mean > 0.0 && mean.is_finite()) {
         return None;
     }
     let scale = mean / LOG_UNITS;
-    Some((scale, cycles.iter().map(|&c| to_log(c, scale)).collect()))
+    Some((scale, values.iter().map(|&v| to_log(v, scale)).collect()))
 }
 
-fn to_log(cycles: f64, scale: f64) -> f64 {
-    (cycles.max(0.0) / scale).ln_1p()
+fn to_log(value: f64, scale: f64) -> f64 {
+    (value.max(0.0) / scale).ln_1p()
 }
 
 /// Trend and seasons: the fitted least-squares part.

@@ -344,14 +344,14 @@ fn trend_seasonal_starts_cycles_per_minute_again_for_a_replaced_battery() {
     let minutes = |t: usize| seasonal_cycles(t, |_| 1.0);
     let s = series(760, 8, 0.15, minutes, replaced);
     let mut m = ModelKind::TrendSeasonal.fit(&s.slice(0, 700)).unwrap();
-    let ratio_ahead = |m: &voltcast_forecaster::FittedModel, from: usize| {
+    let sum_over_truth = |m: &voltcast_forecaster::FittedModel, from: usize| {
         let path = m.mean_path(30);
         let want: f64 = (from..from + 30)
             .map(|t| seasonal_cycles(t, replaced))
             .sum();
         path.iter().sum::<f64>() / want
     };
-    let before = ratio_ahead(&m, 700);
+    let before = sum_over_truth(&m, 700);
     assert!(
         (before - 1.0).abs() < 0.03,
         "30-day sum / truth {before:.3}"
@@ -363,7 +363,7 @@ fn trend_seasonal_starts_cycles_per_minute_again_for_a_replaced_battery() {
             trips: s.trips[t],
         });
     }
-    let after = ratio_ahead(&m, 730);
+    let after = sum_over_truth(&m, 730);
     assert!(
         (after - 1.0).abs() < 0.03,
         "after a replacement: {after:.3}"
